@@ -1,0 +1,113 @@
+"""The record every callback keeps of what it did, read by ``StabilityReport``.
+
+A callback that wants to appear in the report exposes ``self.event_log: EventLog``. The log holds
+
+- ``events``: a bounded list of :class:`StabilityEvent` (a skip, a rollback, a weight change, a clamp warning...),
+- ``traces``: named series of ``(step, value)`` points (gradient norm, loss weight, scale factor, SNR...), bounded by
+  keeping every other point once a series is full, so a long run keeps its whole shape at a fixed memory cost.
+
+Both are plain Python data so ``state_dict()`` round-trips through a checkpoint and a resumed run's report continues
+where the interrupted one stopped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class StabilityEvent:
+    """One decision a callback made. ``kind`` is a short machine-readable word, ``reason`` a sentence for a person."""
+
+    step: int
+    source: str
+    kind: str
+    reason: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class EventLog:
+    """Bounded events and traces of one callback.
+
+    Args:
+        source: name written into every event (usually the callback's ``state_key``).
+        max_events: the oldest events are dropped beyond this count (the counts in ``num_events`` keep growing).
+        max_trace_points: a trace that reaches this length is thinned to every other point (and so keeps the
+            whole run at half the resolution).
+    """
+
+    def __init__(self, source: str, max_events: int = 1000, max_trace_points: int = 4096) -> None:
+        if max_events < 1:
+            raise ValueError(f"`max_events` must be >= 1, got {max_events!r}")
+        if max_trace_points < 2:
+            raise ValueError(f"`max_trace_points` must be >= 2, got {max_trace_points!r}")
+        self.source = source
+        self.max_events = max_events
+        self.max_trace_points = max_trace_points
+        self.events: deque[StabilityEvent] = deque(maxlen=max_events)
+        self.num_events: dict[str, int] = {}
+        self.traces: dict[str, list[tuple[int, float]]] = {}
+        self._stride: dict[str, int] = {}
+        self._seen: dict[str, int] = {}
+
+    def add(self, step: int, kind: str, reason: str, **data: Any) -> StabilityEvent:
+        event = StabilityEvent(int(step), self.source, kind, reason, dict(data))
+        self.events.append(event)
+        self.num_events[kind] = self.num_events.get(kind, 0) + 1
+        return event
+
+    def trace(self, name: str, step: int, value: float) -> None:
+        """Append ``(step, value)`` to trace ``name`` (non-finite values are kept as ``nan``/``inf``)."""
+        stride = self._stride.setdefault(name, 1)
+        seen = self._seen.get(name, 0)
+        self._seen[name] = seen + 1
+        if seen % stride:
+            return
+        series = self.traces.setdefault(name, [])
+        series.append((int(step), float(value)))
+        if len(series) >= self.max_trace_points:
+            del series[1::2]
+            self._stride[name] = stride * 2
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "events": [e.to_dict() for e in self.events],
+            "num_events": dict(self.num_events),
+            "traces": {k: [list(p) for p in v] for k, v in self.traces.items()},
+            "stride": dict(self._stride),
+            "seen": dict(self._seen),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.events = deque((StabilityEvent(**e) for e in state["events"]), maxlen=self.max_events)
+        self.num_events = dict(state["num_events"])
+        self.traces = {k: [(int(s), float(v)) for s, v in pts] for k, pts in state["traces"].items()}
+        self._stride = dict(state["stride"])
+        self._seen = dict(state["seen"])
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-safe view (non-finite floats become strings ``"nan"``, ``"inf"``, ``"-inf"``)."""
+
+        def safe(x: Any) -> Any:
+            if isinstance(x, float) and not math.isfinite(x):
+                return str(x)
+            if isinstance(x, dict):
+                return {k: safe(v) for k, v in x.items()}
+            if isinstance(x, (list, tuple)):
+                return [safe(v) for v in x]
+            return x
+
+        return safe(
+            {
+                "source": self.source,
+                "events": [e.to_dict() for e in self.events],
+                "num_events": self.num_events,
+                "traces": {k: [list(p) for p in v] for k, v in self.traces.items()},
+            }
+        )

@@ -1,0 +1,11 @@
+"""Plain torch layers and models. Nothing in ``nn/`` imports lightning. Names are imported lazily on first use."""
+
+from lightning_stability._lazy import lazy_getattr
+
+_NAMES = {
+    "ClampedRMSScale": ".scale",
+    "normalize": ".scale",
+    "denormalize": ".scale",
+}
+__all__ = list(_NAMES)
+__getattr__ = lazy_getattr(__name__, _NAMES)
