@@ -1,4 +1,4 @@
-"""torchmetrics Metric classes for signal health. Functional forms live in ``lightning_stability.metrics.functional``."""
+"""torchmetrics Metric classes for signal health; functional forms are in ``metrics.functional``."""
 
 from lightning_stability._lazy import lazy_getattr
 
