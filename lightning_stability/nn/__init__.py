@@ -6,6 +6,9 @@ _NAMES = {
     "ClampedRMSScale": ".scale",
     "normalize": ".scale",
     "denormalize": ".scale",
+    "inject_spectral_norm": ".spectral",
+    "load_with_spectral_norm": ".spectral",
+    "spectral_sigma": ".spectral",
 }
 __all__ = list(_NAMES)
 __getattr__ = lazy_getattr(__name__, _NAMES)

@@ -1,0 +1,249 @@
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
+
+from lightning_stability.nn.spectral import (
+    InjectionResult,
+    has_spectral_norm,
+    inject_spectral_norm,
+    load_with_spectral_norm,
+    select_modules,
+    spectral_norm_dim,
+    spectral_norm_modules_in,
+    spectral_sigma,
+)
+
+
+class MyTransposed(nn.ConvTranspose1d):
+    """A user's subclass: still normalised over its output channels."""
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Conv1d(2, 6, 3, padding=1), nn.ELU(), nn.Conv1d(6, 8, 3, padding=1))
+        self.up = MyTransposed(8, 5, 4, stride=2, padding=1)
+        self.norm = nn.LayerNorm(16, elementwise_affine=False)
+        self.blocks = nn.ModuleList([nn.ModuleDict({"output_proj": nn.Linear(16, 16)}) for _ in range(2)])
+        self.output_proj = nn.Linear(16, 3)
+        with torch.no_grad():  # raw weights far from sigma = 1, so normalisation visibly matters
+            for p in self.parameters():
+                p.mul_(4.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, 2, 8]
+        h = self.up(self.encoder(x))  # [B, 5, 16]
+        for block in self.blocks:
+            h = h + block["output_proj"](self.norm(h))
+        return self.output_proj(h)  # [B, 5, 3]
+
+
+def matrix(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    dim = spectral_norm_dim(module)
+    w = weight.movedim(dim, 0)
+    return w.reshape(w.shape[0], -1)
+
+
+def true_sigma(module: nn.Module, weight: torch.Tensor) -> float:
+    return torch.linalg.matrix_norm(matrix(module, weight.detach()), ord=2).item()
+
+
+def test_selection_by_pattern_and_type_is_a_union_in_module_order():
+    net = Net()
+    picked = select_modules(net, ("*.output_proj",), (nn.ConvTranspose1d,))
+    assert list(picked) == ["up", "blocks.0.output_proj", "blocks.1.output_proj", "output_proj"]
+    assert list(select_modules(net, "output_proj")) == ["output_proj"]
+    assert list(select_modules(net, (), "torch.nn.Conv1d")) == ["encoder.0", "encoder.2"]
+
+
+def test_injection_normalises_effective_weights_and_keeps_the_optimizer_parameters():
+    net = Net()
+    before = dict(net.named_parameters())
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)  # built BEFORE the injection on purpose
+    result = inject_spectral_norm(net, ("*.output_proj",), (nn.ConvTranspose1d,), n_power_iterations=3)
+    assert result == InjectionResult(
+        selected=("up", "blocks.0.output_proj", "blocks.1.output_proj", "output_proj"),
+        wrapped=("up", "blocks.0.output_proj", "blocks.1.output_proj", "output_proj"),
+    )
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    for name in result.selected:
+        module = net.get_submodule(name)
+        original = module.parametrizations.weight.original
+        assert original is before[f"{name}.weight"]
+        assert id(original) in held
+        assert module.parametrizations.weight[0].n_power_iterations == 3
+        assert true_sigma(module, original) > 2.0
+        assert true_sigma(module, module.weight) == pytest.approx(1.0, abs=2e-3)
+    assert net.up.parametrizations.weight[0].dim == 1
+    assert net.blocks[0]["output_proj"].parametrizations.weight[0].dim == 0
+    assert "output_proj.parametrizations.weight.0._u" in net.state_dict()
+    assert "encoder.0.weight" in net.state_dict()
+
+
+def test_sigma_estimate_tracks_the_original_weight_during_training():
+    torch.manual_seed(1)
+    net = Net()
+    inject_spectral_norm(net, ("*.output_proj",), (MyTransposed,))
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
+    x, y = torch.randn(4, 2, 8), torch.randn(4, 5, 3)
+    for _ in range(30):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(net(x), y).backward()
+        optimizer.step()
+    net.eval()
+    for name in ("up", "blocks.0.output_proj", "blocks.1.output_proj", "output_proj"):
+        module = net.get_submodule(name)
+        original = module.parametrizations.weight.original
+        estimate = spectral_sigma(module)
+        assert estimate.dtype == torch.float32
+        assert estimate.ndim == 0
+        assert estimate.item() == pytest.approx(true_sigma(module, original), rel=1e-2)
+        assert true_sigma(module, module.weight) == pytest.approx(1.0, abs=1e-2)
+
+
+def test_injection_is_idempotent():
+    net = Net()
+    first = inject_spectral_norm(net)
+    keys = list(net.state_dict())
+    second = inject_spectral_norm(net)
+    assert first.wrapped == ("blocks.0.output_proj", "blocks.1.output_proj", "output_proj")
+    assert second == InjectionResult(selected=first.selected, wrapped=())
+    assert list(net.state_dict()) == keys
+    assert len(net.output_proj.parametrizations.weight) == 1
+    assert not any("parametrizations.weight.1" in k for k in keys)
+
+
+def test_legacy_spectral_norm_hook_counts_as_present():
+    net = Net()
+    nn.utils.spectral_norm(net.output_proj)
+    assert has_spectral_norm(net.output_proj)
+    result = inject_spectral_norm(net)
+    assert "output_proj" not in result.wrapped
+    assert not hasattr(net.output_proj, "parametrizations")
+
+
+def test_composes_with_weight_norm_and_sigma_reads_the_weight_norm_output():
+    layer = weight_norm(nn.Linear(6, 5))
+    with torch.no_grad():
+        layer.parametrizations.weight.original0.mul_(3.0)  # g
+    model = nn.Sequential(layer)
+    inject_spectral_norm(model, "0")
+    assert has_spectral_norm(layer)
+    plist = layer.parametrizations.weight
+    pre_spectral = plist[0](plist.original0, plist.original1)  # the weight-norm output that spectral norm sees
+    for _ in range(20):
+        layer(torch.randn(3, 6))
+    assert spectral_sigma(layer).item() == pytest.approx(true_sigma(layer, pre_spectral), rel=1e-3)
+    assert true_sigma(layer, layer.weight) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_one_dim_weights_cannot_be_selected_and_sigma_needs_the_parametrization():
+    with pytest.raises(ValueError, match=r"`weight` of module '0' \(BatchNorm1d\) has shape \(4,\)"):
+        inject_spectral_norm(nn.Sequential(nn.BatchNorm1d(4)), "0")
+    with pytest.raises(ValueError, match=r"Linear has no spectral norm parametrization on `weight`"):
+        spectral_sigma(nn.Linear(2, 2))
+
+
+def test_selection_errors_name_the_problem():
+    net = Net()
+    with pytest.raises(ValueError, match=r"pattern '\*\.out_proj' matched no module of Net\. Some module names .*'up'"):
+        inject_spectral_norm(net, ("*.output_proj", "*.out_proj"))
+    with pytest.raises(ValueError, match=r"type torch\.nn\.modules\.conv\.Conv2d matched no module"):
+        inject_spectral_norm(net, (), (nn.Conv2d,))
+    with pytest.raises(ValueError, match=r"module 'blocks\.0' \(ModuleDict\) has no `weight` tensor"):
+        inject_spectral_norm(net, ("blocks.0", "*.output_proj"))
+    assert not has_spectral_norm(net.output_proj)  # a failed selection wraps nothing
+    with pytest.raises(ValueError, match=r"module 'norm' \(LayerNorm\) has no `weight` tensor"):
+        inject_spectral_norm(net, "norm")
+    with pytest.warns(FutureWarning, match="weight_norm"):
+        legacy = nn.Sequential(nn.utils.weight_norm(nn.Linear(3, 3)))
+    with pytest.raises(ValueError, match=r"`weight` of module '0' \(Linear\) is a plain tensor attribute"):
+        inject_spectral_norm(legacy, "0")
+    with pytest.raises(ValueError, match=r"nothing to select"):
+        select_modules(net, (), ())
+    assert select_modules(net, "*.missing", strict=False) == {}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"modules": 3}, TypeError, r"`modules` must be a glob pattern or a sequence of them, got int: 3"),
+        ({"modules": ("*.a", 1)}, TypeError, r"`modules` must contain non-empty glob pattern strings, got 1"),
+        ({"modules": ("",)}, TypeError, r"got '' in"),
+        ({"types": (int,)}, TypeError, r"`types` must contain subclasses of `torch.nn.Module`, got <class 'int'>"),
+        ({"types": 5}, TypeError, r"`types` must be a module class or a sequence of them, got 5"),
+        ({"types": "torch.nn.Nope"}, ValueError, r"`types` entry 'torch.nn.Nope' is not an importable class path"),
+        ({"n_power_iterations": 0}, ValueError, r"`n_power_iterations` must be an int >= 1, got 0"),
+        ({"n_power_iterations": 1.5}, ValueError, r"`n_power_iterations` must be an int >= 1, got 1.5"),
+        ({"eps": 0.0}, ValueError, r"`eps` must be a finite number > 0, got 0.0"),
+        ({"eps": float("nan")}, ValueError, r"`eps` must be a finite number > 0, got nan"),
+    ],
+)
+def test_argument_errors(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        inject_spectral_norm(Net(), **kwargs)
+
+
+def trained_net(tmp_path):
+    torch.manual_seed(2)
+    net = Net()
+    inject_spectral_norm(net, ("*.output_proj",), (nn.ConvTranspose1d,))
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(5):
+        optimizer.zero_grad()
+        net(torch.randn(4, 2, 8)).square().mean().backward()
+        optimizer.step()
+    net.eval()
+    wrapper = nn.Module()
+    wrapper.model = net  # as a LightningModule holding `self.model` would save it
+    torch.save({"state_dict": wrapper.state_dict(), "epoch": 1}, tmp_path / "trained.ckpt")
+    return net
+
+
+def test_load_with_spectral_norm_reads_the_selection_from_the_checkpoint(tmp_path):
+    trained = trained_net(tmp_path)
+    assert spectral_norm_modules_in(torch.load(tmp_path / "trained.ckpt")["state_dict"]) == [
+        "model.up",
+        "model.blocks.0.output_proj",
+        "model.blocks.1.output_proj",
+        "model.output_proj",
+    ]
+    x = torch.randn(3, 2, 8)
+    fresh = load_with_spectral_norm(Net(), tmp_path / "trained.ckpt", prefix="model.")
+    assert not fresh.training
+    assert torch.equal(fresh(x), trained(x))
+    wrapper = nn.Module()
+    wrapper.model = Net()
+    load_with_spectral_norm(wrapper, str(tmp_path / "trained.ckpt"))
+    assert torch.equal(wrapper.model(x), trained(x))
+
+
+def test_load_with_spectral_norm_with_an_explicit_selection(tmp_path):
+    trained = trained_net(tmp_path)
+    state = {k[len("model.") :]: v for k, v in torch.load(tmp_path / "trained.ckpt")["state_dict"].items()}
+    fresh = load_with_spectral_norm(Net(), state, ("*.output_proj",), (MyTransposed,), eval_mode=False)
+    assert fresh.training
+    fresh.eval()
+    x = torch.randn(3, 2, 8)
+    assert torch.equal(fresh(x), trained(x))
+
+
+def test_load_with_spectral_norm_errors(tmp_path):
+    trained_net(tmp_path)
+    ckpt = tmp_path / "trained.ckpt"
+    with pytest.raises(ValueError, match=r"only in the checkpoint \['up'\]"):
+        load_with_spectral_norm(Net(), ckpt, "*.output_proj", prefix="model.")
+    with pytest.raises(ValueError, match=r"only in the model \['encoder.0', 'encoder.2'\]"):
+        load_with_spectral_norm(Net(), ckpt, ("*.output_proj", "up", "encoder.[02]"), prefix="model.")
+    with pytest.raises(ValueError, match=r"modules that Linear does not have: \['model.up'"):
+        load_with_spectral_norm(nn.Linear(2, 2), ckpt)
+    with pytest.raises(ValueError, match=r"`prefix` 'net\.' matches no key of the checkpoint"):
+        load_with_spectral_norm(Net(), ckpt, prefix="net.")
+    with pytest.raises(FileNotFoundError, match=r"`checkpoint` file '.*missing.ckpt' does not exist"):
+        load_with_spectral_norm(Net(), tmp_path / "missing.ckpt")
+    with pytest.raises(TypeError, match=r"`checkpoint` must be a path, a Lightning checkpoint dict or a state dict"):
+        load_with_spectral_norm(Net(), 42)
+    with pytest.raises(TypeError, match=r"does not hold a state dict"):
+        load_with_spectral_norm(Net(), {"state_dict": [1, 2]})
+    with pytest.raises(ValueError, match=r"`n_power_iterations` must be an int >= 1, got -1"):
+        load_with_spectral_norm(Net(), ckpt, n_power_iterations=-1)
