@@ -9,6 +9,9 @@ _NAMES = {
     "inject_spectral_norm": ".spectral",
     "load_with_spectral_norm": ".spectral",
     "spectral_sigma": ".spectral",
+    "CascadeConfig": ".transformer",
+    "CascadeTransformer": ".transformer",
+    "small_init_": ".transformer",
 }
 __all__ = list(_NAMES)
 __getattr__ = lazy_getattr(__name__, _NAMES)

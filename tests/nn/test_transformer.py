@@ -1,0 +1,225 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from lightning_stability.nn.transformer import (
+    CascadeConfig,
+    CascadeTransformer,
+    apply_rotary,
+    rotary_angles,
+    small_init_,
+)
+
+TINY = {"latent_dim": 8, "widths": (16, 16, 16), "n_layers": 2, "n_heads": 2}
+
+
+def _inputs(b=2, d=8, t=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return 5.7 * torch.randn(b, d, t, generator=g), 5.7 * torch.randn(b, d, t, generator=g)
+
+
+def test_stage_shapes_and_output():
+    model = CascadeTransformer(CascadeConfig(**TINY))
+    source, cond = _inputs()
+    out = model(source, cond)
+    assert len(out.stages) == 3
+    for y, s, c in zip(out.stages, out.scales, out.clamped_fractions):
+        assert y.shape == source.shape
+        assert s.shape == (2, 1, 1)
+        assert c.shape == ()
+        assert torch.isfinite(y).all()
+    assert out.output is out.stages[-1]
+
+
+def test_default_config_is_the_post_mortem_fix():
+    cfg = CascadeConfig()
+    assert (cfg.latent_dim, cfg.n_stages, cfg.widths, cfg.layers_per_stage) == (128, 3, (256, 384, 384), (6, 6, 6))
+    assert cfg.residual_weights == (1.0, 1.0, 0.3)
+    assert (cfg.min_scale, cfg.max_scale, cfg.warn_above) == (0.7, 1.5, 1.3)
+    assert cfg.spectral_norm_output
+    assert cfg.rms_reference == "source"
+
+
+def test_residual_weights_and_scale_clamp_as_configured():
+    # With zero output projections, stage k outputs clamp(rms(ref) / rms(r_k * prev)) * r_k * prev: hand-computable.
+    cfg = CascadeConfig(**TINY, residual_weights=(1.0, 0.5, 0.1), spectral_norm_output=False, min_scale=0.7)
+    model = CascadeTransformer(cfg)
+    assert [s.residual_weight for s in model.stages] == [1.0, 0.5, 0.1]
+    assert all((s.scale.min_scale, s.scale.max_scale) == (0.7, 1.5) for s in model.stages)
+    with torch.no_grad():
+        for proj in model.output_projections:
+            proj.weight.zero_()
+            proj.bias.zero_()
+    source, cond = _inputs()
+    out = model(source, cond)
+    # stage 1: r=1 -> factor 1; stage 2: 0.5*x -> raw factor 2 -> clamped 1.5; stage 3: 0.1*0.75x -> raw 13.3 -> 1.5
+    expected = [source, 0.75 * source, 0.1125 * source]
+    for y, e in zip(out.stages, expected):
+        torch.testing.assert_close(y, e, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat(out.scales).flatten(), torch.tensor([1.0, 1.0, 1.5, 1.5, 1.5, 1.5]))
+    assert [float(c) for c in out.clamped_fractions] == [0.0, 1.0, 1.0]
+
+
+def test_spectral_norm_on_output_projections():
+    model = CascadeTransformer(CascadeConfig(**TINY))
+    source, cond = _inputs()
+    for _ in range(5):  # power iterations run in training-mode forwards
+        model(source, cond)
+    model.eval()
+    for proj in model.output_projections:
+        assert parametrize.is_parametrized(proj, "weight")
+        sigma = torch.linalg.matrix_norm(proj.weight.detach(), ord=2)
+        assert abs(float(sigma) - 1.0) < 1e-2
+    plain = CascadeTransformer(CascadeConfig(**TINY, spectral_norm_output=False))
+    assert not any(parametrize.is_parametrized(p, "weight") for p in plain.output_projections)
+
+
+def test_padding_mask_makes_padded_frames_irrelevant():
+    torch.manual_seed(0)
+    model = CascadeTransformer(CascadeConfig(**TINY)).eval()
+    source, cond = _inputs(b=2, t=20)
+    length = 13
+    junk_source, junk_cond = source.clone(), cond.clone()
+    junk_source[1, :, length:] = 1e3 * torch.randn(8, 20 - length)
+    junk_cond[1, :, length:] = -1e3
+    mask = torch.ones(2, 20, dtype=torch.bool)
+    mask[1, length:] = False
+    padded = model(junk_source, junk_cond, mask=mask)
+    cropped = model(source[1:, :, :length], cond[1:, :, :length])
+    for y_pad, y_crop in zip(padded.stages, cropped.stages):
+        torch.testing.assert_close(y_pad[1:, :, :length], y_crop, rtol=1e-4, atol=1e-4)
+        assert torch.equal(y_pad[1, :, length:], torch.zeros(8, 20 - length))
+    torch.testing.assert_close(padded.scales[2][1:], cropped.scales[2], rtol=1e-4, atol=1e-5)
+
+
+def test_rotary_scores_depend_only_on_relative_position():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    cos, sin = rotary_angles(64, 8, 10000.0, torch.device("cpu"))
+
+    def score(t, s):
+        qt = apply_rotary(q.expand(1, 1, 64, 8), cos, sin)[0, 0, t]
+        ks = apply_rotary(k.expand(1, 1, 64, 8), cos, sin)[0, 0, s]
+        return float(qt @ ks)
+
+    assert score(10, 3) == pytest.approx(score(50, 43), rel=1e-4)
+    assert score(0, 0) == pytest.approx(float(q.flatten() @ k.flatten()), rel=1e-5)
+
+
+def test_softcap_path_matches_sdpa_when_cap_is_huge_and_caps_when_small():
+    torch.manual_seed(0)
+    base = CascadeTransformer(CascadeConfig(**TINY, qk_layernorm=True)).eval()
+    capped = CascadeTransformer(CascadeConfig(**TINY, qk_layernorm=True, attn_logit_softcap=1e6)).eval()
+    capped.load_state_dict(base.state_dict())
+    source, cond = _inputs()
+    mask = torch.ones(2, 24, dtype=torch.bool)
+    mask[0, 17:] = False
+    torch.testing.assert_close(
+        capped(source, cond, mask=mask).output, base(source, cond, mask=mask).output, rtol=1e-4, atol=1e-4
+    )
+    tight = CascadeTransformer(CascadeConfig(**TINY, qk_layernorm=True, attn_logit_softcap=0.01)).eval()
+    tight.load_state_dict(base.state_dict())
+    assert not torch.allclose(tight(source, cond).output, base(source, cond).output, atol=1e-3)
+    assert base.stages[0].blocks[0].attn.q_norm is not None
+
+
+def test_bf16_autocast_forward_backward_is_finite():
+    model = CascadeTransformer(CascadeConfig(**TINY, attn_logit_softcap=30.0, qk_layernorm=True))
+    source, cond = _inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(source, cond)
+        loss = sum((y - source).abs().mean() for y in out.stages)
+    assert out.output.dtype == torch.float32  # residual stream and stage outputs stay in the parameters' dtype
+    loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_t1200_batch2_forward_backward_fits_on_cpu():
+    model = CascadeTransformer(CascadeConfig(latent_dim=128, widths=(64, 64, 64), n_layers=2, n_heads=4))
+    source, cond = _inputs(b=2, d=128, t=1200)
+    mask = torch.ones(2, 1200, dtype=torch.bool)
+    mask[1, 900:] = False
+    out = model(source, cond, mask=mask)
+    sum(masked.abs().mean() for masked in out.stages).backward()
+    assert out.output.shape == (2, 128, 1200)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_init_schemes():
+    cfg = CascadeConfig(**{**TINY, "widths": (64, 64, 64), "n_layers": 4}, spectral_norm_output=False)
+    scaled = CascadeTransformer(cfg)
+    qkv = scaled.stages[0].blocks[0].attn.qkv.weight.detach()
+    proj = scaled.stages[0].blocks[0].mlp.proj.weight.detach()
+    assert float(qkv.std()) == pytest.approx(0.02, rel=0.1)
+    assert float(proj.std()) == pytest.approx(0.02 / math.sqrt(8), rel=0.1)
+    small = CascadeTransformer(CascadeConfig(**{**TINY, "widths": (64, 64, 64)}, init="small"))
+    fc = small.stages[1].blocks[0].mlp.fc.weight.detach()
+    assert float(fc.std()) == pytest.approx(1e-3, rel=0.1)
+    assert float(small.stages[1].blocks[0].mlp.fc.bias.abs().max()) == 0.0
+
+
+def test_small_init_helper_scales_convs_and_parametrized_weights():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv1d(4, 4, 3), nn.Linear(4, 4), nn.LayerNorm(4))
+    nn.utils.parametrizations.weight_norm(net[0])
+    conv_before = net[0].weight.detach().clone()
+    small_init_(net, std=1e-3, conv_factor=0.5)
+    torch.testing.assert_close(net[0].weight.detach(), 0.5 * conv_before)
+    assert float(net[1].weight.std()) < 3e-3
+    assert torch.equal(net[2].weight.detach(), torch.ones(4))
+    with pytest.raises(ValueError, match="`std`"):
+        small_init_(net, std=0.0)
+
+
+def test_rms_reference_target_uses_the_answer():
+    model = CascadeTransformer(CascadeConfig(**TINY, rms_reference="target"))
+    source, cond = _inputs()
+    with pytest.raises(ValueError, match="rms_reference='target'"):
+        model(source, cond)
+    target = 0.5 * source
+    assert model(source, cond, target=target).output.shape == source.shape
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"widths": (16, 16)}, "`widths` must have n_stages=3"),
+        ({"residual_weights": (1.0, 1.0)}, "`residual_weights` must have n_stages=3"),
+        ({"n_heads": 3}, r"`widths\[0\]`=16 must be a multiple of `n_heads`=3"),
+        ({"n_layers": (1, 2)}, "`n_layers` must be an int or have n_stages=3"),
+        ({"min_scale": 2.0}, "`min_scale` must be <= `max_scale`"),
+        ({"rms_reference": "answer"}, "`rms_reference` must be one of"),
+        ({"init": "xavier"}, "`init` must be one of"),
+        ({"dropout": 1.0}, r"`dropout` must be in \[0, 1\)"),
+        ({"attn_logit_softcap": -1.0}, "`attn_logit_softcap` must be a finite number > 0"),
+        ({"residual_weights": (1.0, float("nan"), 0.3)}, r"`residual_weights\[1\]`"),
+    ],
+)
+def test_config_errors_name_the_field(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CascadeConfig(**{**TINY, **kwargs})
+
+
+def test_config_from_dict_rejects_unknown_fields():
+    assert CascadeConfig.from_any({"widths": [16, 16, 16], "n_heads": 2}).widths == (16, 16, 16)
+    with pytest.raises(ValueError, match=r"unknown `config` field\(s\) \['width'\]"):
+        CascadeConfig.from_any({"width": 3})
+
+
+def test_input_errors_name_the_shapes():
+    model = CascadeTransformer(CascadeConfig(**TINY))
+    source, cond = _inputs()
+    with pytest.raises(ValueError, match=r"latent_dim=8, T>0\], got shape \(2, 7, 24\)"):
+        model(source[:, :7], cond)
+    with pytest.raises(ValueError, match=r"`conditioning` must have shape \[B=2, cond_dim=8, T=24\].*\(2, 8, 20\)"):
+        model(source, cond[:, :, :20])
+    with pytest.raises(ValueError, match="`conditioning` latents"):
+        model(source)
+    with pytest.raises(ValueError, match=r"`mask` must be a bool tensor of shape \[B=2, T=24\]"):
+        model(source, cond, mask=torch.ones(2, 24))
+    unconditioned = CascadeTransformer(CascadeConfig(**TINY, cond_dim=0))
+    assert unconditioned(source).output.shape == source.shape
