@@ -1,0 +1,418 @@
+"""``SignalMonitor``: SNR, SI-SNR, RMS ratio, peak, DC offset and clipping of a model's output, plus audio media."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.audio import ScaleInvariantSignalNoiseRatio, SignalNoiseRatio
+from typing_extensions import override
+
+from lightning_stability.callbacks._events import EventLog
+from lightning_stability.metrics.signal import DCOffset, PeakAmplitude, RMSRatio
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+__all__ = ["SignalMonitor"]
+
+SignalType = Literal["auto", "audio", "latent"]
+_SIGNAL_TYPES = ("auto", "audio", "latent")
+# scalar names, in logging order; "clip_fraction" only for audio
+_AUDIO_KEYS = ("snr", "si_snr", "rms_ratio", "peak", "dc_offset", "clip_fraction")
+_LATENT_KEYS = ("snr", "si_snr", "rms_ratio", "peak", "dc_offset")
+
+
+class SignalMonitor(Callback):
+    r"""Measure the health of a model's output signal against its target, in training and validation.
+
+    Reads the signal pair ``outputs["preds"]`` / ``outputs["target"]`` that ``training_step`` and
+    ``validation_step`` return (DESIGN.md section 4): audio ``[B, C, T]`` (or ``[B, T]``) or latents ``[B, D, T]``,
+    any float dtype (measured in float32). Logged scalars (``<stage>`` is ``train`` or ``val``):
+
+    ==============================  ==================================================================================
+    ``{prefix}<stage>/snr``         mean per-series SNR in dB, torchmetrics ``SignalNoiseRatio``
+    ``{prefix}<stage>/si_snr``      mean per-series SI-SNR in dB, torchmetrics ``ScaleInvariantSignalNoiseRatio``
+    ``{prefix}<stage>/rms_ratio``   global :math:`\sqrt{\sum \hat y^2/\sum y^2}` (:class:`~..metrics.RMSRatio`)
+    ``{prefix}<stage>/peak``        :math:`\max|\hat y|` (:class:`~..metrics.PeakAmplitude`)
+    ``{prefix}<stage>/dc_offset``   mean of :math:`\hat y` (:class:`~..metrics.DCOffset`)
+    ``{prefix}<stage>/clip_fraction``  fraction of samples with :math:`|\hat y| \ge` ``clip_level`` (audio only)
+    ==============================  ==================================================================================
+
+    With the default prefix the keys are ``signal/train/snr``, ``signal/val/snr``, ... SNR/SI-SNR are computed per
+    series (per item and channel) over time and averaged.
+
+    **Training** (every ``train_every_n_steps`` optimizer steps, when ``trainer.global_step`` is a multiple of it):
+    the metrics of that one batch, computed on a detached float32 copy under ``no_grad`` and reduced across ranks
+    (all ranks compute at the same step). Other steps cost nothing (no host sync). The values are written straight
+    to the trainer's loggers at ``step=trainer.global_step`` (not through ``pl_module.log``, whose step logging is
+    gated by the Trainer's own ``log_every_n_steps``), so the training values land on the step they describe.
+
+    **Validation**: epoch aggregates over every validation batch of every rank (the metrics' states are reduced
+    across ranks before ``compute``), logged with ``pl_module.log`` at epoch end, so they are in
+    ``trainer.callback_metrics`` (usable by ``ModelCheckpoint``/``EarlyStopping``) and in every logger.
+
+    **Media** (audio only, validation, rank zero, every ``media_every_n_epochs`` epochs): the first
+    ``num_media_examples`` items of the epoch (all channels, as ``[T, C]``; non-finite samples zeroed; values
+    beyond full scale clip when written as 16-bit audio) as target and reconstruction audio plus an image with both
+    log-mel spectrograms (HTK mel, ~46 ms window, one dB scale):
+
+    - ``WandbLogger``: ``wandb.Audio`` under ``{prefix}val/audio`` and ``wandb.Image`` under ``{prefix}val/mel``;
+    - ``TensorBoardLogger``: ``add_audio`` (mono mixdown) under ``{prefix}val/example<i>/target`` and
+      ``.../reconstruction``, ``add_image`` under ``{prefix}val/example<i>/mel``.
+
+    Without such a logger only scalars are logged (said once, at setup, on rank zero).
+
+    **Audio or latents** (``signal_type``): ``"audio"`` or ``"latent"``, or ``"auto"``: the module's
+    ``signal_type`` attribute when it has one, else ``"audio"`` when a sample rate is known (the ``sample_rate``
+    argument or ``pl_module.sample_rate``), else ``"latent"`` (with an info message). Latents get no media and no
+    clip fraction. The sample rate is the argument when given, else ``pl_module.sample_rate``.
+
+    Every logged value is also traced into ``self.event_log`` (``"train/snr"``, ``"val/rms_ratio"``, ...) for
+    :class:`~lightning_stability.callbacks.StabilityReport`.
+
+    Args:
+        train_every_n_steps: measure a training batch every this many optimizer steps; 0 disables training metrics.
+        prefix: key prefix (must end with ``/`` or ``_`` or be empty).
+        sample_rate: audio sample rate in Hz for media; default ``pl_module.sample_rate``.
+        num_media_examples: series logged as media per validation epoch (0 disables media).
+        clip_level: clipping threshold for ``clip_fraction`` (full scale 1.0).
+        log_media: log audio and spectrograms when a media-capable logger is attached.
+        signal_type: ``"auto"``, ``"audio"`` or ``"latent"`` (see above).
+        media_every_n_epochs: log media every this many validation epochs.
+        n_mels: mel bins of the spectrogram images.
+        preds_key: the output key of the model's signal.
+        target_key: the output key of the reference signal.
+
+    Raises:
+        ValueError, TypeError: bad arguments (at construction).
+        RuntimeError: at setup, when media are requested for audio with a media-capable logger but no sample rate is
+            known; at the first step, when the step output lacks ``preds_key``/``target_key`` (listing what it had).
+        ValueError: at a step, when ``preds`` and ``target`` shapes differ (both shapes named) or are not 2-D/3-D.
+    """
+
+    def __init__(
+        self,
+        *,
+        train_every_n_steps: int = 50,
+        prefix: str = "signal/",
+        sample_rate: int | None = None,
+        num_media_examples: int = 2,
+        clip_level: float = 1.0,
+        log_media: bool = True,
+        signal_type: SignalType = "auto",
+        media_every_n_epochs: int = 1,
+        n_mels: int = 80,
+        preds_key: str = "preds",
+        target_key: str = "target",
+    ) -> None:
+        _check_int("train_every_n_steps", train_every_n_steps, minimum=0)
+        _check_int("num_media_examples", num_media_examples, minimum=0)
+        _check_int("media_every_n_epochs", media_every_n_epochs, minimum=1)
+        _check_int("n_mels", n_mels, minimum=1)
+        if sample_rate is not None:
+            _check_int("sample_rate", sample_rate, minimum=1)
+        if not isinstance(prefix, str):
+            raise TypeError(f"`prefix` must be a string, got {prefix!r}")
+        if isinstance(clip_level, bool) or not isinstance(clip_level, (int, float)):
+            raise TypeError(f"`clip_level` must be a number, got {clip_level!r}")
+        if not (clip_level > 0 and math.isfinite(clip_level)):
+            raise ValueError(f"`clip_level` must be a finite number > 0, got {clip_level!r}")
+        if not isinstance(log_media, bool):
+            raise TypeError(f"`log_media` must be a bool, got {log_media!r}")
+        if signal_type not in _SIGNAL_TYPES:
+            raise ValueError(f"`signal_type` must be one of {_SIGNAL_TYPES}, got {signal_type!r}")
+        for name, key in (("preds_key", preds_key), ("target_key", target_key)):
+            if not isinstance(key, str) or not key:
+                raise TypeError(f"`{name}` must be a non-empty string, got {key!r}")
+        if preds_key == target_key:
+            raise ValueError(f"`preds_key` and `target_key` must differ, got {preds_key!r} for both")
+
+        self.train_every_n_steps = train_every_n_steps
+        self.prefix = prefix
+        self.sample_rate = sample_rate
+        self.num_media_examples = num_media_examples
+        self.clip_level = float(clip_level)
+        self.log_media = log_media
+        self.signal_type = signal_type
+        self.media_every_n_epochs = media_every_n_epochs
+        self.n_mels = n_mels
+        self.preds_key = preds_key
+        self.target_key = target_key
+
+        self.event_log = EventLog(source=self.state_key)
+        self._resolved_type: str | None = None
+        self._resolved_rate: int | None = None
+        self._media_loggers: list[Logger] = []
+        self._metrics: dict[str, dict[str, Metric]] = {}
+        self._keys: tuple[str, ...] = _AUDIO_KEYS
+        self._train_checked = False
+        self._last_train_step = -1
+        self._val_updates = 0
+        self._val_epochs = 0
+        self._examples: list[tuple[Tensor, Tensor]] = []
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(prefix=self.prefix, preds_key=self.preds_key, target_key=self.target_key)
+
+    # ------------------------------------------------------------------------------------------------ setup
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        module_rate = getattr(pl_module, "sample_rate", None)
+        rate = self.sample_rate if self.sample_rate is not None else module_rate
+        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0):
+            raise RuntimeError(f"`{type(pl_module).__name__}.sample_rate` must be a positive number, got {rate!r}")
+        self._resolved_rate = None if rate is None else int(rate)
+        self._resolved_type = self._resolve_type(pl_module)
+
+        self._media_loggers = [lg for lg in trainer.loggers if isinstance(lg, (WandbLogger, TensorBoardLogger))]
+        wants_media = self.log_media and self.num_media_examples > 0 and self._resolved_type == "audio"
+        if wants_media and self._media_loggers and self._resolved_rate is None:
+            raise RuntimeError(
+                "SignalMonitor: media logging is requested for audio but no sample rate is known: pass "
+                f"`SignalMonitor(sample_rate=...)` or give `{type(pl_module).__name__}` a `sample_rate` attribute "
+                "(or set `log_media=False`)"
+            )
+        if wants_media and not self._media_loggers:
+            rank_zero_info(
+                "SignalMonitor: no WandbLogger or TensorBoardLogger attached; logging signal scalars only (no audio "
+                "or spectrogram media)."
+            )
+        if not wants_media:
+            self._media_loggers = []
+
+        self._keys = _AUDIO_KEYS if self._resolved_type == "audio" else _LATENT_KEYS
+        self._metrics = {stage_name: self._make_metrics() for stage_name in ("train", "val")}
+
+    def _resolve_type(self, pl_module: pl.LightningModule) -> str:
+        if self.signal_type != "auto":
+            return self.signal_type
+        declared = getattr(pl_module, "signal_type", None)
+        if declared is not None:
+            if declared not in ("audio", "latent"):
+                raise RuntimeError(
+                    f"`{type(pl_module).__name__}.signal_type` must be 'audio' or 'latent', got {declared!r}"
+                )
+            return declared
+        if self._resolved_rate is not None:
+            return "audio"
+        rank_zero_info(
+            f"SignalMonitor: `{type(pl_module).__name__}` has no `sample_rate` or `signal_type`, so its "
+            f"'{self.preds_key}'/'{self.target_key}' are treated as latents (no media, no clip fraction). Pass "
+            "`signal_type='audio', sample_rate=...` for audio."
+        )
+        return "latent"
+
+    def _make_metrics(self) -> dict[str, Metric]:
+        return {
+            "snr": SignalNoiseRatio(),
+            "si_snr": ScaleInvariantSignalNoiseRatio(),
+            "rms_ratio": RMSRatio(),
+            "dc_offset": DCOffset(),
+            "peak": PeakAmplitude(clip_level=self.clip_level),
+        }
+
+    # ---------------------------------------------------------------------------------------------- training
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.sanity_checking or not self._metrics:
+            return
+        if not self._train_checked:  # a wrong output is an error at the first step, not at step N
+            self._extract_pair(outputs, "training_step")
+            self._train_checked = True
+        step = trainer.global_step
+        n = self.train_every_n_steps
+        if n == 0 or step % n or step == self._last_train_step:
+            return
+        self._last_train_step = step
+        preds, target = self._extract_pair(outputs, "training_step")
+        values = self._update_and_compute(self._metrics["train"], preds, target)
+        self._record("train", step, values)
+        metrics = {f"{self.prefix}train/{k}": v for k, v in values.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+    # -------------------------------------------------------------------------------------------- validation
+    @override
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for metric in self._metrics.get("val", {}).values():
+            metric.reset()
+        self._val_updates = 0
+        self._examples = []
+
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if trainer.sanity_checking or not self._metrics:
+            return
+        preds, target = self._extract_pair(outputs, "validation_step")
+        with torch.no_grad():
+            for metric in self._metrics["val"].values():
+                metric.to(preds.device).update(preds, target)
+        self._val_updates += 1
+        if self._media_due(trainer) and len(self._examples) < self.num_media_examples:
+            take = self.num_media_examples - len(self._examples)
+            for p, t in zip(preds[:take].cpu(), target[:take].cpu()):
+                self._examples.append((t, p))
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not self._metrics or self._val_updates == 0:
+            return
+        values = self._compute(self._metrics["val"])
+        step = trainer.global_step
+        self._record("val", step, values)
+        for key, value in values.items():
+            pl_module.log(f"{self.prefix}val/{key}", value, on_step=False, on_epoch=True, sync_dist=True)
+        if self._media_due(trainer) and self._examples and trainer.is_global_zero:
+            self._log_media(step)
+        self._examples = []
+        self._val_epochs += 1
+
+    def _media_due(self, trainer: pl.Trainer) -> bool:
+        return (
+            bool(self._media_loggers) and trainer.is_global_zero and self._val_epochs % self.media_every_n_epochs == 0
+        )
+
+    # ------------------------------------------------------------------------------------------------ helpers
+    def _extract_pair(self, outputs: Any, hook: str) -> tuple[Tensor, Tensor]:
+        """``(preds, target)`` as detached float32 ``[B, C, T]``, or a clear error about what the step returned."""
+        wanted = f"'{self.preds_key}' and '{self.target_key}'"
+        if outputs is None:
+            raise RuntimeError(
+                f"SignalMonitor needs `{hook}` to return a dict with {wanted} (DESIGN.md section 4), but it "
+                "returned None"
+            )
+        if isinstance(outputs, Tensor):
+            raise RuntimeError(
+                f"SignalMonitor needs `{hook}` to return a dict with {wanted}, but it returned a Tensor of shape "
+                f"{tuple(outputs.shape)} (only the loss)"
+            )
+        if not isinstance(outputs, Mapping):
+            raise RuntimeError(
+                f"SignalMonitor needs `{hook}` to return a dict with {wanted}, but it returned {type(outputs).__name__}"
+            )
+        missing = [k for k in (self.preds_key, self.target_key) if k not in outputs]
+        if missing:
+            raise RuntimeError(
+                f"SignalMonitor needs `{hook}` to return a dict with {wanted}; it is missing "
+                f"{', '.join(repr(k) for k in missing)} (keys returned: {sorted(map(str, outputs))})"
+            )
+        pair = []
+        for key in (self.preds_key, self.target_key):
+            value = outputs[key]
+            if not isinstance(value, Tensor) or not value.is_floating_point():
+                what = f"{value.dtype} tensor" if isinstance(value, Tensor) else type(value).__name__
+                raise TypeError(f"SignalMonitor: `{hook}` output {key!r} must be a float tensor, got {what}")
+            pair.append(value)
+        preds, target = pair
+        if preds.shape != target.shape:
+            raise ValueError(
+                f"SignalMonitor: `{hook}` returned {self.preds_key!r} of shape {tuple(preds.shape)} and "
+                f"{self.target_key!r} of shape {tuple(target.shape)}; they must have the same shape"
+            )
+        if preds.ndim not in (2, 3):
+            raise ValueError(
+                f"SignalMonitor: `{hook}` returned {self.preds_key!r}/{self.target_key!r} of shape "
+                f"{tuple(preds.shape)}; expected [B, C, T] (audio), [B, D, T] (latents) or [B, T]"
+            )
+        if preds.ndim == 2:
+            preds, target = preds.unsqueeze(1), target.unsqueeze(1)
+        return preds.detach().float(), target.detach().float()
+
+    def _update_and_compute(self, metrics: dict[str, Metric], preds: Tensor, target: Tensor) -> dict[str, float]:
+        with torch.no_grad():
+            for metric in metrics.values():
+                metric.to(preds.device).update(preds, target)
+        return self._compute(metrics)
+
+    def _compute(self, metrics: dict[str, Metric]) -> dict[str, float]:
+        """Compute (reducing states across ranks), reset, and return the scalars in logging order."""
+        with torch.no_grad():
+            raw: dict[str, Tensor] = {}
+            for name, metric in metrics.items():
+                result = metric.compute()
+                if isinstance(result, dict):
+                    raw.update(result)
+                else:
+                    raw[name] = result
+                metric.reset()
+        return {key: float(raw[key]) for key in self._keys}
+
+    def _record(self, stage: str, step: int, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            self.event_log.trace(f"{stage}/{key}", step, value)
+
+    def _log_media(self, step: int) -> None:
+        from lightning_stability.callbacks._report_plot import render_mel_pair
+
+        rate = self._resolved_rate
+        assert rate is not None  # checked in setup
+        audios, captions, images, image_captions = [], [], [], []
+        for i, (target, preds) in enumerate(self._examples):
+            for name, signal in (("target", target), ("reconstruction", preds)):
+                audios.append(_to_numpy_audio(signal))
+                captions.append(f"example {i} {name} (step {step})")
+            images.append(
+                render_mel_pair(
+                    target.mean(0), preds.mean(0), rate, title=f"example {i}, step {step}", n_mels=self.n_mels
+                )
+            )
+            image_captions.append(f"example {i}: target (top) / reconstruction (bottom)")
+        for logger in self._media_loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_audio(
+                    f"{self.prefix}val/audio", audios, step=step, sample_rate=[rate] * len(audios), caption=captions
+                )
+                logger.log_image(f"{self.prefix}val/mel", images, step=step, caption=image_captions)
+            else:
+                writer = logger.experiment
+                for i, image in enumerate(images):
+                    base = f"{self.prefix}val/example{i}"
+                    writer.add_audio(f"{base}/target", _mono(audios[2 * i]), step, sample_rate=rate)
+                    writer.add_audio(f"{base}/reconstruction", _mono(audios[2 * i + 1]), step, sample_rate=rate)
+                    writer.add_image(f"{base}/mel", image, step, dataformats="HWC")
+
+    # ---------------------------------------------------------------------------------------------- state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"event_log": self.event_log.state_dict(), "val_epochs": self._val_epochs}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.event_log.load_state_dict(state_dict["event_log"])
+        self._val_epochs = int(state_dict["val_epochs"])
+
+
+def _check_int(name: str, value: Any, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value!r}")
+
+
+def _to_numpy_audio(signal: Tensor):
+    """``[C, T]`` float tensor -> ``[T, C]`` float32 numpy with non-finite samples zeroed (soundfile layout)."""
+    return torch.nan_to_num(signal.float(), nan=0.0, posinf=0.0, neginf=0.0).T.contiguous().numpy()
+
+
+def _mono(audio) -> Tensor:
+    return torch.from_numpy(audio).mean(dim=1, keepdim=False).unsqueeze(0)  # [1, T] for add_audio

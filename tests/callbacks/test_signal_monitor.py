@@ -1,0 +1,402 @@
+import json
+import math
+import struct
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_stability.callbacks import SignalMonitor
+from tests.helpers import FaultyModule, make_trainer
+
+SR = 8000
+
+
+def _audio(n: int, t: int = 800, seed: int = 0) -> torch.Tensor:
+    """Decaying sinusoids at random pitches, ``[n, 1, t]``."""
+    g = torch.Generator().manual_seed(seed)
+    time = torch.arange(t) / SR
+    freqs = 150 + 800 * torch.rand(n, 1, 1, generator=g)
+    amp = 0.2 + 0.6 * torch.rand(n, 1, 1, generator=g)
+    return amp * torch.sin(2 * math.pi * freqs * time) * torch.exp(-3 * time)
+
+
+class AudioAE(pl.LightningModule):
+    """Tiny audio model (a conv filter plus a learnable gain) following the signal-pair protocol."""
+
+    def __init__(self, *, sample_rate: int | None = SR, bad_output: str | None = None, channels: int = 1) -> None:
+        super().__init__()
+        if sample_rate is not None:
+            self.sample_rate = sample_rate
+        self.net = nn.Conv1d(channels, channels, 9, padding=4)
+        self.bad_output = bad_output
+        self.channels = channels
+        self.train_pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.val_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def step(self, batch):
+        (audio,) = batch
+        preds = 1.5 * self.net(audio)
+        loss = (preds - audio).abs().mean()
+        if self.bad_output == "tensor":
+            return loss
+        if self.bad_output == "no_target":
+            return {"loss": loss, "preds": preds, "audio": audio}
+        if self.bad_output == "shape":
+            return {"loss": loss, "preds": preds, "target": audio[..., :-1]}
+        return {"loss": loss, "preds": preds, "target": audio}
+
+    def training_step(self, batch, batch_idx):
+        out = self.step(batch)
+        if isinstance(out, dict):
+            self.train_pairs[self.global_step] = (out["preds"].detach().clone(), batch[0].clone())
+        return out
+
+    def validation_step(self, batch, batch_idx):
+        out = self.step(batch)
+        if isinstance(out, dict) and not self.trainer.sanity_checking:
+            self.val_pairs.append((out["preds"].detach().clone(), batch[0].clone()))
+        return out
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(_audio(16, seed=0).repeat(1, self.channels, 1)), batch_size=4)
+
+    def val_dataloader(self):
+        return DataLoader(TensorDataset(_audio(6, seed=1).repeat(1, self.channels, 1)), batch_size=4)
+
+
+class RecordingLogger(Logger):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[int | None, dict]] = []
+
+    @property
+    def name(self):
+        return "recording"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_metrics(self, metrics, step=None):
+        self.rows.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        self.rows.append((None, {"hparams": params}))
+
+    def values(self, key):
+        return {step: row[key] for step, row in self.rows if key in row}
+
+
+def _hand(pairs):
+    """Hand computation (numpy, float64) of every scalar over a list of (preds, target) batches."""
+    p = [x.double().numpy() for x, _ in pairs]
+    t = [y.double().numpy() for _, y in pairs]
+    eps = np.finfo(np.float32).eps
+    snr, si_snr = [], []
+    for pb, tb in zip(p, t):
+        for ps, ts in zip(pb.reshape(-1, pb.shape[-1]), tb.reshape(-1, tb.shape[-1])):
+            snr.append(10 * np.log10(((ts**2).sum() + eps) / (((ts - ps) ** 2).sum() + eps)))
+            alpha = ((ps - ps.mean()) * (ts - ts.mean())).sum() / (((ts - ts.mean()) ** 2).sum() + eps)
+            s = alpha * (ts - ts.mean())
+            e = (ps - ps.mean()) - s
+            si_snr.append(10 * np.log10(((s**2).sum() + eps) / ((e**2).sum() + eps)))
+    allp = np.concatenate([x.ravel() for x in p])
+    allt = np.concatenate([x.ravel() for x in t])
+    return {
+        "snr": float(np.mean(snr)),
+        "si_snr": float(np.mean(si_snr)),
+        "rms_ratio": math.sqrt((allp**2).sum() / (allt**2).sum()),
+        "peak": float(np.abs(allp).max()),
+        "dc_offset": float(allp.mean()),
+        "clip_fraction": float((np.abs(allp) >= 0.5).mean()),
+    }
+
+
+def _assert_close(got: dict, expected: dict, prefix: str):
+    for key, value in expected.items():
+        assert got[f"{prefix}{key}"] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+
+
+def test_training_and_validation_scalars_match_hand_computation(tmp_path):
+    logger = RecordingLogger()
+    monitor = SignalMonitor(train_every_n_steps=3, clip_level=0.5)
+    module = AudioAE()
+    trainer = make_trainer(
+        tmp_path, [monitor], max_steps=7, logger=logger, limit_val_batches=1.0, val_check_interval=4, max_epochs=-1
+    )
+    trainer.fit(module)
+
+    # training: the batch of steps 3 and 6 (global_step after the optimizer step), keys under signal/train/
+    train_snr = logger.values("signal/train/snr")
+    assert sorted(train_snr) == [3, 6]
+    for step in (3, 6):
+        row = next(r for s, r in logger.rows if s == step and "signal/train/snr" in r)
+        _assert_close(row, _hand([module.train_pairs[step - 1]]), "signal/train/")
+
+    # validation: one aggregate over both validation batches of the epoch, in callback_metrics
+    assert len(module.val_pairs) == 2
+    expected = _hand(module.val_pairs)
+    got = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    _assert_close(got, expected, "signal/val/")
+    # and in the event log for StabilityReport
+    assert [s for s, _ in monitor.event_log.traces["train/rms_ratio"]] == [3, 6]
+    assert monitor.event_log.traces["val/snr"][0] == (4, pytest.approx(expected["snr"], rel=1e-4))
+
+
+def test_bf16_mixed_fit_logs_finite_values(tmp_path):
+    logger = RecordingLogger()
+    trainer = make_trainer(
+        tmp_path,
+        [SignalMonitor(train_every_n_steps=2)],
+        max_steps=4,
+        logger=logger,
+        precision="bf16-mixed",
+        limit_val_batches=1.0,
+        val_check_interval=4,
+    )
+    trainer.fit(AudioAE())
+    train = logger.values("signal/train/si_snr")
+    assert sorted(train) == [2, 4]
+    assert all(math.isfinite(v) for v in train.values())
+    assert math.isfinite(float(trainer.callback_metrics["signal/val/si_snr"]))
+
+
+def test_faulty_module_regression_outputs_are_latents_without_media_or_clip_fraction(tmp_path):
+    logger = RecordingLogger()
+    monitor = SignalMonitor(train_every_n_steps=2)
+    trainer = make_trainer(tmp_path, [monitor], max_steps=4, logger=logger)
+    trainer.fit(FaultyModule())  # preds/target are [B, 4]: no sample rate -> treated as latents
+    row = next(r for s, r in logger.rows if "signal/train/snr" in r)
+    assert "signal/train/clip_fraction" not in row
+    assert set(row) == {f"signal/train/{k}" for k in ("snr", "si_snr", "rms_ratio", "peak", "dc_offset")}
+
+
+def _read_wandb_history(run_dir: Path) -> list[dict]:
+    """History rows of an offline run, decoded from its ``run-*.wandb`` file.
+
+    wandb 0.31 writes the offline run as a LevelDB-style log (a 7-byte file header ``:W&B`` + magic + version, then
+    32 KiB blocks of records, each with a 7-byte header: crc32 ``<I``, length ``<H``, type ``B`` with 1 = full,
+    2/3/4 = first/middle/last fragment) of ``wandb_internal_pb2.Record`` protobufs, and no longer ships a Python
+    reader (nor a ``wandb-summary.json`` offline). The records are parsed with wandb's own protobuf classes.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = run_dir.glob("run-*.wandb")
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    block, pos, chunks, pending = 32768, 7, [], b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # block trailer padding
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0:  # zero padding to the end of the block
+            pos += left
+            continue
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind == 1:
+            chunks.append(chunk)
+        elif kind == 2:
+            pending = chunk
+        elif kind == 3:
+            pending += chunk
+        else:
+            chunks.append(pending + chunk)
+    rows = []
+    for chunk in chunks:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(chunk)
+        if record.WhichOneof("record_type") == "history":
+            rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item})
+    assert rows, f"no history records in {path}"
+    return rows
+
+
+def test_wandb_offline_run_holds_scalars_audio_and_spectrograms(tmp_path):
+    logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="signal-monitor-test")
+    monitor = SignalMonitor(train_every_n_steps=2, num_media_examples=2)
+    trainer = make_trainer(tmp_path, [monitor], max_steps=4, logger=logger, limit_val_batches=1.0, val_check_interval=4)
+    trainer.fit(AudioAE())
+    run_dir = Path(logger.experiment.dir).parent
+    logger.experiment.finish()
+
+    files = run_dir / "files"
+    audio = sorted((files / "media" / "audio").rglob("*.wav"))
+    images = sorted((files / "media" / "images").rglob("*.png"))
+    assert len(audio) == 4  # 2 examples x (target, reconstruction)
+    assert len(images) == 2
+    import soundfile as sf
+
+    info = sf.info(str(audio[0]))
+    assert info.samplerate == SR
+    assert info.frames == 800
+    from PIL import Image
+
+    with Image.open(images[0]) as img:
+        assert img.size[0] > 200
+        assert img.size[1] > 200
+
+    rows = _read_wandb_history(run_dir)
+    keys = set().union(*rows)
+    for stage in ("train", "val"):
+        for name in ("snr", "si_snr", "rms_ratio", "peak", "dc_offset", "clip_fraction"):
+            assert f"signal/{stage}/{name}" in keys, (stage, name)
+    train_rows = [r for r in rows if "signal/train/snr" in r]
+    assert [r["trainer/global_step"] for r in train_rows] == [2, 4]
+    (audio_row,) = [r for r in rows if "signal/val/audio/_type" in r]
+    assert audio_row["signal/val/audio/_type"] == "audio"
+    assert audio_row["signal/val/audio/count"] == 4
+    assert audio_row["signal/val/audio/sampleRates"] == [SR] * 4
+    (mel_row,) = [r for r in rows if "signal/val/mel/_type" in r]
+    assert mel_row["signal/val/mel/_type"] == "images/separated"
+    assert mel_row["signal/val/mel/count"] == 2
+
+
+class _RecordingWriter:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, tuple]] = []
+
+    def add_audio(self, tag, snd_tensor, global_step=None, sample_rate=44100):
+        self.calls.append(("audio", tag, (tuple(snd_tensor.shape), global_step, sample_rate)))
+
+    def add_image(self, tag, img, global_step=None, dataformats="CHW"):
+        self.calls.append(("image", tag, (img.shape, global_step, dataformats)))
+
+
+class FakeTensorBoardLogger(TensorBoardLogger):
+    """A TensorBoardLogger whose writer records calls (tensorboard itself need not be installed)."""
+
+    def __init__(self, save_dir):
+        import lightning.fabric.loggers.tensorboard as fabric_tb
+
+        available = fabric_tb._TENSORBOARD_AVAILABLE
+        fabric_tb._TENSORBOARD_AVAILABLE = True  # the constructor only checks that a backend exists
+        try:
+            super().__init__(save_dir)
+        finally:
+            fabric_tb._TENSORBOARD_AVAILABLE = available
+        self.writer = _RecordingWriter()
+
+    @property
+    def experiment(self):
+        return self.writer
+
+    def log_metrics(self, metrics, step=None):
+        return None
+
+    def log_hyperparams(self, params, metrics=None):
+        return None
+
+    def finalize(self, status):
+        return None
+
+    def save(self):
+        return None
+
+
+def test_tensorboard_gets_mono_audio_and_hwc_images_every_n_epochs(tmp_path):
+    logger = FakeTensorBoardLogger(tmp_path)
+    monitor = SignalMonitor(num_media_examples=1, media_every_n_epochs=2)
+    trainer = make_trainer(tmp_path, [monitor], max_steps=12, logger=logger, limit_val_batches=1.0, max_epochs=3)
+    trainer.fit(AudioAE(channels=2))  # 4 steps per epoch, validation after epochs 1, 2, 3 -> media after 1 and 3
+    calls = logger.writer.calls
+    tags = {(kind, tag) for kind, tag, _ in calls}
+    assert tags == {
+        ("audio", "signal/val/example0/target"),
+        ("audio", "signal/val/example0/reconstruction"),
+        ("image", "signal/val/example0/mel"),
+    }
+    assert sorted({c[2][1] for c in calls}) == [4, 12]
+    audio_shape, _, rate = next(c[2] for c in calls if c[0] == "audio")
+    assert audio_shape == (1, 800)
+    assert rate == SR
+    image_shape, _, fmt = next(c[2] for c in calls if c[0] == "image")
+    assert fmt == "HWC"
+    assert image_shape[2] == 3
+
+
+def test_without_media_logger_says_scalars_only_once(tmp_path, caplog):
+    with caplog.at_level("INFO"):
+        make_trainer(tmp_path, [SignalMonitor()], max_steps=1, logger=RecordingLogger()).fit(AudioAE())
+    assert sum("logging signal scalars only" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize(
+    ("bad_output", "error", "match"),
+    [
+        ("tensor", RuntimeError, r"missing 'preds', 'target' \(keys returned: \['loss'\]\)"),
+        ("no_target", RuntimeError, r"missing 'target' \(keys returned: \['audio', 'loss', 'preds'\]\)"),
+        ("shape", ValueError, r"'preds' of shape \(4, 1, 800\) and 'target' of shape \(4, 1, 799\)"),
+    ],
+)
+def test_bad_step_outputs_fail_at_the_first_step(tmp_path, bad_output, error, match):
+    module = AudioAE(bad_output=bad_output)
+    trainer = make_trainer(tmp_path, [SignalMonitor(train_every_n_steps=50)], max_steps=5)
+    with pytest.raises(error, match=match):
+        trainer.fit(module)
+    assert trainer.global_step == 1
+
+
+def test_validation_step_returning_none_is_named(tmp_path):
+    class NoValOutputs(AudioAE):
+        def validation_step(self, batch, batch_idx):
+            super().validation_step(batch, batch_idx)
+
+    trainer = make_trainer(
+        tmp_path, [SignalMonitor(train_every_n_steps=0)], max_steps=2, limit_val_batches=1.0, val_check_interval=2
+    )
+    with pytest.raises(RuntimeError, match=r"`validation_step` to return a dict with 'preds' and 'target'.*None"):
+        trainer.fit(NoValOutputs())
+
+
+def test_media_for_audio_without_sample_rate_is_a_setup_error(tmp_path):
+    logger = FakeTensorBoardLogger(tmp_path)
+    trainer = make_trainer(tmp_path, [SignalMonitor(signal_type="audio")], max_steps=1, logger=logger)
+    with pytest.raises(RuntimeError, match=r"no sample rate.*`SignalMonitor\(sample_rate=...\)`.*`AudioAE`"):
+        trainer.fit(AudioAE(sample_rate=None))
+    # the argument supplies it
+    trainer = make_trainer(tmp_path, [SignalMonitor(signal_type="audio", sample_rate=SR)], max_steps=1, logger=logger)
+    trainer.fit(AudioAE(sample_rate=None))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"train_every_n_steps": -1}, ValueError, r"`train_every_n_steps` must be >= 0, got -1"),
+        ({"train_every_n_steps": 2.5}, TypeError, r"`train_every_n_steps` must be an int, got 2.5"),
+        ({"sample_rate": 0}, ValueError, r"`sample_rate` must be >= 1, got 0"),
+        ({"clip_level": -1.0}, ValueError, r"`clip_level` must be a finite number > 0, got -1.0"),
+        ({"signal_type": "video"}, ValueError, r"`signal_type` must be one of .*'video'"),
+        ({"num_media_examples": -2}, ValueError, r"`num_media_examples` must be >= 0, got -2"),
+        ({"media_every_n_epochs": 0}, ValueError, r"`media_every_n_epochs` must be >= 1, got 0"),
+        ({"log_media": "yes"}, TypeError, r"`log_media` must be a bool, got 'yes'"),
+        ({"preds_key": "x", "target_key": "x"}, ValueError, r"`preds_key` and `target_key` must differ"),
+    ],
+)
+def test_argument_errors_name_the_argument_and_value(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        SignalMonitor(**kwargs)
+
+
+def test_state_key_lets_two_instances_coexist_and_state_round_trips(tmp_path):
+    a, b = SignalMonitor(), SignalMonitor(prefix="audio_health/")
+    assert a.state_key != b.state_key
+    assert a.state_key == "SignalMonitor{'prefix': 'signal/', 'preds_key': 'preds', 'target_key': 'target'}"
+    trainer = make_trainer(tmp_path, [a, b], max_steps=4, limit_val_batches=1.0, val_check_interval=4)
+    trainer.fit(AudioAE())
+    assert float(trainer.callback_metrics["signal/val/snr"]) == float(trainer.callback_metrics["audio_health/val/snr"])
+    c = SignalMonitor()
+    c.load_state_dict(a.state_dict())
+    assert c.event_log.traces == a.event_log.traces
+    assert c.state_dict() == a.state_dict()
