@@ -196,8 +196,9 @@ class ESpeakNG:
         known = {v.language for v in self.voices()} | {v.identifier for v in self.voices()}
         known |= {v.identifier.rsplit("/", 1)[-1] for v in self.voices()}
         if language not in known:
-            close = [v.language for v in self.voices() if v.language[:1] == language[:1]][:8]
-            some = close or [v.language for v in self.voices()][:12]
+            codes = [v.language for v in self.voices()]
+            close = [c for c in codes if c[:1] == language[:1]][:8]
+            some = close + [c for c in ("en", "te", "hi", "ta", "de", "fr", "es") if c in codes and c not in close]
             raise ValueError(
                 f"`voice` {voice!r}: eSpeak NG has no language {language!r}; "
                 f"available include {some} ({len(self.voices())} voices, see `list_voices()`)"

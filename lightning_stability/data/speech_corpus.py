@@ -295,9 +295,15 @@ class SpeechCorpusDataModule(AudioFolderDataModule):
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self._remove_stale_temporaries()
         engine = espeak.engine()  # clear errors (missing package, unknown language/variant) before any work
-        engine.check_voice(self.language)
+        try:
+            engine.check_voice(self.language)
+        except ValueError as err:
+            raise ValueError(f"`language` {self.language!r} cannot be spoken: {err}") from None
         for variant in sorted(set(self.variants)):
-            engine.check_voice(f"{self.language}+{variant}")
+            try:
+                engine.check_voice(f"{self.language}+{variant}")
+            except ValueError as err:
+                raise ValueError(f"`variants` contains {variant!r}, which eSpeak NG does not have: {err}") from None
         voices, utterances = self.plan()
         tmp = self.cache_dir / f".tmp-{self.root.name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         started = time.perf_counter()
