@@ -9,6 +9,7 @@ from typing import Literal
 
 import lightning.pytorch as pl
 import numpy as np
+import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
@@ -18,6 +19,8 @@ from lightning_stability.data._audio import (
     ClipInfo,
     EpochShuffleSampler,
     analyze_file,
+    read_mono,
+    resample,
     scan_audio_files,
 )
 
@@ -233,8 +236,35 @@ class AudioFolderDataModule(pl.LightningDataModule):
 
     # ---------------------------------------------------------------------------------------------- hooks
 
+    def load(self, path: str | Path) -> torch.Tensor:
+        """Any audio file through this module's pipeline: the whole clip as float32 ``[1, T]`` at ``sample_rate``.
+
+        Mono mixdown, resampling and (when ``loudness_lufs`` is set) loudness normalisation exactly as for the
+        training data, without cropping or padding (e.g. to reconstruct a held-out utterance).
+
+        Raises:
+            AudioFileError: unreadable, empty or zero-length file (the message names it).
+        """
+        clip = analyze_file(Path(path), measure_loudness=self.loudness_lufs is not None)
+        audio = resample(torch.from_numpy(read_mono(clip.path)[0]), clip.sample_rate, self.sample_rate)
+        return (audio * self._gain(clip)).to(torch.float32)[None, :]
+
+    def _check_model_rate(self) -> None:
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        rate = getattr(model, "sample_rate", None)
+        if isinstance(rate, int) and not isinstance(rate, bool) and rate != self.sample_rate:
+            raise RuntimeError(
+                f"{type(self).__name__} yields audio at `sample_rate`={self.sample_rate} Hz but the model "
+                f"{type(model).__name__} has sample_rate={rate} Hz; pass sample_rate={rate}"
+            )
+
     def setup(self, stage: str | None = None) -> None:
-        """Scan, check and split the files (once), and build the datasets."""
+        """Scan, check and split the files (once), and build the datasets.
+
+        Raises:
+            RuntimeError: the trainer's model has an int ``sample_rate`` different from this module's.
+        """
+        self._check_model_rate()
         if self._clips is None:
             self._clips = self._split(self._scan())
         make = AudioSegmentDataset
@@ -273,17 +303,17 @@ class AudioFolderDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        """Shuffled random crops, ``[B, 1, T]`` float32 batches (order and crops seeded by seed and epoch)."""
         if self.train_dataset is None:
             self.setup("fit")
-        assert self.train_dataset is not None
         epoch_fn = self._current_epoch if self.trainer is not None else None
         sampler = EpochShuffleSampler(len(self.train_dataset), self.seed, shuffle=True, epoch_fn=epoch_fn)
         return self._loader(self.train_dataset, sampler, train=True)
 
     def val_dataloader(self) -> DataLoader | list:
+        """Centred crops of the held-out clips in path order; ``[]`` (no validation) when nothing is held out."""
         if self.val_dataset is None:
             self.setup("validate")
-        assert self.val_dataset is not None
         if len(self.val_dataset) == 0:
             return []
         return self._loader(self.val_dataset, None, train=False)

@@ -354,3 +354,20 @@ def test_argument_validation(tmp_path: Path, kwargs: dict, error: type, match: s
         AudioFolderDataModule(tmp_path, **kwargs)
     with pytest.raises(TypeError, match="`root` must be a folder path"):
         AudioFolderDataModule(None)  # type: ignore[arg-type]
+
+
+def test_load_runs_the_whole_clip_through_the_pipeline(folder: Path):
+    dm = make(folder, loudness_lufs=-16.0)
+    audio = dm.load(folder / "int16_44k_stereo.wav")
+    assert audio.dtype == torch.float32
+    assert audio.shape == (1, 36000)  # 1.5 s at 24 kHz, no crop, no padding
+    assert pyloudnorm.Meter(SR).integrated_loudness(audio[0].double().numpy()) == pytest.approx(-16.0, abs=0.5)
+    with pytest.raises(AudioFileError, match="missing.wav: not a readable audio file"):
+        dm.load(folder / "missing.wav")
+
+
+def test_model_sample_rate_must_match(folder: Path, tmp_path: Path):
+    model = _Recorder()
+    model.sample_rate = 16000
+    with pytest.raises(RuntimeError, match="`sample_rate`=24000 Hz but the model _Recorder has sample_rate=16000"):
+        make_trainer(tmp_path, max_steps=1).fit(model, datamodule=make(folder))
