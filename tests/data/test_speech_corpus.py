@@ -239,3 +239,43 @@ def test_unknown_language_or_variant_named_at_generation(tmp_path: Path):
     with pytest.raises(ValueError, match="`variants` contains 'nosuch'"):
         corpus(tmp_path, variants=["f1", "nosuch"]).prepare_data()
     assert list(tmp_path.iterdir()) == []
+
+
+def _fingerprint(row: torch.Tensor) -> str:
+    return hashlib.sha256(row.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+class _RankRecorder(pl.LightningModule):
+    """Writes a fingerprint of every training row it saw to ``<out>/rank<k>.json``."""
+
+    def __init__(self, out: str) -> None:
+        super().__init__()
+        self.out = out
+        self.net = torch.nn.Conv1d(1, 1, 3, padding=1)
+        self.rows: list[str] = []
+
+    def training_step(self, batch, batch_idx):
+        self.rows += [_fingerprint(row) for row in batch]
+        return (self.net(batch) - batch).pow(2).mean()
+
+    def on_train_end(self) -> None:
+        Path(self.out, f"rank{self.global_rank}.json").write_text(json.dumps(self.rows))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(180)
+def test_ddp_generates_once_and_ranks_share_the_epoch_crops(tmp_path: Path):
+    dm = corpus(tmp_path / "cache", num_utterances=16, val_fraction=0.25, batch_size=2)
+    trainer = make_trainer(tmp_path, devices=2, strategy="ddp_spawn", max_epochs=1, max_steps=-1)
+    trainer.fit(_RankRecorder(str(tmp_path)), datamodule=dm)
+    ranks = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1)]
+    assert [len(r) for r in ranks] == [6, 6]  # 12 training utterances split over 2 ranks
+    assert not set(ranks[0]) & set(ranks[1])
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [dm.corpus_dir.name]  # generated once
+    reference = corpus(tmp_path / "cache", num_utterances=16, val_fraction=0.25)
+    reference.setup("fit")
+    expected = {_fingerprint(reference.train_dataset[(i, 0)]) for i in range(len(reference.train_dataset))}
+    assert set(ranks[0]) | set(ranks[1]) == expected  # every rank drew the epoch-0 crops of the same split
