@@ -1,0 +1,538 @@
+"""``CodecModule``: the reference neural audio codec (SEANet encoder/decoder + residual VQ), EnCodec/DAC style."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torchmetrics import MeanMetric
+from torchmetrics.audio import ScaleInvariantSignalNoiseRatio
+
+from lightning_stability.losses.spectral import (
+    DAC_MEL_N_MELS,
+    DAC_MEL_WINDOWS,
+    MultiResolutionMelLoss,
+    MultiResolutionSTFTLoss,
+    RMSMatchingLoss,
+    mel_distance,
+)
+from lightning_stability.losses.weights import LossWeights
+from lightning_stability.metrics.codebook import CodebookUsage
+from lightning_stability.metrics.signal import RMSRatio
+from lightning_stability.nn.discriminator import (
+    MultiScaleSTFTDiscriminator,
+    discriminator_loss,
+    feature_matching_loss,
+    generator_adversarial_loss,
+)
+from lightning_stability.nn.quantize import QuantizedResult, ResidualVectorQuantizer
+from lightning_stability.nn.scale import denormalize, normalize
+from lightning_stability.nn.seanet import SEANetDecoder, SEANetEncoder
+
+__all__ = ["CodecModule", "CodecOutput"]
+
+#: Loss terms ``CodecModule.compute_losses`` knows, with the weights used when ``loss_weights`` is not given.
+DEFAULT_LOSS_WEIGHTS: dict[str, float] = {
+    "mel": 15.0,  # DAC's multi-scale log-mel weight
+    "l1": 0.1,  # EnCodec's time-domain weight (lambda_t)
+    "rms": 1.0,  # amplitude matching (DESIGN.md section 1.2)
+    "vq": 1.0,  # codebook + commitment_weight * commitment (DAC: 1 and 0.25)
+}
+ADVERSARIAL_LOSS_WEIGHTS: dict[str, float] = {"adv": 1.0, "feat": 2.0}  # DAC's generator / feature-matching weights
+KNOWN_LOSSES = ("mel", "l1", "stft", "rms", "vq", "adv", "feat")
+
+
+@dataclass
+class CodecOutput:
+    """What :meth:`CodecModule.forward` returns.
+
+    Attributes:
+        audio: reconstruction ``[B, C, T]`` (the input's length).
+        codes: ``[B, n_q_used, F]`` code indices, ``F = ceil(T / hop)``.
+        scale: ``[B, 1, 1]`` per-segment RMS scale sent with the codes (``None`` without scale normalisation).
+        quantized: the quantizer's :class:`~lightning_stability.nn.quantize.QuantizedResult` (losses, metrics).
+    """
+
+    audio: Tensor
+    codes: Tensor
+    scale: Tensor | None
+    quantized: QuantizedResult
+
+
+def _audio_from_batch(batch: Any) -> Tensor:
+    """The audio ``[B, C, T]`` of a batch: a tensor, the first item of a tuple/list, or ``batch["audio"]``."""
+    if isinstance(batch, Mapping):
+        if "audio" not in batch:
+            raise KeyError(f"a dict batch must have an 'audio' entry, got keys {sorted(batch)}")
+        batch = batch["audio"]
+    elif isinstance(batch, (tuple, list)):
+        batch = batch[0]
+    if not torch.is_tensor(batch) or not batch.is_floating_point():
+        raise TypeError(f"the batch must hold float audio [B, C, T], got {type(batch).__name__}")
+    if batch.dim() == 2:
+        batch = batch[:, None]
+    if batch.dim() != 3:
+        raise ValueError(f"the batch audio must have shape [B, C, T] (or [B, T]), got {tuple(batch.shape)}")
+    return batch
+
+
+class CodecModule(pl.LightningModule):
+    r"""A SEANet + residual-VQ speech codec (EnCodec architecture, DAC-style losses), stable by construction.
+
+    Pipeline (shapes for ``ratios=(8, 5, 4, 2)``, hop 320, at 24 kHz, 75 frames/s)::
+
+        audio [B, C, T] --normalize--> (x / s, s [B, 1, 1])           # EnCodec scale, optional
+              --pad to a multiple of hop--> SEANetEncoder -> z [B, 128, F]      F = ceil(T / 320)
+              --ResidualVectorQuantizer--> codes [B, n_q, F], quantized [B, 128, F]
+              --SEANetDecoder--> [B, C, F * 320] --trim to T, * s--> reconstruction [B, C, T]
+
+    The decoder is unbounded (no tanh, no learnable output scale: DESIGN.md section 1.2). Amplitude is carried by the
+    per-segment RMS scale ``s`` (computed from the input by :func:`~lightning_stability.nn.scale.normalize`, sent with
+    the codes and multiplied back by :func:`~lightning_stability.nn.scale.denormalize`; ``normalize_scale=True``,
+    the default; each training crop, or each ``encode`` input, is one segment) and by the RMS-matching loss.
+
+    **Losses** (the loss-dict protocol, DESIGN.md section 4): unweighted terms, combined by
+    ``self.loss_weights.weighted_sum`` (a :class:`~lightning_stability.losses.weights.LossWeights`, which
+    ``AdaptiveLossWeight`` may tune):
+
+    - ``mel``: :class:`~lightning_stability.losses.spectral.MultiResolutionMelLoss` (DAC's 7 resolutions), weight 15;
+    - ``l1``: time-domain L1, weight 0.1 (EnCodec); ``stft``: multi-resolution STFT loss (off unless weighted);
+    - ``rms``: :class:`~lightning_stability.losses.spectral.RMSMatchingLoss`, weight 1;
+    - ``vq``: ``codebook_weight * codebook + commitment_weight * commitment`` averaged over the stages, weight 1;
+    - with ``adversarial=True``: ``adv`` (generator hinge/LS loss, weight 1) and ``feat`` (feature matching, 2).
+
+    Only the terms named in ``loss_weights`` are computed; a weight of 0 computes and logs the term under
+    ``no_grad``. A subclass adds a term by overriding :meth:`compute_losses` (and naming it in ``loss_weights``), or
+    replaces the networks by overriding :meth:`build_encoder` / :meth:`build_quantizer` / :meth:`build_decoder`.
+
+    **Quantizer** (:class:`~lightning_stability.nn.quantize.ResidualVectorQuantizer`): ``n_q`` stages of
+    ``codebook_size`` codes, per-stage codebook/commitment losses with the detached residual (encodec issue #25),
+    k-means initialisation, EMA codebooks (default) or learned ones, dead-code replacement, quantizer dropout and
+    DAC's factorised L2-normalised lookup (``codebook_dim``). **The EMA codebook update refuses non-finite
+    statistics**: a batch whose per-code counts or sums are not finite (a NaN input, an overflow) leaves the
+    codebook, its EMA sums and counts untouched (decided on the device with ``torch.where``, no host sync), and
+    neither k-means initialisation nor dead-code replacement ever draws from a non-finite batch. This is defence in
+    depth beside ``GradientGuard``'s buffer protection (issue 10): the codebooks survive a NaN batch even without it.
+    (``num_updates``, the quantizer-dropout counter, still advances.)
+
+    **Adversarial training** (``adversarial=True``): EnCodec's multi-scale STFT discriminator with manual
+    optimization, two AdamW optimizers (generator first, discriminator second in ``configure_optimizers``). Each
+    training step: generator forward; discriminator step on ``(audio, reconstruction.detach())`` with the
+    discriminator optimizer toggled (generator parameters frozen, their gradients untouched); then the generator step
+    with the generator optimizer toggled (discriminator parameters frozen, so the generator's loss writes no
+    gradient into them). Each optimizer's gradients are set to ``None`` right before its own backward and again right
+    after its step, so when either optimizer steps (and callbacks such as ``GradientGuard`` inspect gradients in
+    ``on_before_optimizer_step``) only its own, fresh gradients exist. In manual optimization Lightning's
+    ``global_step`` counts both optimizer steps, so ``max_steps`` is reached after ``max_steps / 2`` batches.
+
+    **Metrics** logged: training ``train/loss``, ``train/<term>`` (unweighted), ``train/si_snr``,
+    ``train/perplexity_<i>``; validation ``val/loss``, ``val/<term>``, ``val/si_snr`` (torchmetrics SI-SNR, dB),
+    ``val/mel_distance`` (DAC's), ``val/rms_ratio``, ``val/perplexity_<i>``, ``val/dead_fraction_<i>``,
+    ``val/bitrate_kbps``.
+
+    Args (keyword-only):
+        sample_rate: audio rate (Hz); exposed as ``self.sample_rate``.
+        channels, n_filters, ratios, dimension, n_residual_layers, lstm, causal: SEANet (see
+            :class:`~lightning_stability.nn.seanet.SEANetEncoder`); defaults are EnCodec 24 kHz's.
+        n_q, codebook_size, codebook_dim, l2_normalize, ema_codebook, codebook_decay, kmeans_init, kmeans_iters,
+            threshold_ema_dead_code, quantizer_dropout: the quantizer.
+        normalize_scale: EnCodec-style per-segment RMS normalisation.
+        loss_weights: ``{term: weight}``; default ``{"mel": 15, "l1": 0.1, "rms": 1, "vq": 1}`` (+ ``adv`` 1 and
+            ``feat`` 2 when adversarial). Terms: ``mel``, ``l1``, ``stft``, ``rms``, ``vq``, ``adv``, ``feat``.
+        codebook_weight, commitment_weight: inside the ``vq`` term (DAC: 1 and 0.25).
+        mel_window_lengths, mel_n_mels: resolutions of the ``mel`` term.
+        lr, betas, weight_decay: AdamW (DAC: 1e-4, (0.8, 0.99)).
+        lr_gamma: per-step exponential learning-rate decay (DAC: 0.999996; 1.0 = constant).
+        adversarial, disc_filters, disc_n_ffts, adversarial_loss ("hinge" or "ls"), disc_lr: the discriminator.
+        gradient_clip_val: gradient-norm clip applied in adversarial (manual) mode; with automatic optimization use
+            the Trainer's ``gradient_clip_val``.
+        seed: quantizer-dropout seed.
+    """
+
+    def __init__(
+        self,
+        *,
+        sample_rate: int = 24000,
+        channels: int = 1,
+        n_filters: int = 32,
+        ratios: Sequence[int] = (8, 5, 4, 2),
+        dimension: int = 128,
+        n_residual_layers: int = 1,
+        lstm: int = 2,
+        causal: bool = False,
+        n_q: int = 8,
+        codebook_size: int = 1024,
+        codebook_dim: int | None = None,
+        l2_normalize: bool = False,
+        ema_codebook: bool = True,
+        codebook_decay: float = 0.99,
+        kmeans_init: bool = True,
+        kmeans_iters: int = 10,
+        threshold_ema_dead_code: float = 2.0,
+        quantizer_dropout: float = 0.0,
+        normalize_scale: bool = True,
+        loss_weights: Mapping[str, float] | None = None,
+        codebook_weight: float = 1.0,
+        commitment_weight: float = 0.25,
+        mel_window_lengths: Sequence[int] = DAC_MEL_WINDOWS,
+        mel_n_mels: Sequence[int] = DAC_MEL_N_MELS,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.8, 0.99),
+        weight_decay: float = 0.0,
+        lr_gamma: float = 1.0,
+        adversarial: bool = False,
+        disc_filters: int = 32,
+        disc_n_ffts: Sequence[int] = (1024, 2048, 512),
+        adversarial_loss: str = "hinge",
+        disc_lr: float | None = None,
+        gradient_clip_val: float | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate < 1:
+            raise ValueError(f"`sample_rate` must be a positive int (Hz), got {sample_rate!r}")
+        for name, value in (("lr", lr), ("lr_gamma", lr_gamma)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}")
+        if lr_gamma > 1:
+            raise ValueError(f"`lr_gamma` must be in (0, 1], got {lr_gamma!r}")
+        if disc_lr is not None and not 0 < disc_lr < math.inf:
+            raise ValueError(f"`disc_lr` must be None or a finite number > 0, got {disc_lr!r}")
+        if len(tuple(betas)) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"`betas` must be two numbers in [0, 1), got {betas!r}")
+        if adversarial_loss not in ("hinge", "ls"):
+            raise ValueError(f"`adversarial_loss` must be 'hinge' or 'ls', got {adversarial_loss!r}")
+        if gradient_clip_val is not None and not gradient_clip_val > 0:
+            raise ValueError(f"`gradient_clip_val` must be None or > 0, got {gradient_clip_val!r}")
+        if loss_weights is None:
+            loss_weights = {**DEFAULT_LOSS_WEIGHTS, **(ADVERSARIAL_LOSS_WEIGHTS if adversarial else {})}
+        elif not isinstance(loss_weights, Mapping):
+            raise TypeError(f"`loss_weights` must be a mapping of loss name to weight, got {loss_weights!r}")
+        if not adversarial and any(loss_weights.get(k, 0) > 0 for k in ("adv", "feat")):
+            raise ValueError(
+                f"`loss_weights` weights 'adv'/'feat' but `adversarial` is False, got {dict(loss_weights)!r}"
+            )
+        self.save_hyperparameters()
+        self.sample_rate = sample_rate
+        self.loss_weights = LossWeights(dict(loss_weights))
+        self.automatic_optimization = not adversarial
+
+        self.encoder = self.build_encoder()
+        self.quantizer = self.build_quantizer()
+        self.decoder = self.build_decoder()
+        self.hop_length = int(math.prod(ratios))
+        self.mel_loss = MultiResolutionMelLoss(sample_rate, window_lengths=mel_window_lengths, n_mels=mel_n_mels)
+        self.stft_loss = MultiResolutionSTFTLoss() if "stft" in self.loss_weights else None
+        self.rms_loss = RMSMatchingLoss()
+        self.discriminator = (
+            MultiScaleSTFTDiscriminator(filters=disc_filters, in_channels=channels, n_ffts=disc_n_ffts)
+            if adversarial
+            else None
+        )
+        self.val_si_snr = ScaleInvariantSignalNoiseRatio()
+        self.val_mel_distance = MeanMetric()
+        self.val_rms_ratio = RMSRatio()
+        self.val_codebook = CodebookUsage(n_q, codebook_size)
+
+    # ---------------------------------------------------------------------------------------------- networks
+    def build_encoder(self) -> nn.Module:
+        """The encoder ``[B, C, T] -> [B, dimension, T / hop]`` (override to use your own)."""
+        hp = self.hparams
+        return SEANetEncoder(
+            channels=hp.channels,
+            dimension=hp.dimension,
+            n_filters=hp.n_filters,
+            ratios=tuple(hp.ratios),
+            n_residual_layers=hp.n_residual_layers,
+            lstm=hp.lstm,
+            causal=hp.causal,
+        )
+
+    def build_decoder(self) -> nn.Module:
+        """The decoder ``[B, dimension, F] -> [B, C, F * hop]`` (override to use your own)."""
+        hp = self.hparams
+        return SEANetDecoder(
+            channels=hp.channels,
+            dimension=hp.dimension,
+            n_filters=hp.n_filters,
+            ratios=tuple(hp.ratios),
+            n_residual_layers=hp.n_residual_layers,
+            lstm=hp.lstm,
+            causal=hp.causal,
+        )
+
+    def build_quantizer(self) -> ResidualVectorQuantizer:
+        """The residual vector quantizer (override to change it)."""
+        hp = self.hparams
+        return ResidualVectorQuantizer(
+            hp.dimension,
+            n_q=hp.n_q,
+            codebook_size=hp.codebook_size,
+            codebook_dim=hp.codebook_dim,
+            l2_normalize=hp.l2_normalize,
+            ema=hp.ema_codebook,
+            decay=hp.codebook_decay,
+            kmeans_init=hp.kmeans_init,
+            kmeans_iters=hp.kmeans_iters,
+            threshold_ema_dead_code=hp.threshold_ema_dead_code,
+            quantizer_dropout=hp.quantizer_dropout,
+            seed=hp.seed,
+        )
+
+    # ---------------------------------------------------------------------------------------------- codec API
+    @property
+    def frame_rate(self) -> float:
+        """Code frames per second: ``sample_rate / hop``."""
+        return self.sample_rate / self.hop_length
+
+    @property
+    def bitrate(self) -> float:
+        """Bits per second at full ``n_q``: ``n_q * log2(codebook_size) * frame_rate`` (the scale is not counted)."""
+        return self.quantizer.bits_per_frame * self.frame_rate
+
+    def _pad(self, x: Tensor) -> Tensor:
+        extra = (-x.shape[-1]) % self.hop_length
+        return F.pad(x, (0, extra)) if extra else x
+
+    def _check_audio(self, audio: Tensor) -> None:
+        if not torch.is_tensor(audio) or audio.dim() != 3 or audio.shape[1] != self.hparams.channels:
+            shape = tuple(audio.shape) if torch.is_tensor(audio) else type(audio).__name__
+            raise ValueError(f"`audio` must have shape [B, {self.hparams.channels}, T], got {shape}")
+
+    def forward(self, audio: Tensor, n_q: int | None = None) -> CodecOutput:
+        """Encode, quantize and decode ``audio [B, C, T]`` (see the class docstring)."""
+        self._check_audio(audio)
+        length = audio.shape[-1]
+        x, scale = normalize(audio) if self.hparams.normalize_scale else (audio, None)
+        z = self.encoder(self._pad(x))
+        q = self.quantizer(z, n_q=n_q)
+        y = self.decoder(q.quantized)[..., :length]
+        if scale is not None:
+            y = denormalize(y, scale)
+        return CodecOutput(audio=y, codes=q.codes, scale=scale, quantized=q)
+
+    @torch.no_grad()
+    def encode(self, audio: Tensor, n_q: int | None = None) -> tuple[Tensor, Tensor | None]:
+        """``audio [B, C, T] -> (codes [B, n_q, ceil(T / hop)], scale [B, 1, 1] or None)``; updates no statistics."""
+        self._check_audio(audio)
+        x, scale = normalize(audio) if self.hparams.normalize_scale else (audio, None)
+        return self.quantizer.encode(self.encoder(self._pad(x)), n_q=n_q), scale
+
+    @torch.no_grad()
+    def decode(self, codes: Tensor, scale: Tensor | None = None, length: int | None = None) -> Tensor:
+        """``codes [B, n, F]`` (``n <= n_q``) and the scale from :meth:`encode` -> audio ``[B, C, F * hop]``.
+
+        ``length`` trims the result to the original number of samples.
+        """
+        if self.hparams.normalize_scale and scale is None:
+            raise ValueError("`scale` is required: this codec normalises its input (pass the scale `encode` returned)")
+        y = self.decoder(self.quantizer.decode(codes))
+        if length is not None:
+            y = y[..., :length]
+        return denormalize(y, scale) if scale is not None else y
+
+    # ---------------------------------------------------------------------------------------------- losses
+    def compute_losses(self, audio: Tensor, out: CodecOutput) -> dict[str, Tensor]:
+        """Unweighted reconstruction and quantizer terms named in ``self.loss_weights`` (not ``adv``/``feat``).
+
+        Override to add your own term (name it in ``loss_weights``; call ``super().compute_losses`` for the rest).
+        """
+        lw, recon = self.loss_weights, out.audio
+        fns = {
+            "mel": lambda: self.mel_loss(recon, audio),
+            "l1": lambda: F.l1_loss(recon.float(), audio.float()),
+            "stft": lambda: self.stft_loss(recon, audio),
+            "rms": lambda: self.rms_loss(recon, audio),
+            "vq": lambda: out.quantized.penalty(self.hparams.codebook_weight, self.hparams.commitment_weight),
+        }
+        losses = {}
+        for name in lw.names:
+            if name in fns:
+                if name == "stft" and self.stft_loss is None:
+                    self.stft_loss = MultiResolutionSTFTLoss().to(audio.device)
+                losses[name] = lw.compute(name, fns[name])
+        return losses
+
+    def _check_terms(self, losses: Mapping[str, Tensor]) -> None:
+        missing = [n for n in self.loss_weights.names if n not in losses]
+        if missing:
+            raise ValueError(
+                f"`loss_weights` names {missing}, which {type(self).__name__}.compute_losses does not compute "
+                f"(built in: {list(KNOWN_LOSSES)}); override `compute_losses` to add them"
+            )
+
+    # ---------------------------------------------------------------------------------------------- training
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        audio = _audio_from_batch(batch)
+        if not self.automatic_optimization:
+            return self._adversarial_step(audio)
+        out = self(audio)
+        losses = self.compute_losses(audio, out)
+        self._check_terms(losses)
+        total = self.loss_weights.weighted_sum(losses)
+        self._log_step("train", total, losses, out, audio)
+        return self._outputs(total, losses, out, audio)
+
+    def _adversarial_step(self, audio: Tensor) -> dict[str, Any]:
+        opt_g, opt_d = self.optimizers()
+        kind = self.hparams.adversarial_loss
+        clip = self.hparams.gradient_clip_val
+        out = self(audio)
+        recon = out.audio
+
+        # 1) discriminator: real vs detached reconstruction; generator parameters frozen meanwhile.
+        self.toggle_optimizer(opt_d)
+        real_logits, _ = self.discriminator(audio)
+        fake_logits, _ = self.discriminator(recon.detach())
+        d_loss = discriminator_loss(real_logits, fake_logits, kind)
+        opt_d.zero_grad(set_to_none=True)
+        self.manual_backward(d_loss)
+        if clip:
+            self.clip_gradients(opt_d, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+        opt_d.step()
+        opt_d.zero_grad(set_to_none=True)  # no stale discriminator gradient outlives its step
+        self.untoggle_optimizer(opt_d)
+
+        # 2) generator: discriminator parameters frozen, so the generator's loss writes no gradient into them.
+        self.toggle_optimizer(opt_g)
+        losses = self.compute_losses(audio, out)
+        lw = self.loss_weights
+        if "adv" in lw or "feat" in lw:
+            fake_logits, fake_fmaps = self.discriminator(recon)
+            with torch.no_grad():
+                _, real_fmaps = self.discriminator(audio)
+            if "adv" in lw:
+                losses["adv"] = lw.compute("adv", generator_adversarial_loss, fake_logits, kind)
+            if "feat" in lw:
+                losses["feat"] = lw.compute("feat", feature_matching_loss, real_fmaps, fake_fmaps)
+        self._check_terms(losses)
+        total = lw.weighted_sum(losses)
+        opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(total)
+        if clip:
+            self.clip_gradients(opt_g, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+        opt_g.step()
+        opt_g.zero_grad(set_to_none=True)
+        self.untoggle_optimizer(opt_g)
+        for scheduler in self._schedulers():
+            scheduler.step()
+
+        self.log("train/disc_loss", d_loss.detach(), on_step=True, on_epoch=False)
+        self._log_step("train", total, losses, out, audio)
+        return self._outputs(total, losses, out, audio)
+
+    def _schedulers(self) -> list:
+        schedulers = self.lr_schedulers()
+        if schedulers is None:
+            return []
+        return list(schedulers) if isinstance(schedulers, (list, tuple)) else [schedulers]
+
+    @staticmethod
+    def _outputs(total: Tensor, losses: dict[str, Tensor], out: CodecOutput, audio: Tensor) -> dict[str, Any]:
+        return {
+            "loss": total,
+            "losses": {k: v.detach() for k, v in losses.items()},
+            "preds": out.audio.detach(),
+            "target": audio,
+            "codes": out.codes,
+        }
+
+    def _log_step(self, stage: str, total: Tensor, losses: dict[str, Tensor], out: CodecOutput, audio: Tensor):
+        on_step = stage == "train"
+        kw = {"on_step": on_step, "on_epoch": not on_step, "sync_dist": not on_step, "batch_size": audio.shape[0]}
+        self.log(f"{stage}/loss", total.detach(), prog_bar=True, **kw)
+        self.log_dict({f"{stage}/{k}": v.detach().float() for k, v in losses.items()}, **kw)
+        if stage == "train":
+            with torch.no_grad():
+                self.log("train/si_snr", self._si_snr(out.audio, audio).mean(), **kw)
+            ppl = out.quantized.metrics["perplexity"]
+            self.log_dict({f"train/perplexity_{i}": ppl[i] for i in range(ppl.numel())}, **kw)
+
+    @staticmethod
+    def _si_snr(preds: Tensor, target: Tensor) -> Tensor:
+        from torchmetrics.functional.audio import scale_invariant_signal_noise_ratio
+
+        with torch.autocast(preds.device.type, enabled=False):
+            return scale_invariant_signal_noise_ratio(preds.float(), target.float())
+
+    # ---------------------------------------------------------------------------------------------- validation
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        audio = _audio_from_batch(batch)
+        out = self(audio)
+        losses = self.compute_losses(audio, out)
+        total = self.loss_weights.weighted_sum(losses, allow_missing=True)
+        self._log_step("val", total, losses, out, audio)
+        recon = out.audio.float()
+        self.val_si_snr.update(recon, audio.float())
+        self.val_mel_distance.update(mel_distance(recon, audio.float(), self.sample_rate), weight=audio.shape[0])
+        self.val_rms_ratio.update(recon, audio.float())
+        self.val_codebook.update(out.codes)
+        return self._outputs(total, losses, out, audio)
+
+    def _val_metrics(self) -> tuple:
+        return self.val_si_snr, self.val_mel_distance, self.val_rms_ratio, self.val_codebook
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking or self.val_codebook.histogram.sum() == 0:
+            for metric in self._val_metrics():
+                metric.reset()
+            return
+        usage = self.val_codebook.compute()
+        values = {
+            "val/si_snr": self.val_si_snr.compute(),
+            "val/mel_distance": self.val_mel_distance.compute(),
+            "val/rms_ratio": self.val_rms_ratio.compute(),
+            "val/bitrate_kbps": torch.tensor(self.bitrate / 1000.0),
+        }
+        for i in range(usage["perplexity"].numel()):
+            values[f"val/perplexity_{i}"] = usage["perplexity"][i]
+            values[f"val/dead_fraction_{i}"] = usage["dead_fraction"][i]
+        self.log_dict({k: v.float() for k, v in values.items()})  # metric states are already reduced over ranks
+        for metric in self._val_metrics():
+            metric.reset()
+
+    # ---------------------------------------------------------------------------------------------- optimizers
+    def _generator_parameters(self) -> list[nn.Parameter]:
+        disc = set() if self.discriminator is None else {id(p) for p in self.discriminator.parameters()}
+        return [p for p in self.parameters() if id(p) not in disc]
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt_g = torch.optim.AdamW(
+            self._generator_parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay
+        )
+        optimizers = [opt_g]
+        if self.discriminator is not None:
+            optimizers.append(
+                torch.optim.AdamW(
+                    self.discriminator.parameters(),
+                    lr=hp.disc_lr or hp.lr,
+                    betas=tuple(hp.betas),
+                    weight_decay=hp.weight_decay,
+                )
+            )
+        if hp.lr_gamma == 1.0:
+            return optimizers[0] if len(optimizers) == 1 else optimizers
+        schedulers = [
+            {"scheduler": torch.optim.lr_scheduler.ExponentialLR(opt, gamma=hp.lr_gamma), "interval": "step"}
+            for opt in optimizers
+        ]
+        return optimizers, schedulers
+
+    # ---------------------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the current loss weights (a callback may have changed them) so a resumed run continues exactly."""
+        checkpoint["loss_weights"] = self.loss_weights.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "loss_weights" in checkpoint:
+            self.loss_weights.load_state_dict(checkpoint["loss_weights"])
+        else:
+            rank_zero_warn("checkpoint has no `loss_weights`; keeping the module's current weights")

@@ -1,0 +1,217 @@
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lightning_stability.modules.codec import CodecModule
+from tests.helpers import make_trainer
+from tests.modules._codec_data import LENGTH, SR, TINY, chirps, loader
+
+
+def _codec(**kw):
+    return CodecModule(**{**TINY, **kw})
+
+
+class _Recorder(pl.Callback):
+    def __init__(self):
+        self.outputs = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.outputs.append(outputs)
+
+
+def test_shapes_and_encode_decode_round_trip():
+    codec = _codec().eval()
+    audio = chirps(2, length=1000)  # not a multiple of the hop (16): padded, then trimmed back
+    out = codec(audio)
+    assert out.audio.shape == (2, 1, 1000)
+    assert out.codes.shape == (2, 3, math.ceil(1000 / 16))
+    assert out.scale.shape == (2, 1, 1)
+    codes, scale = codec.encode(audio)
+    torch.testing.assert_close(codes, out.codes, rtol=0, atol=0)
+    torch.testing.assert_close(codec.decode(codes, scale, length=1000), out.audio)
+    assert codec.decode(codes, scale).shape[-1] == 63 * 16
+    # fewer stages decode too (bitrate scalability)
+    assert codec.decode(codes[:, :1], scale, length=1000).shape == (2, 1, 1000)
+    with pytest.raises(ValueError, match="`scale`"):
+        codec.decode(codes)
+    with pytest.raises(ValueError, match=r"`audio` must have shape \[B, 1, T\]"):
+        codec(torch.randn(2, 2, 160))
+
+
+def test_bitrate_and_frame_rate():
+    codec = CodecModule(n_filters=2, lstm=0)  # EnCodec 24 kHz layout: hop 320, 8 x 1024 codes
+    assert codec.sample_rate == 24000
+    assert codec.frame_rate == 75.0
+    assert codec.bitrate == 6000.0
+    assert _codec().bitrate == 3 * math.log2(32) * SR / 16
+
+
+def test_scale_normalisation_makes_the_codec_amplitude_equivariant():
+    codec = _codec().eval()
+    audio = chirps(2)
+    loud, quiet = codec(3.0 * audio), codec(audio)
+    torch.testing.assert_close(loud.audio, 3.0 * quiet.audio, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(loud.codes, quiet.codes, rtol=0, atol=0)
+    silent = codec(torch.zeros(2, 1, LENGTH))
+    assert torch.isfinite(silent.audio).all()
+    assert silent.audio.abs().max() < 1e-6
+
+
+def test_fast_dev_run_follows_the_protocols(tmp_path):
+    codec = _codec()
+    rec = _Recorder()
+    trainer = make_trainer(tmp_path, [rec], fast_dev_run=True, limit_val_batches=1)
+    trainer.fit(codec, loader(), loader(4))
+    out = rec.outputs[0]
+    assert set(out["losses"]) == {"mel", "l1", "rms", "vq"}
+    assert all(v.dim() == 0 and not v.requires_grad for v in out["losses"].values())
+    assert out["preds"].shape == out["target"].shape == (4, 1, LENGTH)
+    expected = sum(codec.loss_weights[k] * v for k, v in out["losses"].items())
+    torch.testing.assert_close(out["loss"].detach(), expected)
+    metrics = trainer.callback_metrics
+    for key in (
+        "train/loss",
+        "train/si_snr",
+        "train/perplexity_0",
+        "val/si_snr",
+        "val/mel_distance",
+        "val/rms_ratio",
+        "val/bitrate_kbps",
+        "val/perplexity_2",
+        "val/dead_fraction_0",
+    ):
+        assert key in metrics, key
+    assert metrics["val/bitrate_kbps"].item() == pytest.approx(codec.bitrate / 1000)
+    assert all(bool(layer.initialized) for layer in codec.quantizer.layers)  # k-means ran on the first batch
+
+
+def test_short_fit_on_synthetic_clips_reduces_the_loss(tmp_path):
+    torch.manual_seed(0)
+    codec = _codec()
+    rec = _Recorder()
+    trainer = make_trainer(tmp_path, [rec], max_steps=24)
+    trainer.fit(codec, loader(16, shuffle=True))
+    losses = [float(o["loss"]) for o in rec.outputs]
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-4:]) / 4 < 0.75 * sum(losses[:4]) / 4
+    mel = [float(o["losses"]["mel"]) for o in rec.outputs]
+    assert sum(mel[-4:]) < sum(mel[:4])
+
+
+class _GradAudit(pl.Callback):
+    """Which parameters hold a gradient when each optimizer steps."""
+
+    def __init__(self):
+        self.records = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        disc = {id(p) for p in pl_module.discriminator.parameters()}
+        gen = [p for p in pl_module.parameters() if id(p) not in disc]
+        which = "disc" if optimizer is trainer.optimizers[1] else "gen"
+        self.records.append(
+            {
+                "which": which,
+                "disc_grads": [p.grad is not None for p in pl_module.discriminator.parameters()],
+                "gen_grads": [p.grad is not None for p in gen],
+            }
+        )
+
+
+def test_adversarial_gradients_never_leak_between_generator_and_discriminator(tmp_path):
+    codec = _codec(
+        adversarial=True, disc_filters=2, disc_n_ffts=(64, 128), adversarial_loss="ls", gradient_clip_val=1.0
+    )
+    assert not codec.automatic_optimization
+    assert set(codec.loss_weights) == {"mel", "l1", "rms", "vq", "adv", "feat"}
+    audit = _GradAudit()
+    disc_before = [p.detach().clone() for p in codec.discriminator.parameters()]
+    trainer = make_trainer(tmp_path, [audit], max_steps=6)  # manual optimization: 2 optimizer steps per batch
+    trainer.fit(codec, loader(8))
+    assert [r["which"] for r in audit.records] == ["disc", "gen"] * 3
+    for r in audit.records:
+        if r["which"] == "disc":
+            assert all(r["disc_grads"])
+            assert not any(r["gen_grads"]), "generator gradients present while the discriminator steps"
+        else:
+            assert any(r["gen_grads"])
+            assert not any(r["disc_grads"]), "discriminator gradients present while the generator steps"
+    assert all(p.requires_grad for p in codec.parameters())  # untoggled
+    assert any(not torch.equal(a, b) for a, b in zip(disc_before, codec.discriminator.parameters()))
+    assert "train/disc_loss" in trainer.callback_metrics
+    assert "train/adv" in trainer.callback_metrics
+
+
+def test_weight_zero_term_is_logged_not_optimised(tmp_path):
+    codec = _codec(loss_weights={"mel": 1.0, "stft": 0.0, "vq": 1.0})
+    out = codec(chirps(2))
+    losses = codec.compute_losses(chirps(2), out)
+    assert set(losses) == {"mel", "stft", "vq"}
+    assert not losses["stft"].requires_grad
+    assert losses["stft"] > 0
+    assert losses["mel"].requires_grad
+
+
+def test_nan_batch_leaves_the_codebooks_untouched():
+    codec = _codec().train()
+    codec(chirps(4))
+    before = {k: v.clone() for k, v in codec.quantizer.state_dict().items() if k != "num_updates"}
+    bad = chirps(4)
+    bad[1, 0, 100] = float("nan")
+    codec(bad)
+    after = codec.quantizer.state_dict()
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), key
+
+
+class _Subclass(CodecModule):
+    """A user's subclass adding a loss term."""
+
+    def compute_losses(self, audio, out):
+        losses = super().compute_losses(audio, out)
+        losses["neg_sisnr"] = -self._si_snr(out.audio, audio).mean()
+        return losses
+
+
+def test_subclass_adds_a_loss_term_and_unknown_terms_are_named(tmp_path):
+    with pytest.raises(ValueError, match=r"\['neg_sisnr'\].*override `compute_losses`"):
+        make_trainer(tmp_path, max_steps=1).fit(_codec(loss_weights={"mel": 1.0, "neg_sisnr": 0.1}), loader(4))
+    codec = _Subclass(**TINY, loss_weights={"mel": 1.0, "neg_sisnr": 0.1})
+    rec = _Recorder()
+    make_trainer(tmp_path, [rec], max_steps=2).fit(codec, loader(8))
+    assert set(rec.outputs[-1]["losses"]) == {"mel", "neg_sisnr"}
+    assert rec.outputs[-1]["losses"]["neg_sisnr"] != 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"sample_rate": 0}, "`sample_rate`"),
+        ({"lr": -1.0}, "`lr`"),
+        ({"betas": (0.9, 1.2)}, "`betas`"),
+        ({"adversarial_loss": "wgan"}, "`adversarial_loss`"),
+        ({"loss_weights": {"mel": 1.0, "adv": 1.0}}, "`adversarial`"),
+        ({"loss_weights": {"mel": -1.0}}, "mel"),
+        ({"lr_gamma": 1.5}, "`lr_gamma`"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _codec(**kwargs)
+
+
+def test_checkpoint_keeps_loss_weights_and_codebooks(tmp_path):
+    codec = _codec()
+    trainer = make_trainer(tmp_path, max_steps=2)
+    trainer.fit(codec, loader(8))
+    codec.loss_weights["mel"] = 2.5  # e.g. AdaptiveLossWeight moved it
+    path = tmp_path / "codec.ckpt"
+    trainer.save_checkpoint(path)
+    restored = CodecModule.load_from_checkpoint(path)
+    assert restored.loss_weights["mel"] == 2.5
+    for key, value in codec.state_dict().items():
+        assert torch.equal(value, restored.state_dict()[key]), key
+    restored.eval()
+    codec.eval()
+    torch.testing.assert_close(restored(chirps(2)).audio, codec(chirps(2)).audio)
