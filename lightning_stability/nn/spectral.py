@@ -369,10 +369,11 @@ def load_with_spectral_norm(
         # or only the inner network of a LightningModule that keeps it as `self.model`:
         load_with_spectral_norm(net, "last.ckpt", prefix="model.")
 
-    Steps: read the state dict (a Lightning checkpoint's ``"state_dict"`` or a plain state dict; keys starting
-    with ``prefix`` are kept, with the prefix removed), apply spectral norm to the selected modules
-    (:func:`inject_spectral_norm`; with no ``modules``/``types``, to exactly the modules that have it in the
-    checkpoint), check that the model and the checkpoint agree on which modules have it, then
+    Steps: call ``model.configure_model()`` when the model has one (a LightningModule that builds layers there;
+    the hook is meant to be idempotent); read the state dict (a Lightning checkpoint's ``"state_dict"`` or a plain
+    state dict; keys starting with ``prefix`` are kept, with the prefix removed); apply spectral norm to the selected
+    modules (:func:`inject_spectral_norm`; with no ``modules``/``types``, to exactly the modules that have it in the
+    checkpoint); check that the model and the checkpoint agree on which modules have it; then
     ``model.load_state_dict``. The estimate buffers ``u``/``v`` come from the checkpoint, so the effective weights
     are exactly the trained ones.
 
@@ -392,6 +393,9 @@ def load_with_spectral_norm(
     """
     _check_power_args(n_power_iterations, eps)
     state = _read_state_dict(checkpoint, map_location, weights_only)
+    configure_model = getattr(model, "configure_model", None)
+    if callable(configure_model):
+        configure_model()
     if prefix:
         state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if not state:
