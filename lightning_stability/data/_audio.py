@@ -253,7 +253,7 @@ class AudioSegmentDataset(Dataset):
     (loudness normalisation). With ``cache=True`` each decoded, resampled clip is kept in memory (per process).
     """
 
-    _MARGIN = 64  # extra source samples read on each side of a crop so the resampling filter sees real context
+    _MARGIN = 256  # source samples read beyond each side of a crop: more than the resampling filter's half-width
 
     def __init__(
         self,
@@ -304,12 +304,18 @@ class AudioSegmentDataset(Dataset):
             return self._full(index)[start : start + length]
         if clip.sample_rate == self.sample_rate:
             return torch.from_numpy(read_mono(clip.path, start, start + length)[0])
-        ratio = clip.sample_rate / self.sample_rate  # source samples per target sample
-        src_start, src_stop = math.floor(start * ratio), math.ceil((start + length) * ratio)
-        lo, hi = max(0, src_start - self._MARGIN), min(clip.frames, src_stop + self._MARGIN)
+        # Read only the source span around the crop. The sinc resampler maps blocks of `step_in` source samples to
+        # `step_out` output samples, so starting the read on a block boundary (plus a margin wider than the filter)
+        # makes the partial resample identical to the same samples of a full-clip resample.
+        g = math.gcd(clip.sample_rate, self.sample_rate)
+        step_in, step_out = clip.sample_rate // g, self.sample_rate // g
+        src_start = math.floor(start * clip.sample_rate / self.sample_rate)
+        src_stop = math.ceil((start + length) * clip.sample_rate / self.sample_rate)
+        lo = max(0, (src_start - self._MARGIN) // step_in) * step_in
+        hi = min(clip.frames, src_stop + self._MARGIN)
         mono, rate = read_mono(clip.path, lo, hi)
         audio = resample(torch.from_numpy(mono), rate, self.sample_rate)
-        first = round(start - lo / ratio)
+        first = start - (lo // step_in) * step_out
         return audio[first : first + length]
 
     def __getitem__(self, key: int | tuple[int, int]) -> torch.Tensor:

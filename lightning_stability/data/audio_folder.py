@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -184,6 +185,7 @@ class AudioFolderDataModule(pl.LightningDataModule):
         return files
 
     def _scan(self) -> list[ClipInfo]:
+        started = time.perf_counter()
         clips: list[ClipInfo] = []
         for path in self._candidate_files():
             try:
@@ -206,6 +208,8 @@ class AudioFolderDataModule(pl.LightningDataModule):
             clips.append(clip)
         if not clips:
             raise RuntimeError(f"no usable audio files under {str(self.root)!r}: every file was skipped (see warnings)")
+        hours, seconds = sum(c.duration for c in clips) / 3600, time.perf_counter() - started
+        rank_zero_info(f"{type(self).__name__}: {len(clips)} clips ({hours:.2f} h) checked in {seconds:.1f} s")
         return clips
 
     def _split(self, clips: list[ClipInfo]) -> dict[str, list[ClipInfo]]:

@@ -31,6 +31,15 @@ DEFAULT_VARIANTS = (
 """eSpeak NG variants used for the corpus voices: human-like male/female formant voices and the Klatt synthesiser."""
 
 
+def default_cache_dir() -> Path:
+    """``$LIGHTNING_STABILITY_CACHE/speech`` if set, else ``$XDG_CACHE_HOME`` (or ``~/.cache``)
+    ``/lightning_stability/speech``."""
+    root = os.environ.get("LIGHTNING_STABILITY_CACHE")
+    if root:
+        return Path(root) / "speech"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lightning_stability" / "speech"
+
+
 def bundled_languages() -> list[str]:
     """Languages with a bundled sentence list (``lightning_stability/data/texts/<language>.txt``)."""
     folder = resources.files("lightning_stability.data") / "texts"
@@ -108,7 +117,7 @@ class SpeechCorpusDataModule(AudioFolderDataModule):
     the generation parameters, key, eSpeak version and generation time. Read it with :meth:`utterances`.
 
     Args:
-        cache_dir: folder holding generated corpora.
+        cache_dir: folder holding generated corpora (default: :func:`default_cache_dir`).
         language: eSpeak NG language code ("te", "en", ...; see ``espeak.list_voices()``).
         num_utterances: corpus size.
         num_voices: number of distinct speakers.
@@ -117,14 +126,16 @@ class SpeechCorpusDataModule(AudioFolderDataModule):
         rate_range: (min, max) speaking rate in words per minute.
         variants: eSpeak variants to draw speakers from.
         holdout: "utterance" or "voice" (see above).
-        generation_workers: parallel synthesis subprocesses (does not change the audio).
-        **kwargs: :class:`AudioFolderDataModule` options (``sample_rate``, ``segment_seconds``, ``batch_size``,
-            ``val_fraction``, ``seed``, ``loudness_lufs``, ``num_workers``, ``cache_audio``, ...).
+        generation_workers: parallel synthesis subprocesses (default min(2, CPUs); does not change the audio).
+        sample_rate, segment_seconds, batch_size, val_fraction, seed, num_workers, loudness_lufs, on_silent,
+            min_seconds, val_segment_seconds, max_gain_db, cache_audio, pin_memory, persistent_workers, drop_last:
+            as for :class:`AudioFolderDataModule` (``seed`` also seeds the generation). An unreadable corpus file
+            always raises (a damaged cache; delete the corpus folder to regenerate it).
     """
 
     def __init__(
         self,
-        cache_dir: str | Path = "speech_corpus",
+        cache_dir: str | Path | None = None,
         *,
         language: str = "te",
         num_utterances: int = 240,
@@ -140,8 +151,19 @@ class SpeechCorpusDataModule(AudioFolderDataModule):
         batch_size: int = 16,
         val_fraction: float = 0.1,
         seed: int = 0,
-        **kwargs: Any,
+        num_workers: int = 0,
+        loudness_lufs: float | None = None,
+        on_silent: Literal["raise", "skip", "keep"] = "skip",
+        min_seconds: float = 0.0,
+        val_segment_seconds: float | None = None,
+        max_gain_db: float = 30.0,
+        cache_audio: bool = False,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        drop_last: bool = False,
     ) -> None:
+        if cache_dir is None:
+            cache_dir = default_cache_dir()
         if not isinstance(cache_dir, (str, Path)) or (isinstance(cache_dir, str) and not cache_dir):
             raise TypeError(f"`cache_dir` must be a folder path (str or Path), got {cache_dir!r}")
         if not isinstance(language, str) or not language or "+" in language or "/" in language:
@@ -199,7 +221,18 @@ class SpeechCorpusDataModule(AudioFolderDataModule):
             batch_size=batch_size,
             val_fraction=val_fraction,
             seed=seed,
-            **kwargs,
+            num_workers=num_workers,
+            loudness_lufs=loudness_lufs,
+            extensions=("wav",),
+            on_error="raise",  # a generated file that cannot be read means a damaged cache: never skip silently
+            on_silent=on_silent,
+            min_seconds=min_seconds,
+            val_segment_seconds=val_segment_seconds,
+            max_gain_db=max_gain_db,
+            cache_audio=cache_audio,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
+            drop_last=drop_last,
         )
 
     # ------------------------------------------------------------------------------------------ identity
@@ -391,7 +424,14 @@ class SpeechCorpusDataModule(AudioFolderDataModule):
         self.prepare_data()
 
     def _candidate_files(self) -> list[Path]:
-        return [self.root / u["path"] for u in self.manifest()["utterances"]]
+        files = [self.root / u["path"] for u in self.manifest()["utterances"]]
+        missing = [p for p in files if not p.is_file()]
+        if missing:
+            raise RuntimeError(
+                f"the speech corpus {str(self.root)!r} is damaged: {len(missing)} file(s) listed in its manifest are "
+                f"missing (first: {str(missing[0])!r}); delete the folder to regenerate it"
+            )
+        return files
 
     def _split(self, clips: list[ClipInfo]) -> dict[str, list[ClipInfo]]:
         if self.holdout == "utterance":
@@ -450,4 +490,11 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-__all__ = ["DEFAULT_VARIANTS", "SpeechCorpusDataModule", "Utterance", "bundled_languages", "bundled_sentences"]
+__all__ = [
+    "DEFAULT_VARIANTS",
+    "SpeechCorpusDataModule",
+    "Utterance",
+    "bundled_languages",
+    "bundled_sentences",
+    "default_cache_dir",
+]

@@ -371,3 +371,17 @@ def test_model_sample_rate_must_match(folder: Path, tmp_path: Path):
     model.sample_rate = 16000
     with pytest.raises(RuntimeError, match="`sample_rate`=24000 Hz but the model _Recorder has sample_rate=16000"):
         make_trainer(tmp_path, max_steps=1).fit(model, datamodule=make(folder))
+
+
+@pytest.mark.parametrize("rate", [44100, 22050, 16000, 24000])
+def test_partial_reads_equal_crops_of_the_fully_resampled_clip(tmp_path: Path, rate: int):
+    write(tmp_path / "long" / "a.wav", noise(3.0, rate, 0.1, rate), rate, subtype="FLOAT")
+    streamed = make(tmp_path / "long", val_fraction=0.0)  # reads only the span around each crop
+    cached = make(tmp_path / "long", val_fraction=0.0, cache_audio=True)  # resamples the whole clip once
+    streamed.setup("fit")
+    cached.setup("fit")
+    starts = set()
+    for key in [(0, epoch) for epoch in range(12)] + [0]:
+        starts.add(streamed.train_dataset.offset(key)[1])
+        torch.testing.assert_close(streamed.train_dataset[key], cached.train_dataset[key], rtol=0, atol=1e-6)
+    assert len(starts) > 6

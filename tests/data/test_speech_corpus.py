@@ -16,6 +16,7 @@ import torch
 pytest.importorskip("espeakng_loader", reason="eSpeak NG ships with the optional `espeakng-loader` package")
 
 from lightning_stability.data import SpeechCorpusDataModule, espeak  # noqa: E402
+from lightning_stability.data._audio import AudioFileError  # noqa: E402
 from lightning_stability.data.speech_corpus import bundled_languages, bundled_sentences  # noqa: E402
 from tests.helpers import make_trainer  # noqa: E402
 
@@ -279,3 +280,29 @@ def test_ddp_generates_once_and_ranks_share_the_epoch_crops(tmp_path: Path):
     reference.setup("fit")
     expected = {_fingerprint(reference.train_dataset[(i, 0)]) for i in range(len(reference.train_dataset))}
     assert set(ranks[0]) | set(ranks[1]) == expected  # every rank drew the epoch-0 crops of the same split
+
+
+def test_damaged_cache_is_reported(tmp_path: Path):
+    dm = corpus(tmp_path)
+    dm.prepare_data()
+    victim = dm.utterances()[3].path
+    victim.unlink()
+    with pytest.raises(RuntimeError, match=f"is damaged: 1 file.*{victim.name}.*delete the folder"):
+        corpus(tmp_path).setup("fit")
+    dm.utterances()[4].path.write_bytes(b"garbage")
+    with pytest.raises(RuntimeError, match="is damaged"):
+        corpus(tmp_path).setup("fit")
+    victim.write_bytes(b"")
+    with pytest.raises(AudioFileError, match=r"te_00003.wav: empty file \(0 bytes\)"):
+        corpus(tmp_path).setup("fit")
+    victim.write_bytes(dm.utterances()[5].path.read_bytes())
+    with pytest.raises(AudioFileError, match="te_00004.wav: not a readable audio file"):
+        corpus(tmp_path).setup("fit")
+
+
+def test_default_cache_dir_follows_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("LIGHTNING_STABILITY_CACHE", str(tmp_path / "ls"))
+    assert SpeechCorpusDataModule().corpus_dir.parent == tmp_path / "ls" / "speech"
+    monkeypatch.delenv("LIGHTNING_STABILITY_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert SpeechCorpusDataModule().corpus_dir.parent == tmp_path / "xdg" / "lightning_stability" / "speech"
