@@ -22,6 +22,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils.parametrizations import weight_norm
 
+from lightning_stability.nn.seanet import PicklableParametrized
+
 __all__ = [
     "DiscriminatorSTFT",
     "MultiScaleSTFTDiscriminator",
@@ -35,7 +37,7 @@ def _padding(kernel: tuple[int, int], dilation: tuple[int, int] = (1, 1)) -> tup
     return ((kernel[0] - 1) * dilation[0]) // 2, ((kernel[1] - 1) * dilation[1]) // 2
 
 
-class DiscriminatorSTFT(nn.Module):
+class DiscriminatorSTFT(PicklableParametrized):
     """One STFT scale: ``[B, C, T] -> (logits [B, 1, frames, freq'], feature maps)``."""
 
     def __init__(
@@ -52,6 +54,11 @@ class DiscriminatorSTFT(nn.Module):
         stride: tuple[int, int] = (1, 2),
     ) -> None:
         super().__init__()
+        self._init_kwargs = {
+            "filters": filters, "in_channels": in_channels, "n_fft": n_fft, "hop_length": hop_length,
+            "max_filters": max_filters, "filters_scale": filters_scale, "kernel_size": kernel_size,
+            "dilations": tuple(dilations), "stride": stride,
+        }  # fmt: skip
         self.n_fft, self.hop_length = n_fft, hop_length
         self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
         convs = [weight_norm(nn.Conv2d(2 * in_channels, filters, kernel_size, padding=_padding(kernel_size)))]

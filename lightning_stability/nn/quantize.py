@@ -54,7 +54,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.utils.parametrizations import weight_norm
+
+from lightning_stability.nn.seanet import _Conv1d
 
 __all__ = ["QuantizedResult", "ResidualVectorQuantizer", "VectorQuantizer"]
 
@@ -162,8 +163,8 @@ class VectorQuantizer(nn.Module):
         self.kmeans_iters = kmeans_iters
         self.threshold_ema_dead_code = threshold_ema_dead_code
         if self.codebook_dim != dim:
-            self.in_proj: nn.Module = weight_norm(nn.Conv1d(dim, self.codebook_dim, 1))
-            self.out_proj: nn.Module = weight_norm(nn.Conv1d(self.codebook_dim, dim, 1))
+            self.in_proj: nn.Module = _Conv1d(dim, self.codebook_dim, 1)  # weight-normalised 1x1 convolutions
+            self.out_proj: nn.Module = _Conv1d(self.codebook_dim, dim, 1)
         else:
             self.in_proj = nn.Identity()
             self.out_proj = nn.Identity()

@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.parametrizations import weight_norm
 
-__all__ = ["SEANetDecoder", "SEANetEncoder", "SEANetResnetBlock"]
+__all__ = ["PicklableParametrized", "SEANetDecoder", "SEANetEncoder", "SEANetResnetBlock"]
 
 
 def _pad1d(x: torch.Tensor, left: int, right: int, mode: str) -> torch.Tensor:
@@ -49,7 +49,29 @@ def _pad1d(x: torch.Tensor, left: int, right: int, mode: str) -> torch.Tensor:
     return padded[..., : padded.shape[-1] - extra]
 
 
-class _Conv1d(nn.Module):
+def _rebuild(cls: type, kwargs: dict, state: dict, training: bool) -> nn.Module:
+    module = cls(**kwargs)
+    module.load_state_dict(state)
+    return module.train(training)
+
+
+class PicklableParametrized(nn.Module):
+    """Base for modules holding ``torch.nn.utils.parametrize`` parametrizations (weight norm), which torch refuses
+    to pickle ("only supported through state_dict()"). Such a module pickles (and deep-copies) as its constructor
+    arguments plus its ``state_dict``, so a model built from it can be sent to ``ddp_spawn`` workers.
+
+    Subclasses set ``self._init_kwargs`` (a dict of their constructor's keyword arguments) in ``__init__``.
+    """
+
+    _init_kwargs: dict
+
+    def __reduce_ex__(self, protocol: int):
+        # No copies: the state-dict tensors share the live parameters' storage, which must outlive the pickling
+        # (torch.multiprocessing passes storages by file descriptor). deepcopy copies them itself.
+        return _rebuild, (type(self), dict(self._init_kwargs), self.state_dict(), self.training)
+
+
+class _Conv1d(PicklableParametrized):
     """Weight-normalised ``Conv1d`` that pads itself ("same" length for stride 1, ``ceil(L / stride)`` frames).
 
     Padding total is ``(kernel_size - 1) * dilation + 1 - stride``, split evenly (non-causal) or all on the left
@@ -69,6 +91,10 @@ class _Conv1d(nn.Module):
         norm: bool = True,
     ) -> None:
         super().__init__()
+        self._init_kwargs = {
+            "in_channels": in_channels, "out_channels": out_channels, "kernel_size": kernel_size, "stride": stride,
+            "dilation": dilation, "causal": causal, "pad_mode": pad_mode, "norm": norm,
+        }  # fmt: skip
         conv = nn.Conv1d(in_channels, out_channels, kernel_size, stride=stride, dilation=dilation)
         self.conv = weight_norm(conv) if norm else conv
         self.causal = causal
@@ -91,13 +117,17 @@ class _Conv1d(nn.Module):
         return conv(_pad1d(x, left, right, self.pad_mode))
 
 
-class _ConvTranspose1d(nn.Module):
+class _ConvTranspose1d(PicklableParametrized):
     """Weight-normalised ``ConvTranspose1d`` trimmed so ``F`` frames become exactly ``F * stride`` samples."""
 
     def __init__(
         self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int, causal: bool = False, norm=True
     ) -> None:
         super().__init__()
+        self._init_kwargs = {
+            "in_channels": in_channels, "out_channels": out_channels, "kernel_size": kernel_size, "stride": stride,
+            "causal": causal, "norm": norm,
+        }  # fmt: skip
         conv = nn.ConvTranspose1d(in_channels, out_channels, kernel_size, stride=stride)
         self.convtr = weight_norm(conv) if norm else conv
         self.causal = causal

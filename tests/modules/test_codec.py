@@ -215,3 +215,37 @@ def test_checkpoint_keeps_loss_weights_and_codebooks(tmp_path):
     restored.eval()
     codec.eval()
     torch.testing.assert_close(restored(chirps(2)).audio, codec(chirps(2)).audio)
+
+
+class _SaveRankState(pl.Callback):
+    """Each rank writes its quantizer state and quantizer-dropout draws to ``folder`` (asserted in the main process)."""
+
+    def __init__(self, folder):
+        self.folder = str(folder)
+        self.n_q_draws = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.n_q_draws.append(int(outputs["codes"].shape[1]))
+
+    def on_train_end(self, trainer, pl_module):
+        state = {k: v.detach().cpu().clone() for k, v in pl_module.quantizer.state_dict().items()}
+        torch.save({"state": state, "draws": self.n_q_draws}, f"{self.folder}/rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(180)
+def test_ddp_ranks_keep_identical_codebooks(tmp_path):
+    # learned codebooks are parameters: DDP does not re-broadcast them, so only the quantizer's own broadcast after
+    # k-means init / dead-code replacement keeps the ranks (which see different batches) identical
+    codec = _codec(ema_codebook=False, quantizer_dropout=0.5, lr=1e-3)
+    trainer = make_trainer(
+        tmp_path, [_SaveRankState(tmp_path)], devices=2, strategy="ddp_spawn", max_steps=3, deterministic=False
+    )
+    trainer.fit(codec, loader(16, batch_size=2))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert ranks[0]["draws"] == ranks[1]["draws"]  # quantizer dropout drew the same stage count on both ranks
+    assert len(ranks[0]["draws"]) == 3
+    s0, s1 = ranks[0]["state"], ranks[1]["state"]
+    assert all(bool(s0[f"layers.{i}.initialized"]) for i in range(3))
+    for key in s0:
+        assert torch.equal(s0[key], s1[key]), key

@@ -81,3 +81,15 @@ def test_wrong_input_shape_is_named():
         enc(torch.randn(2, 16))
     with pytest.raises(ValueError, match=r"\[B, 8, F\]"):
         dec(torch.randn(2, 3, 4))
+
+
+def test_weight_normed_layers_pickle_and_deepcopy():
+    # torch refuses to pickle parametrized modules; ddp_spawn needs it (they pickle as kwargs + state_dict)
+    import copy
+    import pickle
+
+    enc = SEANetEncoder(n_filters=4, dimension=8, ratios=(4, 4), lstm=1)
+    x = torch.randn(1, 1, 64)
+    for clone in (pickle.loads(pickle.dumps(enc)), copy.deepcopy(enc)):
+        assert torch.equal(clone(x), enc(x))
+        assert clone.state_dict().keys() == enc.state_dict().keys()
