@@ -14,6 +14,13 @@ the RMS factor sat at its 1.5 ceiling and could not hide it, gradient norms grew
 the run went NaN at batch 205. The defaults here are the fixed configuration; every number is a :class:`CascadeConfig`
 field so the failure can be reproduced (``residual_weights=(1.0, 1.0, 0.1), spectral_norm_output=False``).
 
+Amplitude: with ``normalize_input=True`` (default) the stages work on latents divided by the per-item RMS of the
+source (EnCodec's ``preprocess``, over real frames) and every stage output is multiplied back by it. The spectral norm
+bounds each output projection's gain by 1, so without this a stage fed latents of RMS 5.7 must first grow its
+LayerNorm gains by ~5x before the RMS factor leaves its 1.5 ceiling; normalised, the outputs start within the clamp
+range and the factor measures the stage's relative error only. ``normalize_input=False`` is the post-mortem's raw
+setting.
+
 Numerics:
 
 - LayerNorms (including the optional qk-LayerNorm) and the softmax of the manual attention path run in fp32 with
@@ -88,6 +95,7 @@ class CascadeConfig:
     dropout: float = 0.0  # attention-probability and residual dropout; latents are small data, keep 0 by default
     bias: bool = True  # biases in the Linear layers
     rope_base: float = 10000.0  # rotary base; wavelengths up to 2*pi*base frames >> T = 1200
+    normalize_input: bool = True  # stages see latents / rms(source) (EnCodec-style); outputs are scaled back
     rms_reference: str = "source"  # "source": available at inference; "target": teacher-forced, uses the answer
     init: str = "scaled_residual"  # "default" (torch), "scaled_residual" (nanoGPT), "small" (post-mortem, std 1e-3)
     init_std: float = 0.02  # std of the "scaled_residual" init (GPT-2)
@@ -159,7 +167,7 @@ class CascadeConfig:
         finite("rope_base", self.rope_base)
         finite("init_std", self.init_std)
         finite("norm_eps", self.norm_eps)
-        for name in ("spectral_norm_output", "qk_layernorm", "bias"):
+        for name in ("spectral_norm_output", "qk_layernorm", "bias", "normalize_input"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"`{name}` must be a bool, got {getattr(self, name)!r}")
         if self.rms_reference not in _RMS_REFERENCES:
@@ -549,11 +557,35 @@ class CascadeTransformer(nn.Module):
             reference = reference * frames.to(reference.dtype)
             if conditioning is not None:
                 conditioning = conditioning * frames.to(conditioning.dtype)
+        level = None
+        if self.config.normalize_input:
+            level = _masked_rms(source, mask)  # [B, 1, 1] fp32
+            source = (source.float() / level).to(source.dtype)
+            reference = (reference.float() / level).to(reference.dtype)
+            if conditioning is not None:
+                conditioning = (conditioning.float() / _masked_rms(conditioning, mask)).to(conditioning.dtype)
         stages, scales, clamped = [], [], []
         previous = source
         for stage in self.stages:
             previous = stage(previous, conditioning, reference, mask)  # [B, D, T]
-            stages.append(previous)
+            stages.append(previous if level is None else (previous.float() * level).to(previous.dtype))
             scales.append(stage.scale.last_scale)
             clamped.append(stage.scale.last_clamped_fraction)
         return CascadeOutput(stages=stages, scales=scales, clamped_fractions=clamped)
+
+
+def _masked_rms(x: Tensor, mask: Tensor | None, eps: float = 1e-5) -> Tensor:
+    """Per-item RMS of ``x [B, C, T]`` over real frames (``mask [B, T]``) and channels, ``[B, 1, 1]`` fp32, + eps.
+
+    ``||x||_2 / sqrt(n)`` rather than ``sqrt(mean(x^2))``: the norm's subgradient at 0 is 0, so silent input gives
+    ``eps`` and no NaN gradient.
+    """
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        x = x.float()
+        if mask is None:
+            count = torch.full((x.shape[0], 1, 1), float(x.shape[1] * x.shape[2]), device=x.device)
+        else:
+            frames = mask[:, None, :].float()  # [B, 1, T]
+            x = x * frames
+            count = (frames.sum(dim=2, keepdim=True) * x.shape[1]).clamp_min(1.0)  # [B, 1, 1]
+        return torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True) / count.sqrt() + eps

@@ -1,0 +1,235 @@
+import math
+import pickle
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_stability.modules.cascade import (
+    CascadeTransformerModule,
+    _WarmupCosine,
+    masked_cosine_distance,
+    masked_distance,
+)
+from lightning_stability.nn.transformer import CascadeConfig
+from tests.helpers import assert_same, make_trainer, snapshot
+
+TINY = {"latent_dim": 8, "widths": [16, 16, 16], "n_layers": 1, "n_heads": 2}
+
+
+class ToyLatents(Dataset):
+    """Enhancement in miniature: target = smooth latents (RMS 5.7), source = target + noise, conditioning = another
+    item's target. Optional padding: item i has ``lengths[i]`` real frames, the rest of target is junk (1e3)."""
+
+    def __init__(self, n=16, d=8, t=32, seed=0, pad=False):
+        g = torch.Generator().manual_seed(seed)
+        base = torch.randn(n, d, t, generator=g).cumsum(-1)
+        self.target = 5.7 * base / base.pow(2).mean().sqrt()
+        self.source = self.target + 2.0 * torch.randn(n, d, t, generator=g)
+        self.cond = self.target.roll(1, dims=0)
+        self.mask = torch.ones(n, t, dtype=torch.bool)
+        if pad:
+            for i in range(n):
+                self.mask[i, t - (i % 4) * 5 :] = False
+            self.target = torch.where(self.mask[:, None, :], self.target, torch.full_like(self.target, 1e3))
+
+    def __len__(self):
+        return len(self.target)
+
+    def __getitem__(self, i):
+        return {"source": self.source[i], "target": self.target[i], "conditioning": self.cond[i], "mask": self.mask[i]}
+
+
+def loader(batch_size=4, **kw):
+    return DataLoader(ToyLatents(**kw), batch_size=batch_size, shuffle=False)
+
+
+class LossRecorder(pl.Callback):
+    def __init__(self):
+        self.losses, self.norms = [], []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        self.norms.append(float(torch.nn.utils.get_total_norm(grads)))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+def test_loss_dict_protocol_and_weights():
+    module = CascadeTransformerModule(TINY, stage_weights=[0.5, 0.5, 1.0], cosine_weight=0.0)
+    assert module.loss_weights.as_dict() == {"stage1": 0.5, "stage2": 0.5, "stage3": 1.0, "cosine": 0.0}
+    batch = next(iter(loader()))
+    result = module.compute(batch)
+    losses = result["losses"]
+    assert set(losses) == {"stage1", "stage2", "stage3", "cosine"}
+    expected = 0.5 * losses["stage1"] + 0.5 * losses["stage2"] + losses["stage3"]
+    torch.testing.assert_close(result["loss"], expected)
+    assert not losses["cosine"].requires_grad  # weight 0: computed under no_grad, logged only
+    assert result["preds"].shape == batch["target"].shape
+    assert result["preds"].shape == (4, 8, 32)
+    torch.testing.assert_close(losses["stage3"], (result["output"].stages[2] - batch["target"]).abs().mean())
+
+
+def test_masked_losses_ignore_padding():
+    pred, target = torch.randn(2, 3, 10), torch.randn(2, 3, 10)
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[1, 6:] = False
+    junk = target.clone()
+    junk[1, :, 6:] = 1e6
+    by_hand = (
+        torch.cat([(pred[0] - target[0]).abs().flatten(), (pred[1, :, :6] - target[1, :, :6]).abs().flatten()])
+    ).mean()
+    torch.testing.assert_close(masked_distance(pred, junk, mask, "l1"), by_hand)
+    assert float(masked_distance(pred, pred, mask, "mse")) == 0.0
+    assert float(masked_cosine_distance(3 * target, target, mask)) == pytest.approx(0.0, abs=1e-6)
+    assert float(masked_cosine_distance(-target, junk, mask)) == pytest.approx(2.0, abs=1e-5)
+
+
+def test_padded_batch_loss_equals_loss_over_real_frames():
+    module = CascadeTransformerModule(TINY).eval()
+    batch = next(iter(loader(batch_size=4, pad=True)))
+    assert not batch["mask"].all()
+    result = module.compute(batch)
+    assert math.isfinite(float(result["loss"].detach()))  # the 1e3 junk in padded target frames never reaches the loss
+    assert float(result["losses"]["stage3"].detach()) < 20.0
+
+
+def test_loss_decreases_on_a_small_task(tmp_path):
+    pl.seed_everything(0)
+    module = CascadeTransformerModule(TINY, lr=3e-3, warmup_steps=5)
+    rec = LossRecorder()
+    make_trainer(tmp_path, [rec], max_steps=60).fit(module, loader())
+    first, last = sum(rec.losses[:4]) / 4, sum(rec.losses[-4:]) / 4
+    assert last < 0.6 * first, (first, last)
+
+
+def test_optimizer_groups_and_schedule(tmp_path):
+    module = CascadeTransformerModule(TINY, lr=1e-3, weight_decay=0.1, warmup_steps=4, total_steps=12, min_lr_ratio=0.1)
+    decay, no_decay = module.parameter_groups()
+    decay_ids, no_decay_ids = {id(p) for p in decay["params"]}, {id(p) for p in no_decay["params"]}
+    names = {id(p): n for n, p in module.named_parameters()}
+    assert not decay_ids & no_decay_ids
+    assert decay_ids | no_decay_ids == set(names)
+    assert all(names[i].endswith(("bias", "norm.weight", "ln_attn.weight", "ln_mlp.weight")) for i in no_decay_ids)
+    assert "model.stages.0.output_proj.parametrizations.weight.original" in {names[i] for i in decay_ids}
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+    sched = _WarmupCosine(4, 12, 0.1)
+    assert [sched(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert sched(4) == pytest.approx(1.0)
+    assert sched(8) == pytest.approx(0.55)
+    assert sched(12) == pytest.approx(0.1)
+    assert sched(100) == pytest.approx(0.1)
+    lrs = []
+
+    class LR(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    make_trainer(tmp_path, [LR()], max_steps=12).fit(module, loader())
+    assert lrs == pytest.approx([1e-3 * sched(s) for s in range(12)])
+
+
+def test_bf16_mixed_fit_is_finite_and_trains(tmp_path):
+    pl.seed_everything(0)
+    module = CascadeTransformerModule({**TINY, "qk_layernorm": True}, lr=3e-3, warmup_steps=2)
+    before = snapshot(module)
+    rec = LossRecorder()
+    make_trainer(tmp_path, [rec], max_steps=12, precision="bf16-mixed").fit(module, loader())
+    assert all(math.isfinite(v) for v in rec.losses)
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    assert any(not torch.equal(before["module"][k], v) for k, v in module.state_dict().items())
+    assert rec.losses[-1] < rec.losses[0]
+
+
+def test_resume_continues_exactly(tmp_path):
+    kw = {"lr": 2e-3, "warmup_steps": 3, "total_steps": 8}
+    pl.seed_everything(0)
+    full = CascadeTransformerModule(TINY, **kw)
+    make_trainer(tmp_path / "full", max_epochs=2, max_steps=-1).fit(full, loader())
+
+    pl.seed_everything(0)
+    half = CascadeTransformerModule(TINY, **kw)
+    # stop at an epoch boundary (4 batches per epoch): Lightning restarts a plain DataLoader from its first batch
+    trainer = make_trainer(tmp_path / "half", max_epochs=1, max_steps=-1)
+    trainer.fit(half, loader())
+    ckpt = tmp_path / "half.ckpt"
+    trainer.save_checkpoint(ckpt)
+
+    pl.seed_everything(123)  # a different seed: nothing may depend on the RNG state at resume time
+    resumed = CascadeTransformerModule(TINY, **kw)
+    make_trainer(tmp_path / "resumed", max_epochs=2, max_steps=-1).fit(resumed, loader(), ckpt_path=ckpt)
+    assert_same(snapshot(full), snapshot(resumed))
+
+
+def test_checkpoint_restores_config_and_loss_weights(tmp_path):
+    module = CascadeTransformerModule({**TINY, "residual_weights": [1.0, 0.5, 0.2]}, cosine_weight=0.25)
+    trainer = make_trainer(tmp_path, max_steps=1)
+    trainer.fit(module, loader())
+    module.loss_weights["stage2"] = 2.0  # e.g. set by a callback or by hand
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    loaded = CascadeTransformerModule.load_from_checkpoint(tmp_path / "m.ckpt", weights_only=True)
+    assert loaded.config == module.config
+    assert loaded.config.residual_weights == (1.0, 0.5, 0.2)
+    assert loaded.loss_weights.as_dict() == {"stage1": 1.0, "stage2": 2.0, "stage3": 1.0, "cosine": 0.25}
+    assert_same(snapshot(loaded), snapshot(module))
+    assert isinstance(pickle.loads(pickle.dumps(module.hparams))["config"], dict)
+
+
+def test_scale_warning_fires_on_a_collapsing_stage(tmp_path):
+    module = CascadeTransformerModule({**TINY, "residual_weights": [1.0, 1.0, 0.05]}, warmup_steps=0)
+    with pytest.warns(UserWarning, match=r"cascade stage 3: mean RMS factor 1\.[3-5]\d\d > warn_above=1\.3 at step 0"):
+        make_trainer(tmp_path, max_steps=2, log_every_n_steps=1).fit(module, loader())
+    assert module._scale_warned == {2}
+
+
+def test_target_rms_reference_runs_teacher_forced():
+    module = CascadeTransformerModule({**TINY, "rms_reference": "target"})
+    batch = next(iter(loader()))
+    out = module.compute(batch)["output"]
+    with pytest.raises(ValueError, match="rms_reference='target'"):
+        module(batch["source"], batch["conditioning"])
+    assert out.output.shape == batch["target"].shape
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"loss": "huber"}, ValueError, r"`loss` must be one of \('l1', 'mse'\), got 'huber'"),
+        ({"stage_weights": [1.0, 1.0]}, ValueError, "`stage_weights` must have n_stages=3 entries"),
+        ({"stage_weights": [1.0, -1.0, 1.0]}, ValueError, r"`stage_weights\[1\]` must be a finite number >= 0"),
+        ({"cosine_weight": float("inf")}, ValueError, "`cosine_weight`"),
+        ({"lr": 0.0}, ValueError, "`lr` must be a finite number > 0, got 0.0"),
+        ({"betas": (0.9, 1.0)}, ValueError, r"`betas\[1\]` must be in \[0, 1\)"),
+        ({"warmup_steps": -1}, ValueError, "`warmup_steps` must be an int >= 0, got -1"),
+        ({"total_steps": 0}, ValueError, "`total_steps` must be None or an int >= 1, got 0"),
+        ({"min_lr_ratio": 2.0}, ValueError, r"`min_lr_ratio` must be in \[0, 1\]"),
+        ({"config": {"widths": [16]}}, ValueError, "`widths` must have n_stages=3"),
+        ({"config": 3}, TypeError, "`config` must be a CascadeConfig"),
+    ],
+)
+def test_argument_errors(kwargs, error, match):
+    kwargs = {"config": TINY, **kwargs}
+    with pytest.raises(error, match=match):
+        CascadeTransformerModule(**kwargs)
+
+
+def test_batch_errors_name_what_is_wrong():
+    module = CascadeTransformerModule(TINY).eval()  # eval: no spectral-norm power iteration between the two calls
+    batch = next(iter(loader()))
+    with pytest.raises(KeyError, match=r"missing \['target'\]"):
+        module.compute({"source": batch["source"]})
+    with pytest.raises(TypeError, match="got Tensor"):
+        module.compute(batch["source"])
+    with pytest.raises(ValueError, match=r"`target` latents must have the shape of `source` \(4, 8, 32\)"):
+        module.compute({**batch, "target": batch["target"][..., :10]})
+    tup = module.compute((batch["source"], batch["conditioning"], batch["target"], batch["mask"]))
+    torch.testing.assert_close(tup["loss"], module.compute(batch)["loss"])
+
+
+def test_config_object_and_dict_are_equivalent():
+    a = CascadeTransformerModule(CascadeConfig(**TINY))
+    b = CascadeTransformerModule(TINY)
+    assert a.config == b.config
+    assert a.hparams["config"] == b.hparams["config"]
