@@ -49,11 +49,12 @@ class SignalMonitor(Callback):
     With the default prefix the keys are ``signal/train/snr``, ``signal/val/snr``, ... SNR/SI-SNR are computed per
     series (per item and channel) over time and averaged.
 
-    **Training** (every ``train_every_n_steps`` optimizer steps, when ``trainer.global_step`` is a multiple of it):
-    the metrics of that one batch, computed on a detached float32 copy under ``no_grad`` and reduced across ranks
-    (all ranks compute at the same step). Other steps cost nothing (no host sync). The values are written straight
-    to the trainer's loggers at ``step=trainer.global_step`` (not through ``pl_module.log``, whose step logging is
-    gated by the Trainer's own ``log_every_n_steps``), so the training values land on the step they describe.
+    **Training** (every ``train_every_n_steps`` optimizer steps: steps 0, N, 2N, ... counted as ``training_step``
+    sees ``global_step``; under gradient accumulation the micro-batch that completes the step): the metrics of that
+    one batch, computed on a detached float32 copy under ``no_grad`` and reduced across ranks (all ranks compute at
+    the same step). Other steps cost nothing (no host sync). The values are written straight to the trainer's loggers
+    at that step (the axis Lightning's own step logging uses), not through ``pl_module.log``, whose step logging is
+    gated by the Trainer's own ``log_every_n_steps``, so the training values land on the step they describe.
 
     **Validation**: epoch aggregates over every validation batch of every rank (the metrics' states are reduced
     across ranks before ``compute``), logged with ``pl_module.log`` at epoch end, so they are in
@@ -155,6 +156,7 @@ class SignalMonitor(Callback):
         self._keys: tuple[str, ...] = _AUDIO_KEYS
         self._train_checked = False
         self._last_train_step = -1
+        self._batch_step = 0
         self._val_updates = 0
         self._val_epochs = 0
         self._examples: list[tuple[Tensor, Tensor]] = []
@@ -223,6 +225,12 @@ class SignalMonitor(Callback):
 
     # ---------------------------------------------------------------------------------------------- training
     @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch_step = trainer.global_step  # the step this batch belongs to, as `training_step` sees it
+
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -231,10 +239,12 @@ class SignalMonitor(Callback):
         if not self._train_checked:  # a wrong output is an error at the first step, not at step N
             self._extract_pair(outputs, "training_step")
             self._train_checked = True
-        step = trainer.global_step
+        step = self._batch_step
         n = self.train_every_n_steps
         if n == 0 or step % n or step == self._last_train_step:
             return
+        if pl_module.automatic_optimization and trainer.global_step == step:
+            return  # a micro-batch of gradient accumulation; measure the one that completes the step
         self._last_train_step = step
         preds, target = self._extract_pair(outputs, "training_step")
         values = self._update_and_compute(self._metrics["train"], preds, target)

@@ -1,17 +1,16 @@
-import json
 import math
-import struct
 from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_stability.callbacks import SignalMonitor
+from tests._helpers_signal import RecordingLogger, read_wandb_history
 from tests.helpers import FaultyModule, make_trainer
 
 SR = 8000
@@ -73,29 +72,6 @@ class AudioAE(pl.LightningModule):
         return DataLoader(TensorDataset(_audio(6, seed=1).repeat(1, self.channels, 1)), batch_size=4)
 
 
-class RecordingLogger(Logger):
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[tuple[int | None, dict]] = []
-
-    @property
-    def name(self):
-        return "recording"
-
-    @property
-    def version(self):
-        return 0
-
-    def log_metrics(self, metrics, step=None):
-        self.rows.append((step, dict(metrics)))
-
-    def log_hyperparams(self, params, *args, **kwargs):
-        self.rows.append((None, {"hparams": params}))
-
-    def values(self, key):
-        return {step: row[key] for step, row in self.rows if key in row}
-
-
 def _hand(pairs):
     """Hand computation (numpy, float64) of every scalar over a list of (preds, target) batches."""
     p = [x.double().numpy() for x, _ in pairs]
@@ -135,12 +111,12 @@ def test_training_and_validation_scalars_match_hand_computation(tmp_path):
     )
     trainer.fit(module)
 
-    # training: the batch of steps 3 and 6 (global_step after the optimizer step), keys under signal/train/
+    # training: the batches of steps 0, 3 and 6 (as training_step sees global_step), keys under signal/train/
     train_snr = logger.values("signal/train/snr")
-    assert sorted(train_snr) == [3, 6]
-    for step in (3, 6):
+    assert sorted(train_snr) == [0, 3, 6]
+    for step in (0, 3, 6):
         row = next(r for s, r in logger.rows if s == step and "signal/train/snr" in r)
-        _assert_close(row, _hand([module.train_pairs[step - 1]]), "signal/train/")
+        _assert_close(row, _hand([module.train_pairs[step]]), "signal/train/")
 
     # validation: one aggregate over both validation batches of the epoch, in callback_metrics
     assert len(module.val_pairs) == 2
@@ -148,7 +124,7 @@ def test_training_and_validation_scalars_match_hand_computation(tmp_path):
     got = {k: float(v) for k, v in trainer.callback_metrics.items()}
     _assert_close(got, expected, "signal/val/")
     # and in the event log for StabilityReport
-    assert [s for s, _ in monitor.event_log.traces["train/rms_ratio"]] == [3, 6]
+    assert [s for s, _ in monitor.event_log.traces["train/rms_ratio"]] == [0, 3, 6]
     assert monitor.event_log.traces["val/snr"][0] == (4, pytest.approx(expected["snr"], rel=1e-4))
 
 
@@ -165,7 +141,7 @@ def test_bf16_mixed_fit_logs_finite_values(tmp_path):
     )
     trainer.fit(AudioAE())
     train = logger.values("signal/train/si_snr")
-    assert sorted(train) == [2, 4]
+    assert sorted(train) == [0, 2]
     assert all(math.isfinite(v) for v in train.values())
     assert math.isfinite(float(trainer.callback_metrics["signal/val/si_snr"]))
 
@@ -178,49 +154,6 @@ def test_faulty_module_regression_outputs_are_latents_without_media_or_clip_frac
     row = next(r for s, r in logger.rows if "signal/train/snr" in r)
     assert "signal/train/clip_fraction" not in row
     assert set(row) == {f"signal/train/{k}" for k in ("snr", "si_snr", "rms_ratio", "peak", "dc_offset")}
-
-
-def _read_wandb_history(run_dir: Path) -> list[dict]:
-    """History rows of an offline run, decoded from its ``run-*.wandb`` file.
-
-    wandb 0.31 writes the offline run as a LevelDB-style log (a 7-byte file header ``:W&B`` + magic + version, then
-    32 KiB blocks of records, each with a 7-byte header: crc32 ``<I``, length ``<H``, type ``B`` with 1 = full,
-    2/3/4 = first/middle/last fragment) of ``wandb_internal_pb2.Record`` protobufs, and no longer ships a Python
-    reader (nor a ``wandb-summary.json`` offline). The records are parsed with wandb's own protobuf classes.
-    """
-    from wandb.proto import wandb_internal_pb2
-
-    (path,) = run_dir.glob("run-*.wandb")
-    data = path.read_bytes()
-    assert data[:4] == b":W&B"
-    block, pos, chunks, pending = 32768, 7, [], b""
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        if left < 7:  # block trailer padding
-            pos += left
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        if kind == 0:  # zero padding to the end of the block
-            pos += left
-            continue
-        chunk = data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind == 1:
-            chunks.append(chunk)
-        elif kind == 2:
-            pending = chunk
-        elif kind == 3:
-            pending += chunk
-        else:
-            chunks.append(pending + chunk)
-    rows = []
-    for chunk in chunks:
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(chunk)
-        if record.WhichOneof("record_type") == "history":
-            rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item})
-    assert rows, f"no history records in {path}"
-    return rows
 
 
 def test_wandb_offline_run_holds_scalars_audio_and_spectrograms(tmp_path):
@@ -247,13 +180,13 @@ def test_wandb_offline_run_holds_scalars_audio_and_spectrograms(tmp_path):
         assert img.size[0] > 200
         assert img.size[1] > 200
 
-    rows = _read_wandb_history(run_dir)
+    rows = read_wandb_history(run_dir)
     keys = set().union(*rows)
     for stage in ("train", "val"):
         for name in ("snr", "si_snr", "rms_ratio", "peak", "dc_offset", "clip_fraction"):
             assert f"signal/{stage}/{name}" in keys, (stage, name)
     train_rows = [r for r in rows if "signal/train/snr" in r]
-    assert [r["trainer/global_step"] for r in train_rows] == [2, 4]
+    assert [r["trainer/global_step"] for r in train_rows] == [0, 2]
     (audio_row,) = [r for r in rows if "signal/val/audio/_type" in r]
     assert audio_row["signal/val/audio/_type"] == "audio"
     assert audio_row["signal/val/audio/count"] == 4
