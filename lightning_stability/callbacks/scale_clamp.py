@@ -1,0 +1,368 @@
+"""``ScaleFactorClamp``: bound every output scale factor of a model, log them, and warn about the collapse symptom."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks.callback import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_stability.callbacks._events import EventLog
+from lightning_stability.nn.scale import ClampedRMSScale, _check_bounds
+
+__all__ = ["ScaleFactorClamp"]
+
+_MAX_LISTED = 20
+
+
+def _is_finite_number(x: Any) -> bool:
+    return not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x)
+
+
+@dataclass
+class _Tracked:
+    """One scale factor: a ``ClampedRMSScale`` layer (``kind="layer"``) or a learnable parameter (``"param"``).
+
+    The accumulators live on the factor's device and are updated with tensor ops every step (no host sync); they are
+    read on the host at log steps only.
+    """
+
+    name: str
+    kind: str
+    target: nn.Module | nn.Parameter
+    factor_sum: Tensor | None = None  # sum over the window of the mean factor
+    clamped_sum: Tensor | None = None  # sum over the window of the clamped fraction
+    streak: Tensor | None = None  # consecutive steps with mean factor > warn_above
+    peak: Tensor | None = None  # longest streak seen in the window
+    steps: int = 0  # steps in the window
+    last_warned_step: int | None = None
+
+    def init(self, device: torch.device) -> None:
+        if self.factor_sum is None:
+            self.factor_sum = torch.zeros((), device=device)
+            self.clamped_sum = torch.zeros((), device=device)
+            self.streak = torch.zeros((), device=device, dtype=torch.long)
+            self.peak = torch.zeros((), device=device, dtype=torch.long)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "factor_sum": float(self.factor_sum) if self.factor_sum is not None else 0.0,
+            "clamped_sum": float(self.clamped_sum) if self.clamped_sum is not None else 0.0,
+            "streak": int(self.streak) if self.streak is not None else 0,
+            "peak": int(self.peak) if self.peak is not None else 0,
+            "steps": self.steps,
+            "last_warned_step": self.last_warned_step,
+        }
+
+    def load(self, state: dict[str, Any], device: torch.device) -> None:
+        self.factor_sum = torch.tensor(float(state["factor_sum"]), device=device)
+        self.clamped_sum = torch.tensor(float(state["clamped_sum"]), device=device)
+        self.streak = torch.tensor(int(state["streak"]), device=device, dtype=torch.long)
+        self.peak = torch.tensor(int(state["peak"]), device=device, dtype=torch.long)
+        self.steps = int(state["steps"])
+        self.last_warned_step = state["last_warned_step"]
+
+
+class ScaleFactorClamp(Callback):
+    r"""Keep every output scale factor of a model inside ``[min_scale, max_scale]``, log it, and warn when it sits high.
+
+    DESIGN.md §1.2-1.3: a learnable ``output_scale`` initialised at 3.0 amplified an untrained codec decoder, and the
+    cascade transformer's RMS factor ``target_rms / out_rms`` climbed because its residual path collapsed (r = 0.1: RMS
+    1.09 against a target of 5.69). The fix was a clamp to [0.7, 1.5] with a warning above 1.3. This callback applies
+    it to any model, without editing it.
+
+    **What it finds** (at fit start, and again at validate/test/predict start):
+
+    - every :class:`~lightning_stability.nn.ClampedRMSScale` layer: its clamp range is set to ``[min_scale,
+      max_scale]`` (the layer clamps its factor itself, every forward);
+    - every trainable parameter whose qualified name matches one of ``param_patterns`` (glob, e.g.
+      ``"*output_scale*"``): after every optimizer step (``on_train_batch_end``, so steps a guard skipped are
+      included, automatic and manual optimization alike) it is projected back into the range,
+      ``p <- clamp(p, min_scale, max_scale)``, in place on its device. At fit start (not on resume) a value farther
+      than ``init_warn_ratio`` from 1 (``max(p, 1/p) > init_warn_ratio``, or ``p <= 0``) gets a warning before it
+      is projected.
+
+    Nothing found is a ValueError listing some parameter names.
+
+    **What it logs**, every ``log_every_n_steps`` optimizer steps, averaged over the steps since the previous log (and
+    over ranks under DDP):
+
+    - ``scale/<name>``: the mean factor (a layer's ``last_scale``, a parameter's value after projection);
+    - ``scale/<name>/clamped_fraction``: the fraction of factors that hit a bound (a layer's
+      ``last_clamped_fraction``; for a parameter, the fraction of its elements that had to be projected).
+
+    **When it warns** (rank zero): when the mean factor stays above ``warn_above`` for ``warn_after_steps``
+    consecutive steps (on any rank), the symptom of a collapsing residual path. A factor at 1.0 never warns. The
+    warning repeats for the same factor at most once every ``20 * warn_after_steps`` steps. Each warning is an event
+    in ``event_log`` (``kind="scale_high"``), and so is each init warning (``"scale_init"``).
+
+    **Cost.** Every step: one in-place clamp per parameter and a few scalar tensor ops per factor, on the device,
+    without a host sync. At log steps: one host read of the window statistics (and one all-reduce under DDP).
+
+    Args:
+        min_scale: lower bound (> 0).
+        max_scale: upper bound (>= ``min_scale``).
+        warn_above: threshold of the "stays high" warning, in ``[min_scale, max_scale)``; ``None`` disables it.
+        warn_after_steps: consecutive steps above ``warn_above`` before warning (>= 1).
+        param_patterns: glob pattern(s) of learnable scale parameter names; ``()`` for layers only.
+        init_warn_ratio: fit-start warning threshold for a parameter's distance from 1 (> 1); ``None`` disables it.
+        log_every_n_steps: log (and check the warning) every N optimizer steps; ``None``: the Trainer's
+            ``log_every_n_steps``; 0: never log (the warning is then checked every ``warn_after_steps`` steps).
+
+    Raises:
+        ValueError: bad arguments (in ``__init__``); nothing to clamp in the model (at fit start).
+    """
+
+    def __init__(
+        self,
+        min_scale: float = 0.7,
+        max_scale: float = 1.5,
+        *,
+        warn_above: float | None = 1.3,
+        warn_after_steps: int = 50,
+        param_patterns: str | Iterable[str] = ("*output_scale*",),
+        init_warn_ratio: float | None = 2.0,
+        log_every_n_steps: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.min_scale, self.max_scale = _check_bounds(min_scale, max_scale)
+        if warn_above is not None:
+            if not _is_finite_number(warn_above):
+                raise ValueError(f"`warn_above` must be None or a finite number, got {warn_above!r}")
+            if not self.min_scale <= warn_above < self.max_scale:
+                raise ValueError(
+                    f"`warn_above` must lie in [min_scale, max_scale) = [{self.min_scale}, {self.max_scale}) so a "
+                    f"factor can exceed it, got {warn_above!r}"
+                )
+            warn_above = float(warn_above)
+        if isinstance(warn_after_steps, bool) or not isinstance(warn_after_steps, int) or warn_after_steps < 1:
+            raise ValueError(f"`warn_after_steps` must be an int >= 1, got {warn_after_steps!r}")
+        if isinstance(param_patterns, str):
+            param_patterns = (param_patterns,)
+        try:
+            patterns = tuple(param_patterns)
+        except TypeError:
+            raise TypeError(
+                f"`param_patterns` must be a glob pattern or a sequence of them, got {param_patterns!r}"
+            ) from None
+        for p in patterns:
+            if not isinstance(p, str) or not p:
+                raise TypeError(f"`param_patterns` must contain non-empty strings, got {p!r} in {patterns!r}")
+        if init_warn_ratio is not None and (not _is_finite_number(init_warn_ratio) or init_warn_ratio <= 1):
+            raise ValueError(f"`init_warn_ratio` must be None or a finite number > 1, got {init_warn_ratio!r}")
+        if log_every_n_steps is not None and (
+            isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 0
+        ):
+            raise ValueError(f"`log_every_n_steps` must be None or an int >= 0, got {log_every_n_steps!r}")
+        self.warn_above = warn_above
+        self.warn_after_steps = warn_after_steps
+        self.param_patterns = patterns
+        self.init_warn_ratio = None if init_warn_ratio is None else float(init_warn_ratio)
+        self.log_every_n_steps = log_every_n_steps
+        self.event_log = EventLog(source=self.state_key)
+        self._tracked: dict[str, _Tracked] = {}
+        self._pending_state: dict[str, dict[str, Any]] = {}
+        self._last_step: int | None = None
+        self._last_read_step: int | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            min_scale=self.min_scale, max_scale=self.max_scale, param_patterns=self.param_patterns
+        )
+
+    @property
+    def warn_every_n_steps(self) -> int:
+        """Minimum number of steps between two warnings about the same factor."""
+        return 20 * self.warn_after_steps
+
+    # -- discovery ---------------------------------------------------------------------------------------------------
+    def _discover(self, pl_module: pl.LightningModule) -> dict[str, _Tracked]:
+        found: dict[str, _Tracked] = {}
+        for name, module in pl_module.named_modules():
+            if isinstance(module, ClampedRMSScale):
+                module.set_bounds(self.min_scale, self.max_scale)
+                found[name or "<root>"] = _Tracked(name or "<root>", "layer", module)
+        if self.param_patterns:
+            for name, param in pl_module.named_parameters():
+                if not param.requires_grad or not param.is_floating_point():
+                    continue
+                if any(fnmatch.fnmatchcase(name, p) for p in self.param_patterns):
+                    found[name] = _Tracked(name, "param", param)
+        return found
+
+    def _check_init(self, trainer: pl.Trainer) -> None:
+        if self.init_warn_ratio is None:
+            return
+        log_ratio = math.log(self.init_warn_ratio)
+        for t in self._tracked.values():
+            if t.kind != "param":
+                continue
+            values = t.target.detach().float()
+            lo, hi = float(values.min()), float(values.max())
+            far = lo <= 0 or max(abs(math.log(lo)), abs(math.log(hi))) > log_ratio
+            if far:
+                shown = f"{hi:.4g}" if values.numel() == 1 else f"in [{lo:.4g}, {hi:.4g}]"
+                reason = (
+                    f"learnable scale `{t.name}` starts at {shown}, more than {self.init_warn_ratio:g}x away from 1: "
+                    "an output scale far from 1 amplifies (or silences) an untrained network (DESIGN.md §1.2: 3.0 "
+                    f"gave loss 155, SNR -15 dB); it is projected into [{self.min_scale}, {self.max_scale}] now"
+                )
+                rank_zero_warn(f"ScaleFactorClamp: {reason}")
+                self.event_log.add(trainer.global_step, "scale_init", reason, name=t.name, min=lo, max=hi)
+
+    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, fitting: bool) -> None:
+        tracked = self._discover(pl_module)
+        if not fitting:
+            return
+        if not tracked:
+            names = [n for n, _ in pl_module.named_parameters()]
+            shown = ", ".join(repr(n) for n in names[:_MAX_LISTED]) + (", ..." if len(names) > _MAX_LISTED else "")
+            raise ValueError(
+                f"ScaleFactorClamp found nothing to clamp in {type(pl_module).__name__}: no `ClampedRMSScale` layer "
+                f"and no trainable parameter matching `param_patterns`={self.param_patterns!r}. "
+                f"Some parameter names: [{shown}]"
+            )
+        self._tracked = tracked
+        for name, t in self._tracked.items():
+            device = t.target.last_scale.device if t.kind == "layer" else t.target.device
+            if name in self._pending_state:
+                t.load(self._pending_state[name], device)
+            else:
+                t.init(device)
+        self._pending_state = {}
+        if trainer.ckpt_path is None:
+            self._check_init(trainer)
+        self._project()
+        self._last_step = trainer.global_step
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start(trainer, pl_module, fitting=True)
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn != "fit":
+            self._start(trainer, pl_module, fitting=False)
+
+    @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start(trainer, pl_module, fitting=False)
+
+    @override
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start(trainer, pl_module, fitting=False)
+
+    # -- every step --------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _project(self) -> None:
+        for t in self._tracked.values():
+            if t.kind == "param":
+                t.target.clamp_(self.min_scale, self.max_scale)
+
+    @torch.no_grad()
+    def _update(self) -> None:
+        for t in self._tracked.values():
+            if t.kind == "layer":
+                layer: ClampedRMSScale = t.target  # type: ignore[assignment]
+                if layer.last_scale.numel() == 0:  # never called yet
+                    continue
+                factor = layer.last_scale.float().mean().to(t.factor_sum.device)
+                clamped = layer.last_clamped_fraction.float().to(t.factor_sum.device)
+            else:
+                param: Tensor = t.target  # type: ignore[assignment]
+                outside = (param < self.min_scale) | (param > self.max_scale)
+                clamped = outside.float().mean()
+                param.clamp_(self.min_scale, self.max_scale)
+                factor = param.float().mean()
+            t.factor_sum += factor
+            t.clamped_sum += clamped
+            t.steps += 1
+            if self.warn_above is not None:
+                t.streak.copy_(torch.where(factor > self.warn_above, t.streak + 1, torch.zeros_like(t.streak)))
+                torch.maximum(t.peak, t.streak, out=t.peak)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step == self._last_step:  # no optimizer step since the last call (gradient accumulation)
+            return
+        self._last_step = step
+        self._update()
+        every = trainer.log_every_n_steps if self.log_every_n_steps is None else self.log_every_n_steps
+        read_every = every or self.warn_after_steps
+        if step % read_every == 0:
+            self._read(trainer, pl_module, step, log=bool(every))
+
+    # -- log steps ---------------------------------------------------------------------------------------------------
+    def _read(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, *, log: bool) -> None:
+        items = list(self._tracked.values())
+        if not items:
+            return
+        device = items[0].factor_sum.device
+        stats = torch.stack(
+            [torch.stack([t.factor_sum / max(t.steps, 1), t.clamped_sum / max(t.steps, 1)]).to(device) for t in items]
+        )
+        peaks = torch.stack([t.peak.to(device) for t in items])
+        stats = trainer.strategy.reduce(stats, reduce_op="mean")  # same statistics, hence decisions, on every rank
+        peaks = trainer.strategy.reduce(peaks, reduce_op="max")
+        host_stats, host_peaks = stats.tolist(), peaks.tolist()
+        for i, t in enumerate(items):
+            if t.steps == 0:  # a layer that has not run yet
+                continue
+            factor, clamped = host_stats[i]
+            if log:
+                pl_module.log(f"scale/{t.name}", stats[i, 0], on_step=True, on_epoch=False, batch_size=1)
+                pl_module.log(
+                    f"scale/{t.name}/clamped_fraction", stats[i, 1], on_step=True, on_epoch=False, batch_size=1
+                )
+            self.event_log.trace(t.name, step, factor)
+            self.event_log.trace(f"{t.name}/clamped_fraction", step, clamped)
+            if self.warn_above is not None and host_peaks[i] >= self.warn_after_steps:
+                self._warn(step, t, factor, int(host_peaks[i]))
+            t.factor_sum.zero_()
+            t.clamped_sum.zero_()
+            t.peak.copy_(t.streak)
+            t.steps = 0
+        self._last_read_step = step
+
+    def _warn(self, step: int, t: _Tracked, factor: float, peak: int) -> None:
+        if t.last_warned_step is not None and step - t.last_warned_step < self.warn_every_n_steps:
+            return
+        t.last_warned_step = step
+        reason = (
+            f"scale factor `{t.name}` stayed above warn_above={self.warn_above} for {peak} consecutive steps "
+            f"(mean {factor:.3f} over the last steps, clamp range [{self.min_scale}, {self.max_scale}]). The output "
+            "RMS is far below its target: the residual path may be collapsing (DESIGN.md §1.3: r = 0.1 left RMS 1.09 "
+            "against a target of 5.69); consider a stronger residual or check the stage that feeds this output."
+        )
+        rank_zero_warn(f"ScaleFactorClamp: {reason}")
+        self.event_log.add(step, "scale_high", reason, name=t.name, factor=factor, steps=peak)
+
+    # -- state -------------------------------------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        tracked = {name: t.state() for name, t in self._tracked.items()}
+        tracked.update({k: v for k, v in self._pending_state.items() if k not in tracked})
+        return {
+            "tracked": tracked,
+            "last_read_step": self._last_read_step,
+            "event_log": self.event_log.state_dict(),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending_state = {k: dict(v) for k, v in state_dict["tracked"].items()}
+        self._last_read_step = state_dict["last_read_step"]
+        self.event_log.load_state_dict(state_dict["event_log"])
