@@ -58,7 +58,7 @@ class ESpeakError(RuntimeError):
 
 class _Voice(ctypes.Structure):
     # espeak_VOICE from speak_lib.h
-    _fields_ = [  # noqa: RUF012
+    _fields_ = [
         ("name", ctypes.c_char_p),
         ("languages", ctypes.c_char_p),
         ("identifier", ctypes.c_char_p),
