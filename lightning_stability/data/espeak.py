@@ -104,7 +104,7 @@ _ENGINE: ESpeakNG | None = None
 def _loader():
     try:
         import espeakng_loader
-    except ImportError as err:  # pragma: no cover - exercised only without the optional dependency
+    except ImportError as err:
         raise ESpeakError(
             "eSpeak NG is not available: the speech corpus needs the PyPI package `espeakng-loader` "
             "(pip install 'lightning-stability[speech]' or pip install espeakng-loader)"

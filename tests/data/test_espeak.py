@@ -115,3 +115,16 @@ def test_subprocess_failure_is_reported(tmp_path: Path):
         espeak.synthesize_to_files([[job]])
     with pytest.raises(ValueError, match="`workers` must be an int >= 1, got 0"):
         espeak.synthesize_to_files([[job]], workers=0)
+
+
+def test_missing_package_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "espeakng_loader", None)  # `import espeakng_loader` now raises ImportError
+    monkeypatch.setattr(espeak, "_ENGINE", None)
+    with pytest.raises(espeak.ESpeakError, match="needs the PyPI package `espeakng-loader`.*pip install"):
+        espeak.synthesize("hello", "en")
+    from lightning_stability.data import SpeechCorpusDataModule
+
+    with pytest.raises(espeak.ESpeakError, match="espeakng-loader"):
+        SpeechCorpusDataModule(tmp_path, num_utterances=2, num_voices=1).prepare_data()
