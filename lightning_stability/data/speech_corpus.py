@@ -100,7 +100,8 @@ class SpeechCorpusDataModule(AudioFolderDataModule):
       words/min with the speaker's pitch +-6;
     - everything drawn from ``numpy.random.default_rng(seed)``; synthesis runs in fresh subprocesses of
       :data:`CHUNK_SIZE` utterances (see :mod:`lightning_stability.data.espeak`), so the same parameters give
-      byte-identical wav files on any machine with the same eSpeak NG version.
+      byte-identical wav files with the same eSpeak NG build (checked across processes and worker counts;
+      the Klatt voices use floating-point maths, so a different libm could differ in the last bits).
 
     Cache: the corpus lives in ``cache_dir/<language>-<key>`` where ``key`` hashes every generation parameter, the
     sentence list, the eSpeak NG package version and :data:`GENERATOR_VERSION`; any change generates a new folder, an
