@@ -199,10 +199,6 @@ class SpeechCorpusDataModule(AudioFolderDataModule):
             variants = list(DEFAULT_VARIANTS)
         if generation_workers is not None:
             _check_int("generation_workers", generation_workers, 1)
-        if holdout == "voice" and val_fraction > 0 and math.ceil(val_fraction * num_voices) >= num_voices:
-            raise ValueError(
-                f"`holdout`='voice' with `val_fraction`={val_fraction} holds out every one of the {num_voices} voices"
-            )
         self.cache_dir = Path(cache_dir)
         self.language = language
         self.num_utterances = num_utterances
@@ -235,6 +231,10 @@ class SpeechCorpusDataModule(AudioFolderDataModule):
             persistent_workers=persistent_workers,
             drop_last=drop_last,
         )
+        if holdout == "voice" and self.val_fraction > 0 and math.ceil(self.val_fraction * num_voices) >= num_voices:
+            raise ValueError(
+                f"`holdout`='voice' with `val_fraction`={val_fraction} holds out every one of the {num_voices} voices"
+            )
 
     # ------------------------------------------------------------------------------------------ identity
 
