@@ -9,6 +9,7 @@ from torch import nn
 
 from lightning_stability.callbacks import ScaleFactorClamp
 from lightning_stability.nn import ClampedRMSScale
+from tests._helpers_spectral_scale import NoHostReads
 from tests.helpers import FaultyModule, assert_same, make_trainer, snapshot
 
 
@@ -150,6 +151,25 @@ def test_streak_between_log_steps_is_not_missed(tmp_path):
     with pytest.warns(UserWarning, match=r"for 3 consecutive steps"):
         make_trainer(tmp_path, [cb], max_steps=5).fit(Burst())
     assert [e.step for e in cb.event_log.events] == [5]
+
+
+def test_steps_between_log_steps_do_not_read_tensors_on_the_host(tmp_path):
+    class Guarded(ScaleFactorClamp):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step % 4:  # not a log step
+                with NoHostReads():
+                    return super().on_train_batch_end(trainer, *args)
+            return super().on_train_batch_end(trainer, *args)
+
+    module = RMSScaleModule(gain=1e-3)
+    module.output_scale = nn.Parameter(torch.tensor([2.0, 0.1]))
+    cb = Guarded(warn_after_steps=2, log_every_n_steps=4, param_patterns="output_scale", init_warn_ratio=None)
+    with pytest.warns(UserWarning, match="stayed above warn_above"):
+        make_trainer(tmp_path, [cb], max_steps=8).fit(module)
+    assert module.output_scale.tolist() == pytest.approx([1.5, 0.7])
+    assert [s for s, _ in cb.event_log.traces["scale"]] == [4, 8]
+    with NoHostReads(), pytest.raises(AssertionError, match="host read"):
+        float(torch.ones(()))  # the guard itself works
 
 
 def test_init_check_warns_on_a_learnable_scale_far_from_one_and_projects_it(tmp_path):

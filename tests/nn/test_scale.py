@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lightning_stability.nn import ClampedRMSScale, denormalize, normalize
+from tests._helpers_spectral_scale import NoHostReads
 
 
 def hand_rms(t: torch.Tensor) -> float:
@@ -250,3 +251,15 @@ def test_normalize_and_denormalize_errors():
         denormalize([1.0], torch.ones(1))
     with pytest.raises(ValueError, match=r"`scale` of shape \(3, 1, 1\) does not broadcast to `y` of shape"):
         denormalize(torch.randn(2, 1, 10), torch.ones(3, 1, 1))
+
+
+def test_forward_backward_and_normalisation_never_read_tensors_on_the_host():
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    with NoHostReads():
+        for layer in (ClampedRMSScale(), ClampedRMSScale(per_frame=True, detach_scale=True)):
+            layer(x, torch.randn(2, 3, 16)).sum().backward()
+        ClampedRMSScale()(x, 2.0)
+        ClampedRMSScale()(x, torch.ones(2, 1, 1))
+        y, scale = normalize(x)
+        denormalize(y, scale)
+    assert torch.isfinite(x.grad).all()
