@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 from lightning.pytorch.loggers import Logger
@@ -32,17 +33,9 @@ class RecordingLogger(Logger):
         return {step: row[key] for step, row in self.rows if key in row}
 
 
-def read_wandb_history(run_dir: Path) -> list[dict]:
-    """History rows of an offline run, decoded from its ``run-*.wandb`` file.
-
-    wandb 0.31 writes the offline run as a LevelDB-style log (a 7-byte file header ``:W&B`` + magic + version, then
-    32 KiB blocks of records, each with a 7-byte header: crc32 ``<I``, length ``<H``, type ``B`` with 1 = full,
-    2/3/4 = first/middle/last fragment) of ``wandb_internal_pb2.Record`` protobufs, and no longer ships a Python
-    reader (nor a ``wandb-summary.json`` offline). The records are parsed with wandb's own protobuf classes.
-    """
+def _wandb_records(path: Path) -> list:
     from wandb.proto import wandb_internal_pb2
 
-    (path,) = run_dir.glob("run-*.wandb")
     data = path.read_bytes()
     assert data[:4] == b":W&B"
     block, pos, chunks, pending = 32768, 7, [], b""
@@ -65,11 +58,35 @@ def read_wandb_history(run_dir: Path) -> list[dict]:
             pending += chunk
         else:
             chunks.append(pending + chunk)
-    rows = []
+    records = []
     for chunk in chunks:
         record = wandb_internal_pb2.Record()
         record.ParseFromString(chunk)
-        if record.WhichOneof("record_type") == "history":
-            rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item})
+        records.append(record)
+    return records
+
+
+def read_wandb_history(run_dir: Path, timeout: float = 30.0) -> list[dict]:
+    """History rows of a finished offline run, decoded from its ``run-*.wandb`` file.
+
+    wandb 0.31 writes the offline run as a LevelDB-style log (a 7-byte file header ``:W&B`` + magic + version, then
+    32 KiB blocks of records, each with a 7-byte header: crc32 ``<I``, length ``<H``, type ``B`` with 1 = full,
+    2/3/4 = first/middle/last fragment) of ``wandb_internal_pb2.Record`` protobufs, and no longer ships a Python
+    reader (nor a ``wandb-summary.json`` offline). The records are parsed with wandb's own protobuf classes.
+    ``run.finish()`` can return before wandb-core has written the last records, so this waits for the run's
+    ``exit`` record (up to ``timeout`` seconds).
+    """
+    (path,) = run_dir.glob("run-*.wandb")
+    deadline = time.monotonic() + timeout
+    while True:
+        records = _wandb_records(path)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    rows = [
+        {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item}
+        for r in records
+        if r.WhichOneof("record_type") == "history"
+    ]
     assert rows, f"no history records in {path}"
     return rows
