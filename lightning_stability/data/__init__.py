@@ -6,6 +6,7 @@ _NAMES = {
     "AudioFolderDataModule": ".audio_folder",
     "SpeechCorpusDataModule": ".speech_corpus",
     "LatentPairDataModule": ".latents",
+    "AudioFileError": "._audio",
 }
 __all__ = list(_NAMES)
 __getattr__ = lazy_getattr(__name__, _NAMES)
