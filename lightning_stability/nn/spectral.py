@@ -252,7 +252,8 @@ def inject_spectral_norm(
     normalised over their output-channel dim (:func:`spectral_norm_dim`), including user subclasses.
 
     Call it before building the optimizer; if an optimizer already exists it keeps working, because torch keeps the
-    weight's ``Parameter`` object as ``parametrizations.weight.original``.
+    weight's ``Parameter`` object as ``parametrizations.weight.original``. The random start of the power iteration
+    is drawn from a fork of the global RNG, so the rest of the run's random stream is the same with or without it.
 
     Args:
         model: any ``nn.Module`` (a ``LightningModule`` included).
@@ -270,13 +271,20 @@ def inject_spectral_norm(
     for name, module in selected.items():
         if not has_spectral_norm(module):
             _check_weight(name, module)
-    wrapped = []
-    for name, module in selected.items():
-        if has_spectral_norm(module):
-            continue
-        spectral_norm(module, "weight", n_power_iterations=n_power_iterations, eps=eps, dim=spectral_norm_dim(module))
-        wrapped.append(name)
-    return InjectionResult(selected=tuple(selected), wrapped=tuple(wrapped))
+    to_wrap = {name: module for name, module in selected.items() if not has_spectral_norm(module)}
+    with _rng_untouched(m.weight for m in to_wrap.values()):
+        for module in to_wrap.values():
+            spectral_norm(
+                module, "weight", n_power_iterations=n_power_iterations, eps=eps, dim=spectral_norm_dim(module)
+            )
+    return InjectionResult(selected=tuple(selected), wrapped=tuple(to_wrap))
+
+
+def _rng_untouched(weights: Iterable[Tensor]):
+    """torch draws the random start of ``u``/``v`` from the global generator of the weight's device; fork it, so
+    injecting spectral norm leaves every later random draw of the run (init, dropout, shuffling) as it was."""
+    cuda = sorted({w.device.index or 0 for w in weights if w.device.type == "cuda"})
+    return torch.random.fork_rng(devices=cuda)
 
 
 @torch.no_grad()
@@ -413,7 +421,8 @@ def load_with_spectral_norm(
             if not has_spectral_norm(candidates[name]):
                 _check_weight(name, candidates[name])
                 m = candidates[name]
-                spectral_norm(m, "weight", n_power_iterations=n_power_iterations, eps=eps, dim=spectral_norm_dim(m))
+                with _rng_untouched([m.weight]):
+                    spectral_norm(m, "weight", n_power_iterations=n_power_iterations, eps=eps, dim=spectral_norm_dim(m))
     else:
         inject_spectral_norm(model, modules, types, n_power_iterations=n_power_iterations, eps=eps)
     in_model = [n for n, m in _candidate_modules(model).items() if _spectral_parametrization(m) is not None]

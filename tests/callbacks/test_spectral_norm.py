@@ -1,5 +1,6 @@
 import json
 import logging
+import math
 
 import pytest
 import torch
@@ -165,6 +166,17 @@ def test_inference_loading_without_a_trainer(tmp_path):
         proj, tmp_path / "trained.ckpt", prefix="output_proj."
     )
     assert torch.equal(proj(trained.net(x)), expected)
+
+
+def test_validate_from_a_checkpoint_needs_and_gets_the_injection(tmp_path):
+    run(tmp_path, "train", 1, save=tmp_path / "trained.ckpt")
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"output_proj.weight\""):
+        make_trainer(tmp_path, limit_val_batches=1).validate(ProjModule(), ckpt_path=tmp_path / "trained.ckpt")
+    cb = SpectralNormInjection()
+    module = ProjModule(build_in_configure_model=True)
+    (result,) = make_trainer(tmp_path, [cb], limit_val_batches=1).validate(module, ckpt_path=tmp_path / "trained.ckpt")
+    assert math.isfinite(result["val_loss"])
+    assert cb.selected == ["output_proj"]
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])

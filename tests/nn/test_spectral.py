@@ -101,6 +101,13 @@ def test_sigma_estimate_tracks_the_original_weight_during_training():
         assert true_sigma(module, module.weight) == pytest.approx(1.0, abs=1e-2)
 
 
+def test_injection_leaves_the_global_rng_stream_alone():
+    net = Net()
+    state = torch.get_rng_state()
+    inject_spectral_norm(net)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_injection_is_idempotent():
     net = Net()
     first = inject_spectral_norm(net)
