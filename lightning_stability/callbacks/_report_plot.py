@@ -132,7 +132,8 @@ def render_report(panels: Sequence[Panel], path: str | Path, *, title: str = "")
             values = np.asarray(series.values, dtype=float)
             finite = np.isfinite(values)
             positive_only &= bool(np.all(values[finite] > 0))
-            (line,) = ax.plot(steps[finite], values[finite], label=series.label, linewidth=1.2)
+            # NaN breaks the line, so a non-finite step shows as a gap (plus a cross) rather than a bridged segment
+            ax.plot(steps, np.where(finite, values, np.nan), label=series.label, linewidth=1.2)
             if (~finite).any():
                 ax.plot(
                     steps[~finite],

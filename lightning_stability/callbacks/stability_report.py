@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import statistics
 import tempfile
 from collections import Counter
@@ -32,7 +33,7 @@ __all__ = ["StabilityReport"]
 SCHEMA_VERSION = 1
 _SKIP_KINDS = ("skip",)
 _BOUND_ATTRIBUTES = ("min_scale", "max_scale", "min_weight", "max_weight")
-_NONFINITE_WORDS = ("non-finite", "nonfinite", "nan", "inf")
+_NONFINITE = re.compile(r"non-?finite|\bnan\b|\binf\b|infinite")
 
 
 class StabilityReport(Callback):
@@ -74,6 +75,7 @@ class StabilityReport(Callback):
             "skip_reasons": {reason: count},
             "num_skipped": int, "num_amp_overflows": int, "num_rollbacks": int, "num_clipped": int,
             "weight_changes": {label: {"first": w0, "last": w1, "changes": n, "min": .., "max": ..}},
+            "other_events": {label: {kind: count}},         # e.g. clip, stop, increase, scale_high
             "final_metrics": {key: value},                  # trainer.callback_metrics scalars at the end
             "recommendations": [str, ...]
           },
@@ -361,6 +363,11 @@ class StabilityReport(Callback):
         for key, value in sorted(trainer.callback_metrics.items()):
             if (isinstance(value, Tensor) and value.numel() == 1) or isinstance(value, (int, float)):
                 final_metrics[key] = float(value)
+        other_events = {}
+        for src in report["sources"].values():
+            others = {k: int(v) for k, v in src["num_events"].items() if k not in ("skip", "amp_overflow", "rollback")}
+            if others:
+                other_events[src["label"]] = others
         summary = {
             "skipped_steps": skipped,
             "skip_reasons": dict(Counter(_reason_class(s["reason"]) for s in skipped)),
@@ -369,6 +376,7 @@ class StabilityReport(Callback):
             "num_rollbacks": num_rollbacks,
             "num_clipped": clipped,
             "weight_changes": weight_changes,
+            "other_events": other_events,
             "final_metrics": final_metrics,
         }
         summary["recommendations"] = self._recommend(trainer, report, summary, amp_steps, rollbacks)
@@ -486,6 +494,8 @@ class StabilityReport(Callback):
                 f"  weight '{label}': {info['first']:.4g} -> {info['last']:.4g} ({info['changes']} changes, "
                 f"range [{info['min']:.4g}, {info['max']:.4g}])"
             )
+        for label, counts in s["other_events"].items():
+            lines.append(f"  {label} events: " + ", ".join(f"{kind} x{n}" for kind, n in counts.items()))
         if report["loss"]:
             first, last = report["loss"][0], report["loss"][-1]
             lines.append(f"  loss: {_fmt(first[1])} (step {first[0]}) -> {_fmt(last[1])} (step {last[0]})")
@@ -579,15 +589,16 @@ def _finite_values(points: list) -> list[float]:
 
 
 def _reason_class(reason: str) -> str:
+    """A short class for a skip reason, so the summary can count them ("non-finite: 3, spike: 1")."""
     text = reason.lower()
-    if any(word in text for word in _NONFINITE_WORDS):
-        return "non-finite"
+    if "rollback" in text:
+        return "after rollback"
     if "spike" in text or "z-score" in text or "zscore" in text:
         return "spike"
     if "max_norm" in text or "above" in text or "exceeds" in text:
         return "norm above bound"
-    if "rollback" in text or "after rollback" in text:
-        return "after rollback"
+    if _NONFINITE.search(text):
+        return "non-finite"
     return reason if len(reason) <= 60 else reason[:57] + "..."
 
 

@@ -263,3 +263,36 @@ def test_non_finite_losses_are_kept_and_written_as_strings(tmp_path):
     assert data["loss"][2] == [2, "nan"]
     assert torch.isnan(torch.tensor(module.step_losses[2]))
     _assert_png(tmp_path / "stability_report.png")
+
+
+def test_inf_gradient_skip_by_the_guard_is_in_the_report(tmp_path):
+    from lightning_stability.callbacks import GradientGuard, SignalMonitor
+
+    guard = GradientGuard()
+    report = StabilityReport()
+    module = FaultyModule(inf_grad_steps={3})
+    make_trainer(tmp_path, [guard, SignalMonitor(train_every_n_steps=2), report], max_steps=8).fit(module)
+    assert guard.num_skipped == 1
+
+    data = _load(tmp_path / "stability_report.json")
+    summary = data["summary"]
+    assert summary["num_skipped"] == 1
+    ((skip),) = summary["skipped_steps"]
+    assert skip["step"] == 3
+    assert skip["source"] == "guard"
+    assert summary["skip_reasons"] == {"non-finite": 1}
+    guard_view = data["sources"][guard.state_key]
+    assert [(e["step"], e["kind"]) for e in guard_view["events"]] == [(3, "skip")]
+    grad_norm = dict(guard_view["traces"]["grad_norm"])
+    assert grad_norm[3] in ("inf", "nan")  # written as a string: JSON has no non-finite numbers
+    assert all(math.isfinite(v) for s, v in grad_norm.items() if s != 3)
+    assert data["loss"][3][0] == 3
+    assert math.isfinite(data["loss"][3][1])  # the loss itself stayed finite; only the gradient was inf
+    assert data["panels"][:2] == [
+        "Gradient norm (marked: skipped steps, rollbacks, fp16 overflows)",
+        "Training loss",
+    ]
+    assert "SNR / SI-SNR" in data["panels"]
+    width, height = _assert_png(tmp_path / "stability_report.png")
+    assert width >= 800
+    assert height >= 4 * 200
