@@ -21,6 +21,8 @@ from lightning_stability.callbacks.adaptive_weights import Decision
 from lightning_stability.losses import LossWeights
 from tests.helpers import make_trainer
 
+CUDA = torch.cuda.is_available()
+
 # --------------------------------------------------------------------------------------------------------------------
 # Scenario module and scripts
 
@@ -369,14 +371,17 @@ def test_growing_gradient_norm_decreases_the_weight(tmp_path, source):
     assert quiet.num_changes == 0
 
 
-def test_own_gradient_norm_is_unscaled_under_fp16_amp_with_a_fused_optimizer(tmp_path):
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="fp16 AMP with a GradScaler needs CUDA (Lightning turns CPU 16-mixed into bf16)")
+@pytest.mark.parametrize("fused", [False, True])
+def test_own_gradient_norm_is_unscaled_under_fp16_amp(tmp_path, fused):
     class Fused(ScriptedLossModule):
         def configure_optimizers(self):
-            return torch.optim.Adam(self.parameters(), lr=0.0, fused=True)
+            return torch.optim.Adam(self.parameters(), lr=0.0, fused=fused)
 
     module = Fused({"mel": [1.0] * 6}, grad_gain=[3.0] * 6)
     cb = AdaptiveLossWeight(warmup_steps=2)
-    make_trainer(tmp_path, [cb], max_steps=6, precision="16-mixed").fit(module)
+    make_trainer(tmp_path, [cb], max_steps=6, precision="16-mixed", accelerator="gpu").fit(module)
     # d(total)/dp = w * (value + gain) = 2.5 * (1 + 3): the GradScaler's 2**16 is divided back out
     assert cb.grad_avg == pytest.approx(2.5 * 4.0)
 
@@ -389,11 +394,19 @@ def decline(n: int, rate: float = 0.97) -> list[float]:
     return [2.0 * rate**t for t in range(n)]
 
 
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
+@pytest.mark.parametrize(
+    "precision",
+    [
+        "32-true",
+        "bf16-mixed",
+        pytest.param("16-mixed", marks=[pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="fp16 AMP needs CUDA")]),
+    ],
+)
 def test_precisions_take_the_same_decisions(tmp_path, precision):
     module = ScriptedLossModule({"mel": decline(30)})
-    cb = AdaptiveLossWeight(warmup_steps=5, cooling_steps=3, grad_growth=None)
-    make_trainer(tmp_path, [cb], max_steps=30, precision=precision).fit(module)
+    cb = AdaptiveLossWeight(warmup_steps=5, cooling_steps=3)
+    accelerator = "gpu" if precision == "16-mixed" else "cpu"
+    make_trainer(tmp_path, [cb], max_steps=30, precision=precision, accelerator=accelerator).fit(module)
     expected = replay(AdaptiveLossWeight(warmup_steps=5, cooling_steps=3, grad_growth=None), decline(30))
     assert [r["weights"]["mel"] for r in module.records] == expected
     assert cb.num_changes >= 3
