@@ -33,7 +33,7 @@ from lightning_stability.nn.discriminator import (
     generator_adversarial_loss,
 )
 from lightning_stability.nn.quantize import QuantizedResult, ResidualVectorQuantizer
-from lightning_stability.nn.scale import denormalize, normalize
+from lightning_stability.nn.scale import ClampedRMSScale, denormalize, normalize
 from lightning_stability.nn.seanet import SEANetDecoder, SEANetEncoder
 
 __all__ = ["CodecModule", "CodecOutput"]
@@ -144,6 +144,11 @@ class CodecModule(pl.LightningModule):
         n_q, codebook_size, codebook_dim, l2_normalize, ema_codebook, codebook_decay, kmeans_init, kmeans_iters,
             threshold_ema_dead_code, quantizer_dropout: the quantizer.
         normalize_scale: EnCodec-style per-segment RMS normalisation.
+        output_rms_clamp: ``None`` (default) or ``(min_scale, max_scale)``: a
+            :class:`~lightning_stability.nn.scale.ClampedRMSScale` (``detach_scale=True``) after the decoder pulls the
+            normalised-domain output towards unit RMS with the factor clamped to the bounds, a safety net whose
+            factor ``ScaleFactorClamp`` logs and bounds (a factor pinned at ``max_scale`` means the decoder's output
+            is collapsing). The decoder still learns the amplitude itself (the factor is a constant in backward).
         loss_weights: ``{term: weight}``; default ``{"mel": 15, "l1": 0.1, "rms": 1, "vq": 1}`` (+ ``adv`` 1 and
             ``feat`` 2 when adversarial). Terms: ``mel``, ``l1``, ``stft``, ``rms``, ``vq``, ``adv``, ``feat``.
         codebook_weight, commitment_weight: inside the ``vq`` term (DAC: 1 and 0.25).
@@ -178,6 +183,7 @@ class CodecModule(pl.LightningModule):
         threshold_ema_dead_code: float = 2.0,
         quantizer_dropout: float = 0.0,
         normalize_scale: bool = True,
+        output_rms_clamp: tuple[float, float] | None = None,
         loss_weights: Mapping[str, float] | None = None,
         codebook_weight: float = 1.0,
         commitment_weight: float = 0.25,
@@ -209,6 +215,11 @@ class CodecModule(pl.LightningModule):
             raise ValueError(f"`betas` must be two numbers in [0, 1), got {betas!r}")
         if adversarial_loss not in ("hinge", "ls"):
             raise ValueError(f"`adversarial_loss` must be 'hinge' or 'ls', got {adversarial_loss!r}")
+        if output_rms_clamp is not None:
+            if not normalize_scale:
+                raise ValueError("`output_rms_clamp` needs `normalize_scale=True` (its target is the unit RMS)")
+            if len(tuple(output_rms_clamp)) != 2:
+                raise ValueError(f"`output_rms_clamp` must be None or (min_scale, max_scale), got {output_rms_clamp!r}")
         if gradient_clip_val is not None and not gradient_clip_val > 0:
             raise ValueError(f"`gradient_clip_val` must be None or > 0, got {gradient_clip_val!r}")
         if loss_weights is None:
@@ -228,6 +239,7 @@ class CodecModule(pl.LightningModule):
         self.quantizer = self.build_quantizer()
         self.decoder = self.build_decoder()
         self.hop_length = int(math.prod(ratios))
+        self.output_scale = None if output_rms_clamp is None else ClampedRMSScale(*output_rms_clamp, detach_scale=True)
         self.mel_loss = MultiResolutionMelLoss(sample_rate, window_lengths=mel_window_lengths, n_mels=mel_n_mels)
         self.stft_loss = MultiResolutionSTFTLoss() if "stft" in self.loss_weights else None
         self.rms_loss = RMSMatchingLoss()
@@ -313,10 +325,14 @@ class CodecModule(pl.LightningModule):
         x, scale = normalize(audio) if self.hparams.normalize_scale else (audio, None)
         z = self.encoder(self._pad(x))
         q = self.quantizer(z, n_q=n_q)
-        y = self.decoder(q.quantized)[..., :length]
+        y = self._rescale(self.decoder(q.quantized)[..., :length])
         if scale is not None:
             y = denormalize(y, scale)
         return CodecOutput(audio=y, codes=q.codes, scale=scale, quantized=q)
+
+    def _rescale(self, y: Tensor) -> Tensor:
+        # normalised domain: the encoder's input had unit RMS, so the target RMS of the decoder's output is 1
+        return y if self.output_scale is None else self.output_scale(y, 1.0)
 
     @torch.no_grad()
     def encode(self, audio: Tensor, n_q: int | None = None) -> tuple[Tensor, Tensor | None]:
@@ -336,6 +352,7 @@ class CodecModule(pl.LightningModule):
         y = self.decoder(self.quantizer.decode(codes))
         if length is not None:
             y = y[..., :length]
+        y = self._rescale(y)
         return denormalize(y, scale) if scale is not None else y
 
     # ---------------------------------------------------------------------------------------------- losses
