@@ -333,3 +333,48 @@ def test_state_key_lets_two_instances_coexist_and_state_round_trips(tmp_path):
     c.load_state_dict(a.state_dict())
     assert c.event_log.traces == a.event_log.traces
     assert c.state_dict() == a.state_dict()
+
+
+class _DDPAudioAE(AudioAE):
+    """Writes what each rank saw (its signal pairs) and what it logged, for the main process to check."""
+
+    def __init__(self, out_dir: str) -> None:
+        super().__init__()
+        self.out_dir = out_dir
+
+    def on_fit_end(self):
+        monitor = next(cb for cb in self.trainer.callbacks if isinstance(cb, SignalMonitor))
+        torch.save(
+            {
+                "train_pairs": self.train_pairs,
+                "val_pairs": self.val_pairs,
+                "callback_metrics": {k: float(v) for k, v in self.trainer.callback_metrics.items()},
+                "traces": monitor.event_log.traces,
+            },
+            f"{self.out_dir}/rank{self.global_rank}.pt",
+        )
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(180)
+def test_ddp_values_are_over_both_ranks_and_the_report_is_written_once(tmp_path):
+    from lightning_stability.callbacks import StabilityReport
+
+    monitor = SignalMonitor(train_every_n_steps=2, clip_level=0.5)
+    report = StabilityReport(dirpath=tmp_path / "report")
+    trainer = make_trainer(
+        tmp_path, [monitor, report], devices=2, strategy="ddp_spawn", max_steps=2, limit_val_batches=1.0, max_epochs=1
+    )
+    trainer.fit(_DDPAudioAE(str(tmp_path)))
+
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert all(len(r["val_pairs"]) == 1 for r in ranks)  # 6 validation items, 3 per rank
+    expected_val = _hand([r["val_pairs"][0] for r in ranks])
+    expected_train = _hand([r["train_pairs"][0] for r in ranks])
+    for r in ranks:
+        _assert_close(r["callback_metrics"], expected_val, "signal/val/")
+        trained = {f"signal/train/{k[6:]}": v for k, ((_, v),) in r["traces"].items() if k.startswith("train/")}
+        _assert_close(trained, expected_train, "signal/train/")
+    # differs from rank 0 alone, so the reduction is what made them equal
+    assert _hand(ranks[0]["val_pairs"])["rms_ratio"] != pytest.approx(expected_val["rms_ratio"], rel=1e-3)
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["stability_report.json", "stability_report.png"]
