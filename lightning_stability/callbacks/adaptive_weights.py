@@ -263,6 +263,8 @@ class AdaptiveLossWeight(Callback):
         self._warned_negative = False
         self._seen_global_step: int | None = None
         self._pending: _Pending | None = None
+        self._host: Tensor | None = None
+        self._event: Any = None
         self._acc_loss: Tensor | float | None = None
         self._acc_count = 0
         self._acc_grad_sq: Tensor | float | None = None
@@ -647,9 +649,12 @@ class AdaptiveLossWeight(Callback):
             if pending.handle is not None:
                 pending.handle.wait()  # NCCL: the current stream waits for the reduction; the host does not
                 pending.handle = None
-            pending.host = torch.empty(buffer.shape, dtype=buffer.dtype, pin_memory=True)
+            # one pinned buffer and one event are enough: the previous step was consumed (read) just before this
+            if self._host is None or self._host.shape != buffer.shape:
+                self._host = torch.empty(buffer.shape, dtype=buffer.dtype, pin_memory=True)
+                self._event = torch.cuda.Event()
+            pending.host, pending.event = self._host, self._event
             pending.host.copy_(buffer, non_blocking=True)
-            pending.event = torch.cuda.Event()
             pending.event.record()
         self._pending = pending
 
