@@ -91,6 +91,9 @@ class SignalMonitor(Callback):
         n_mels: mel bins of the spectrogram images.
         preds_key: the output key of the model's signal.
         target_key: the output key of the reference signal.
+        mask_key: the output key of an optional validity mask ``[B, T]`` (True = a real frame, False = padding). When
+            the step returns one (not None), every metric is computed over each item's valid frames only (the
+            items are measured one by one, so masked batches cost a Python loop over the batch). None ignores masks.
 
     Raises:
         ValueError, TypeError: bad arguments (at construction).
@@ -113,6 +116,7 @@ class SignalMonitor(Callback):
         n_mels: int = 80,
         preds_key: str = "preds",
         target_key: str = "target",
+        mask_key: str | None = "mask",
     ) -> None:
         _check_int("train_every_n_steps", train_every_n_steps, minimum=0)
         _check_int("num_media_examples", num_media_examples, minimum=0)
@@ -133,6 +137,8 @@ class SignalMonitor(Callback):
         for name, key in (("preds_key", preds_key), ("target_key", target_key)):
             if not isinstance(key, str) or not key:
                 raise TypeError(f"`{name}` must be a non-empty string, got {key!r}")
+        if mask_key is not None and (not isinstance(mask_key, str) or not mask_key):
+            raise TypeError(f"`mask_key` must be a non-empty string or None, got {mask_key!r}")
         if preds_key == target_key:
             raise ValueError(f"`preds_key` and `target_key` must differ, got {preds_key!r} for both")
 
@@ -147,6 +153,7 @@ class SignalMonitor(Callback):
         self.n_mels = n_mels
         self.preds_key = preds_key
         self.target_key = target_key
+        self.mask_key = mask_key
 
         self.event_log = EventLog(source=self.state_key)
         self._resolved_type: str | None = None
@@ -246,8 +253,9 @@ class SignalMonitor(Callback):
         if pl_module.automatic_optimization and trainer.global_step == step:
             return  # a micro-batch of gradient accumulation; measure the one that completes the step
         self._last_train_step = step
-        preds, target = self._extract_pair(outputs, "training_step")
-        values = self._update_and_compute(self._metrics["train"], preds, target)
+        preds, target, mask = self._extract_pair(outputs, "training_step")
+        self._update(self._metrics["train"], preds, target, mask)
+        values = self._compute(self._metrics["train"])
         self._record("train", step, values)
         metrics = {f"{self.prefix}train/{k}": v for k, v in values.items()}
         for logger in trainer.loggers:
@@ -273,14 +281,16 @@ class SignalMonitor(Callback):
     ) -> None:
         if trainer.sanity_checking or not self._metrics:
             return
-        preds, target = self._extract_pair(outputs, "validation_step")
-        with torch.no_grad():
-            for metric in self._metrics["val"].values():
-                metric.to(preds.device).update(preds, target)
+        preds, target, mask = self._extract_pair(outputs, "validation_step")
+        self._update(self._metrics["val"], preds, target, mask)
         self._val_updates += 1
         if self._media_due(trainer) and len(self._examples) < self.num_media_examples:
             take = self.num_media_examples - len(self._examples)
-            for p, t in zip(preds[:take].cpu(), target[:take].cpu()):
+            for i in range(min(take, preds.shape[0])):
+                p, t = preds[i].cpu(), target[i].cpu()
+                if mask is not None:
+                    valid = mask[i].cpu()
+                    p, t = p[:, valid], t[:, valid]
                 self._examples.append((t, p))
 
     @override
@@ -303,8 +313,9 @@ class SignalMonitor(Callback):
         )
 
     # ------------------------------------------------------------------------------------------------ helpers
-    def _extract_pair(self, outputs: Any, hook: str) -> tuple[Tensor, Tensor]:
-        """``(preds, target)`` as detached float32 ``[B, C, T]``, or a clear error about what the step returned."""
+    def _extract_pair(self, outputs: Any, hook: str) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(preds, target, mask)``: detached float32 ``[B, C, T]`` and a bool ``[B, T]`` mask or None; or a clear
+        error about what the step returned."""
         wanted = f"'{self.preds_key}' and '{self.target_key}'"
         if outputs is None:
             raise RuntimeError(
@@ -346,13 +357,33 @@ class SignalMonitor(Callback):
             )
         if preds.ndim == 2:
             preds, target = preds.unsqueeze(1), target.unsqueeze(1)
-        return preds.detach().float(), target.detach().float()
+        mask = outputs.get(self.mask_key) if self.mask_key is not None else None
+        if mask is not None:
+            batch, time = preds.shape[0], preds.shape[-1]
+            if not isinstance(mask, Tensor) or mask.shape != (batch, time) or mask.is_floating_point():
+                got = f"{mask.dtype} tensor of shape {tuple(mask.shape)}" if isinstance(mask, Tensor) else repr(mask)
+                raise ValueError(
+                    f"SignalMonitor: `{hook}` output {self.mask_key!r} must be a bool/int tensor of shape [B, T] = "
+                    f"{(batch, time)} (True = valid frame), got {got}"
+                )
+            mask = mask.detach().to(device=preds.device, dtype=torch.bool)
+        return preds.detach().float(), target.detach().float(), mask
 
-    def _update_and_compute(self, metrics: dict[str, Metric], preds: Tensor, target: Tensor) -> dict[str, float]:
-        with torch.no_grad():
+    @torch.no_grad()
+    def _update(self, metrics: dict[str, Metric], preds: Tensor, target: Tensor, mask: Tensor | None) -> None:
+        """Add a batch; with a mask, each item's valid frames only (one update per item, exact for every metric)."""
+        for metric in metrics.values():
+            metric.to(preds.device)
+        if mask is None:
             for metric in metrics.values():
-                metric.to(preds.device).update(preds, target)
-        return self._compute(metrics)
+                metric.update(preds, target)
+            return
+        for p, t, valid in zip(preds, target, mask):
+            if not bool(valid.any()):
+                continue  # an all-padding item has no signal to measure
+            p, t = p[:, valid].unsqueeze(0), t[:, valid].unsqueeze(0)  # [1, C, T_valid]
+            for metric in metrics.values():
+                metric.update(p, t)
 
     def _compute(self, metrics: dict[str, Metric]) -> dict[str, float]:
         """Compute (reducing states across ranks), reset, and return the scalars in logging order."""

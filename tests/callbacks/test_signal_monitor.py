@@ -378,3 +378,43 @@ def test_ddp_values_are_over_both_ranks_and_the_report_is_written_once(tmp_path)
     # differs from rank 0 alone, so the reduction is what made them equal
     assert _hand(ranks[0]["val_pairs"])["rms_ratio"] != pytest.approx(expected_val["rms_ratio"], rel=1e-3)
     assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["stability_report.json", "stability_report.png"]
+
+
+class _PaddedAE(AudioAE):
+    """Returns a padding mask; the padded frames of preds hold garbage that must not reach the metrics."""
+
+    def step(self, batch):
+        out = super().step(batch)
+        (audio,) = batch
+        lengths = torch.tensor([800, 500, 640, 300])[: audio.shape[0]]
+        mask = torch.arange(audio.shape[-1])[None, :] < lengths[:, None]  # [B, T]
+        out["preds"] = torch.where(mask[:, None, :], out["preds"], torch.full_like(out["preds"], 100.0))
+        out["mask"] = mask
+        return out
+
+
+def test_masked_frames_are_left_out_of_every_metric(tmp_path):
+    logger = RecordingLogger()
+    module = _PaddedAE()
+    make_trainer(tmp_path, [SignalMonitor(train_every_n_steps=2, clip_level=0.5)], max_steps=1, logger=logger).fit(
+        module
+    )
+    preds, target = module.train_pairs[0]
+    lengths = [800, 500, 640, 300]
+    row = next(r for s, r in logger.rows if s == 0 and "signal/train/snr" in r)
+    # the hand computation over each item's valid frames (SNR/SI-SNR per item, the rest pooled)
+    expected = _hand([(preds[i : i + 1, :, : lengths[i]], target[i : i + 1, :, : lengths[i]]) for i in range(4)])
+    _assert_close(row, expected, "signal/train/")
+    assert row["signal/train/peak"] < 100.0
+
+
+def test_a_mask_of_the_wrong_shape_is_named(tmp_path):
+    class BadMask(AudioAE):
+        def step(self, batch):
+            out = super().step(batch)
+            out["mask"] = torch.ones(4, 10, dtype=torch.bool)
+            return out
+
+    trainer = make_trainer(tmp_path, [SignalMonitor()], max_steps=1)
+    with pytest.raises(ValueError, match=r"'mask' must be a bool/int tensor of shape \[B, T\] = \(4, 800\).*\(4, 10\)"):
+        trainer.fit(BadMask())
