@@ -233,3 +233,42 @@ def test_config_object_and_dict_are_equivalent():
     b = CascadeTransformerModule(TINY)
     assert a.config == b.config
     assert a.hparams["config"] == b.hparams["config"]
+
+
+class StopWhenNonFinite(pl.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not math.isfinite(float(outputs["loss"])):
+            trainer.should_stop = True
+
+
+def test_post_mortem_failure_in_miniature_and_its_fix(tmp_path):
+    """DESIGN.md §1.3 in miniature: residual 0.1, no spectral norm, no qk-LayerNorm, a high learning rate: the gradient
+    norm grows by orders of magnitude and the run goes non-finite within a bounded number of steps. The same run
+    (same data, seed, learning rate) with the fixed configuration (the defaults: r = (1, 1, 0.3), spectral norm,
+    qk-LayerNorm) plus ``GradientGuard`` finishes with a finite loss below its starting loss."""
+    from lightning_stability.callbacks import GradientGuard
+
+    shape = {"latent_dim": 8, "widths": [32, 32, 32], "n_layers": 2, "n_heads": 4}
+    broken = {**shape, "residual_weights": [1.0, 1.0, 0.1], "spectral_norm_output": False, "qk_layernorm": False}
+    data = DataLoader(ToyLatents(n=32, t=64), batch_size=4, shuffle=False)
+    train = {"lr": 5.0, "warmup_steps": 0, "weight_decay": 0.0}
+
+    pl.seed_everything(0)
+    rec = LossRecorder()
+    model = CascadeTransformerModule(broken, **train)
+    make_trainer(tmp_path / "broken", [rec, StopWhenNonFinite()], max_steps=40).fit(model, data)
+    first_bad = next(i for i, n in enumerate(rec.norms) if not math.isfinite(n))
+    assert first_bad < 30
+    assert not math.isfinite(rec.losses[-1])
+    finite = rec.norms[:first_bad]
+    assert max(finite) > 1e3 * min(finite[:3])  # the gradient norm grew by orders of magnitude first
+
+    pl.seed_everything(0)
+    rec = LossRecorder()
+    guard = GradientGuard(zscore=2.5, on_persistent="rollback")
+    model = CascadeTransformerModule(shape, **train)
+    make_trainer(tmp_path / "fixed", [rec, guard], max_steps=60).fit(model, data)
+    assert len(rec.losses) == 60
+    assert all(math.isfinite(v) for v in rec.losses)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert sum(rec.losses[-4:]) / 4 < rec.losses[0]

@@ -41,6 +41,8 @@ def test_default_config_is_the_post_mortem_fix():
     assert (cfg.min_scale, cfg.max_scale, cfg.warn_above) == (0.7, 1.5, 1.3)
     assert cfg.spectral_norm_output
     assert cfg.rms_reference == "source"
+    assert cfg.qk_layernorm  # the fix the miniature post-mortem needs most (tests/modules/test_cascade.py)
+    assert cfg.normalize_input
 
 
 def test_residual_weights_and_scale_clamp_as_configured():
