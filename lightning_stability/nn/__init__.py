@@ -12,6 +12,11 @@ _NAMES = {
     "CascadeConfig": ".transformer",
     "CascadeTransformer": ".transformer",
     "small_init_": ".transformer",
+    "SEANetEncoder": ".seanet",
+    "SEANetDecoder": ".seanet",
+    "ResidualVectorQuantizer": ".quantize",
+    "QuantizedResult": ".quantize",
+    "MultiScaleSTFTDiscriminator": ".discriminator",
 }
 __all__ = list(_NAMES)
 __getattr__ = lazy_getattr(__name__, _NAMES)
