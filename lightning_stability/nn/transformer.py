@@ -454,6 +454,12 @@ class CascadeTransformer(nn.Module):
             for stage in self.stages:
                 spectral_norm(stage.output_proj)
 
+    def __reduce_ex__(self, protocol: int):
+        # torch refuses to pickle parametrized modules (spectral norm) "except through state_dict()": pickle (and
+        # deepcopy) as config + state_dict, so the model can be sent to ddp_spawn workers. No copies here: the
+        # state-dict tensors share the live parameters' storage (torch.multiprocessing passes storages by handle).
+        return _rebuild_cascade, (self.config.to_dict(), self.state_dict(), self.training)
+
     def _init_weights(self) -> None:
         cfg = self.config
         if cfg.init == "default":
@@ -573,6 +579,12 @@ class CascadeTransformer(nn.Module):
             scales.append(stage.scale.last_scale)
             clamped.append(stage.scale.last_clamped_fraction)
         return CascadeOutput(stages=stages, scales=scales, clamped_fractions=clamped)
+
+
+def _rebuild_cascade(config: dict[str, Any], state: dict[str, Tensor], training: bool) -> CascadeTransformer:
+    model = CascadeTransformer(config)
+    model.load_state_dict(state)
+    return model.train(training)
 
 
 def _masked_rms(x: Tensor, mask: Tensor | None, eps: float = 1e-5) -> Tensor:

@@ -225,3 +225,18 @@ def test_input_errors_name_the_shapes():
         model(source, cond, mask=torch.ones(2, 24))
     unconditioned = CascadeTransformer(CascadeConfig(**TINY, cond_dim=0))
     assert unconditioned(source).output.shape == source.shape
+
+
+def test_pickles_and_deepcopies_with_spectral_norm():
+    import copy
+    import pickle
+
+    model = CascadeTransformer(CascadeConfig(**TINY))
+    source, cond = _inputs()
+    model(source, cond)
+    model.eval()
+    for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        assert not clone.training
+        assert clone.config == model.config
+        torch.testing.assert_close(clone(source, cond).output, model(source, cond).output, rtol=0, atol=0)
+        assert parametrize.is_parametrized(clone.stages[0].output_proj, "weight")
