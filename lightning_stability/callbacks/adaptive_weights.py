@@ -67,14 +67,14 @@ class _Pending:
 
     step: int
     reference: float | None  # the damping reference in effect during that step
-    buffer: Tensor | None = None  # [loss_sum, grad_norm_sum, grad_norm_count] (summed over ranks)
+    buffer: Tensor | None = None  # [loss] or [loss, grad_norm], summed over ranks
     handle: Any = None  # async all_reduce work, waited on when consumed
     host: Tensor | None = None  # pinned host copy (CUDA)
     event: Any = None  # CUDA event recorded after the host copy
     world_size: int = 1
-    values: tuple[float, float, float] | None = None  # materialised buffer
+    values: tuple[float, ...] | None = None  # materialised buffer
 
-    def materialise(self) -> tuple[float, float, float]:
+    def materialise(self) -> tuple[float, ...]:
         if self.values is None:
             if self.handle is not None:
                 self.handle.wait()
@@ -84,7 +84,7 @@ class _Pending:
                 raw = self.host.tolist()
             else:
                 raw = self.buffer.tolist()
-            self.values = (float(raw[0]), float(raw[1]), float(raw[2]))
+            self.values = tuple(float(v) for v in raw)
             self.buffer = self.host = self.event = None
         return self.values
 
@@ -294,7 +294,11 @@ class AdaptiveLossWeight(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(loss=self.loss)
+        # Lightning reads it around every hook call (profiler names): build the string once
+        key = self.__dict__.get("_state_key")
+        if key is None:
+            key = self._state_key = self._generate_state_key(loss=self.loss)
+        return key
 
     # --- the decision ----------------------------------------------------------------------------------------------
     def _evaluate(
@@ -633,13 +637,12 @@ class AdaptiveLossWeight(Callback):
         loss = self._acc_loss / self._acc_count
         if not isinstance(loss, Tensor):  # restored mid-accumulation sums are floats
             loss = torch.tensor(loss, dtype=torch.float32, device=pl_module.device)
+        parts = [loss.reshape(1)]
+        # every rank takes the same optimizer steps, so every rank has a norm or none does: no count is reduced
         if self._acc_grad_count:
-            grad = self._acc_grad_sq
-            grad = torch.as_tensor(grad, dtype=torch.float32, device=loss.device).sqrt()
-            count = torch.ones((), dtype=torch.float32, device=loss.device)
-        else:
-            grad = count = torch.zeros((), dtype=torch.float32, device=loss.device)
-        buffer = torch.stack([loss, grad.to(loss.device), count])
+            grad_sq = torch.as_tensor(self._acc_grad_sq, dtype=torch.float32, device=loss.device)
+            parts.append(grad_sq.sqrt().reshape(1))
+        buffer = torch.cat(parts)
         self._acc_loss, self._acc_count, self._acc_grad_sq, self._acc_grad_count = None, 0, None, 0
         pending = _Pending(step=step, reference=reference, buffer=buffer)
         if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
@@ -650,10 +653,10 @@ class AdaptiveLossWeight(Callback):
                 pending.handle.wait()  # NCCL: the current stream waits for the reduction; the host does not
                 pending.handle = None
             # one pinned buffer and one event are enough: the previous step was consumed (read) just before this
-            if self._host is None or self._host.shape != buffer.shape:
-                self._host = torch.empty(buffer.shape, dtype=buffer.dtype, pin_memory=True)
+            if self._host is None:
+                self._host = torch.empty(2, dtype=torch.float32, pin_memory=True)
                 self._event = torch.cuda.Event()
-            pending.host, pending.event = self._host, self._event
+            pending.host, pending.event = self._host[: buffer.numel()], self._event
             pending.host.copy_(buffer, non_blocking=True)
             pending.event.record()
         self._pending = pending
@@ -662,14 +665,15 @@ class AdaptiveLossWeight(Callback):
         pending, self._pending = self._pending, None
         if pending is None:
             return
-        loss_sum, grad_sum, grad_count = pending.materialise()
+        values = pending.materialise()
         world = pending.world_size
-        grad = grad_sum / grad_count if grad_count >= world else None
-        decision, _ = self._observe(pending.step, loss_sum / world, grad, pending.reference)
+        grad = values[1] / world if len(values) > 1 else None
+        decision, _ = self._observe(pending.step, values[0] / world, grad, pending.reference)
         if decision is not Decision.REJECTED:
-            self.published_avg = self.avg
-            if self._reference is not None and self.avg is not None:
-                self._reference.fill_(self.avg)
+            # an average of 0 (a term that was exactly 0 so far) is no reference: nothing is damped against it
+            self.published_avg = self.avg if self.avg is not None and self.avg > 0 else None
+            if self._reference is not None:
+                self._reference.fill_(math.nan if self.published_avg is None else self.published_avg)
         self._log(trainer, decision)
 
     def _log(self, trainer: pl.Trainer, decision: Decision) -> None:

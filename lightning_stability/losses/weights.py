@@ -45,12 +45,12 @@ class SpikeDamping:
     """Per-step damping of one loss term, computed on the device from the term's own value.
 
     With ``ref`` the reference level of the term (a running average kept by the owner of this object as a 0-dim
-    tensor on the module's device, updated in place) and ``r = max_ratio``::
+    tensor on the module's device, updated in place; ``>= 0``) and ``r = max_ratio``::
 
         ratio  = loss / ref
-        factor = r / ratio   if ref > 0 and ratio > r     (the term is capped at r * ref)
-                 1           otherwise (no reference yet: ref <= 0 or NaN; or a non-finite loss, which is
-                                        left for a gradient guard to handle)
+        factor = r / ratio   if loss > r * ref    (the term is capped at r * ref)
+                 1           otherwise, and when there is no reference yet (ref is NaN or +inf) or the loss is NaN
+                             (a non-finite loss is left for a gradient guard to handle)
 
     The factor is computed from the detached loss, so the damped term's gradient is the original gradient times
     ``factor``. ``enabled`` lets the owner switch the damping off (e.g. during validation) without unregistering it.
@@ -66,11 +66,10 @@ class SpikeDamping:
     def factor(self, loss: Tensor) -> Tensor:
         """Damping factor (fp32, on ``loss``'s device) for this step's value of the term. No host synchronisation."""
         value = loss.detach().float()
-        ref = self.reference.detach().to(device=value.device, dtype=torch.float32)
-        limit = self.max_ratio * ref
-        damp = (ref > 0) & (value > limit)
-        # r / ratio = r * ref / loss; the division is only taken where it is used (value > limit > 0).
-        return torch.where(damp, limit / torch.where(damp, value, torch.ones_like(value)), torch.ones_like(value))
+        limit = self.reference.detach().float() * self.max_ratio
+        # value > limit is False for a NaN/inf reference (no reference yet) and for a NaN loss; when it is True,
+        # value > limit >= 0, so the division is well defined.
+        return torch.where(value > limit, limit / value, 1.0)
 
 
 def _check_name(name: Any) -> str:

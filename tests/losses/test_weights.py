@@ -104,11 +104,11 @@ def test_half_precision_terms_are_weighted_in_fp32():
 
 def test_damping_caps_the_term_at_max_ratio_times_reference_and_scales_its_gradient():
     lw = LossWeights({"mel": 2.0, "l1": 1.0})
-    ref = torch.zeros(())
+    ref = torch.tensor(float("nan"))
     damping = lw.register_damping("mel", ref, max_ratio=2.0)
     x = torch.tensor(100.0, requires_grad=True)
     l1 = torch.tensor(1.0)
-    # no reference yet (0): nothing is damped
+    # no reference yet (NaN): nothing is damped
     assert lw.weighted_sum({"mel": x, "l1": l1}).item() == 201.0
     assert damping.last_factor.item() == 1.0
     ref.fill_(2.5)  # the owner updates the reference in place
@@ -122,9 +122,11 @@ def test_damping_caps_the_term_at_max_ratio_times_reference_and_scales_its_gradi
     # below the limit: untouched
     assert lw.weighted_sum({"mel": torch.tensor(4.9), "l1": l1}).item() == pytest.approx(2 * 4.9 + 1)
     assert damping.last_factor.item() == 1.0
-    # a NaN reference or a NaN loss is not "damped": the NaN is left for a gradient guard
-    ref.fill_(float("nan"))
+    # an infinite reference, a negative or a NaN loss is not "damped": the NaN is left for a gradient guard
+    ref.fill_(float("inf"))
     assert lw.weighted_sum({"mel": x, "l1": l1}).item() == 201.0
+    ref.fill_(2.5)
+    assert lw.weighted_sum({"mel": torch.tensor(-100.0), "l1": l1}).item() == -199.0
     ref.fill_(2.5)
     assert math.isnan(lw.weighted_sum({"mel": torch.tensor(float("nan")), "l1": l1}).item())
     damping.enabled = False
