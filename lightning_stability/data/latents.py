@@ -18,8 +18,9 @@ Two ways to get latents:
    ``cond_dim``; anything else is an error naming the file and the shape.
 
 2. **A frozen encoder applied to audio** (``latents_dir=None``): ``encoder`` is a ``CodecModule`` checkpoint path
-   (its ``encoder`` is used), any callable ``audio [B, 1, S] -> latents [B, D, T]``, or ``None`` for a fixed random
-   convolutional encoder (:class:`RandomConvEncoder`, hop 320) when no trained codec exists. The audio is the
+   (its latents before quantisation, :class:`CodecLatentEncoder`), any callable ``audio [B, 1, S] -> latents
+   [B, D, T]``, or ``None`` for a fixed random convolutional encoder (:class:`RandomConvEncoder`, hop 320) when no
+   trained codec exists (``fallback_to_random=True`` falls back to it when the checkpoint is missing). The audio is the
    eSpeak NG speech corpus by default (``SpeechCorpusDataModule``; ``corpus`` passes its options), or ``audio``: an
    object with ``utterances(split="all")`` returning items with ``.path``, ``.voice`` and ``.id`` (as
    ``SpeechCorpusDataModule``), or a folder of audio files laid out ``<voice>/<utterance>.<ext>`` (real recordings,
@@ -68,8 +69,16 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_stability.data._audio import EpochShuffleSampler, read_mono, resample, scan_audio_files
+from lightning_stability.nn.scale import normalize
 
-__all__ = ["LatentPairDataModule", "LatentPairDataset", "LatentItem", "RandomConvEncoder", "degrade"]
+__all__ = [
+    "CodecLatentEncoder",
+    "LatentItem",
+    "LatentPairDataModule",
+    "LatentPairDataset",
+    "RandomConvEncoder",
+    "degrade",
+]
 
 CACHE_VERSION = 1  # bump when the cached layout or the degradation changes
 _AUDIO_EXTENSIONS = ("wav", "flac", "ogg")
@@ -258,6 +267,9 @@ class LatentPairDataModule(pl.LightningDataModule):
         corpus: options of the default ``SpeechCorpusDataModule`` (e.g. ``num_utterances``, ``num_voices``,
             ``language``); ``cache_dir`` defaults to ``<cache_dir>/speech``.
         cache_dir: where computed latents (and the default corpus) are cached.
+        fallback_to_random: when ``encoder`` is a checkpoint path that does not exist, use :class:`RandomConvEncoder`
+            (with an info message) instead of raising; lets one config train on the demo codec's latents when the
+            demo has run and on the random encoder's otherwise.
         encoder_key: identifies a callable encoder in the cache key; default: a hash of an ``nn.Module``'s
             state_dict, or the callable's qualified name (pass a key when a plain function's behaviour changes).
         latent_dim: expected ``D`` of source/target latents.
@@ -288,6 +300,7 @@ class LatentPairDataModule(pl.LightningDataModule):
         corpus: Mapping[str, Any] | None = None,
         cache_dir: str | Path = "latent_cache",
         encoder_key: str | None = None,
+        fallback_to_random: bool = False,
         latent_dim: int = 128,
         cond_dim: int | None = None,
         segment_frames: int | None = 150,
@@ -346,6 +359,9 @@ class LatentPairDataModule(pl.LightningDataModule):
         self.corpus_options = dict(corpus or {})
         self.cache_dir = Path(cache_dir)
         self.encoder_key = encoder_key
+        if not isinstance(fallback_to_random, bool):
+            raise TypeError(f"`fallback_to_random` must be a bool, got {fallback_to_random!r}")
+        self.fallback_to_random = fallback_to_random
         self.latent_dim = latent_dim
         self.cond_dim = latent_dim if cond_dim is None else cond_dim
         self.segment_frames = segment_frames
@@ -407,12 +423,24 @@ class LatentPairDataModule(pl.LightningDataModule):
         if isinstance(enc, (str, Path)):
             path = Path(enc)
             if not path.is_file():
+                if self.fallback_to_random:
+                    rank_zero_info(
+                        f"LatentPairDataModule: no codec checkpoint at {str(path)!r}; using the fixed random encoder "
+                        "(RandomConvEncoder) instead"
+                    )
+                    module = RandomConvEncoder(self.latent_dim, seed=self.seed)
+                    return _module_fn(module), self.encoder_key or f"random-conv-{self.latent_dim}-{self.seed}"
                 raise FileNotFoundError(f"`encoder` checkpoint {str(path)!r} does not exist")
             from lightning_stability.modules.codec import CodecModule
 
-            codec = CodecModule.load_from_checkpoint(str(path), map_location="cpu")
+            codec = CodecModule.load_from_checkpoint(str(path), map_location="cpu", weights_only=False)
+            rate = getattr(codec, "sample_rate", None)
+            if rate is not None and int(rate) != self.sample_rate:
+                raise ValueError(
+                    f"the codec checkpoint {str(path)!r} works at {rate} Hz but `sample_rate`={self.sample_rate}"
+                )
             key = self.encoder_key or f"codec-{_file_digest(path)}"
-            return _module_fn(codec_encoder(codec)), key
+            return _module_fn(CodecLatentEncoder(codec)), key
         if isinstance(enc, nn.Module):
             return _module_fn(enc), self.encoder_key or f"{type(enc).__qualname__}-{_module_digest(enc)}"
         name = getattr(enc, "__qualname__", type(enc).__qualname__)
@@ -675,12 +703,28 @@ class LatentPairDataModule(pl.LightningDataModule):
 # ---------------------------------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------------------------------
-def codec_encoder(codec: nn.Module) -> nn.Module:
-    """The latent encoder of a ``CodecModule``: its ``encoder`` attribute (``[B, 1, S] -> [B, 128, S // 320]``)."""
-    encoder = getattr(codec, "encoder", None)
-    if not isinstance(encoder, nn.Module):
-        raise TypeError(f"{type(codec).__name__} has no `encoder` module to compute latents with")
-    return encoder
+class CodecLatentEncoder(nn.Module):
+    """The continuous (pre-quantisation) latents of a ``CodecModule``, computed as its ``forward`` does:
+    ``audio [B, 1, S]`` -> EnCodec scale normalisation (``x / rms(x)``, when the codec has ``normalize_scale``) ->
+    zero-pad to a multiple of the hop -> ``codec.encoder`` -> ``[B, 128, ceil(S / hop)]``."""
+
+    def __init__(self, codec: nn.Module) -> None:
+        super().__init__()
+        encoder = getattr(codec, "encoder", None)
+        if not isinstance(encoder, nn.Module):
+            raise TypeError(f"{type(codec).__name__} has no `encoder` module to compute latents with")
+        self.encoder = encoder
+        hparams = getattr(codec, "hparams", {})
+        self.normalize_scale = bool(hparams.get("normalize_scale", False))
+        self.hop = int(getattr(codec, "hop_length", 1))
+
+    def forward(self, audio: Tensor) -> Tensor:
+        if self.normalize_scale:
+            audio, _ = normalize(audio)
+        extra = (-audio.shape[-1]) % self.hop
+        if extra:
+            audio = torch.nn.functional.pad(audio, (0, extra))
+        return self.encoder(audio)
 
 
 def _module_fn(module: nn.Module) -> Callable[[Tensor], Tensor]:

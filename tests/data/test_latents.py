@@ -6,6 +6,7 @@ import soundfile as sf
 import torch
 from torch import nn
 
+from lightning_stability.data._audio import resample
 from lightning_stability.data.latents import (
     LatentPairDataModule,
     RandomConvEncoder,
@@ -331,3 +332,42 @@ def test_default_task_on_the_speech_corpus(tmp_path):
     assert 1.0 < rms < 20.0
     diff = (batch["source"] - batch["target"]).pow(2).mean().sqrt()
     assert float(diff) > 0.05 * rms  # the source is a degraded version, not the clean latents
+
+
+def _codec_checkpoint(tmp_path, dim=D):
+    import lightning.pytorch as pl
+
+    from lightning_stability.modules.codec import CodecModule
+
+    codec = CodecModule(n_filters=4, dimension=dim, lstm=0, n_q=1, codebook_size=16, kmeans_init=False)
+    trainer = pl.Trainer(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, accelerator="cpu")
+    trainer.strategy.connect(codec)
+    path = tmp_path / "codec.ckpt"
+    trainer.save_checkpoint(path)
+    return codec, path
+
+
+def test_codec_checkpoint_encoder_gives_the_codecs_latents(tmp_path):
+    from lightning_stability.data.latents import CodecLatentEncoder
+    from lightning_stability.nn.scale import normalize
+
+    codec, path = _codec_checkpoint(tmp_path)
+    audio = write_audio(tmp_path / "audio")
+    dm = LatentPairDataModule(encoder=path, audio=audio, cache_dir=tmp_path / "cache", latent_dim=D, degradations=1)
+    dm.prepare_data()
+    item = torch.load(sorted(dm.computed_dir().glob("*.pt"))[0], weights_only=True)
+    mono, rate = sf.read(audio / "spk1" / "utt0.wav", dtype="float32")
+    clean = resample(torch.from_numpy(mono), rate, 24000)[None, None]
+    codec.eval()
+    with torch.no_grad():
+        expected = codec.encoder(torch.nn.functional.pad(normalize(clean)[0], (0, (-clean.shape[-1]) % 320)))[0]
+    torch.testing.assert_close(item["target"], expected, rtol=1e-4, atol=1e-4)
+    assert item["target"].shape == (D, math.ceil(12000 / 320))
+    assert isinstance(CodecLatentEncoder(codec).encoder, nn.Module)
+    with pytest.raises(FileNotFoundError, match="`encoder` checkpoint .*missing.ckpt' does not exist"):
+        LatentPairDataModule(encoder=tmp_path / "missing.ckpt", audio=audio, cache_dir=tmp_path / "c").prepare_data()
+    fallback = LatentPairDataModule(
+        encoder=tmp_path / "missing.ckpt", fallback_to_random=True, audio=audio, cache_dir=tmp_path / "c2"
+    )
+    fallback.prepare_data()
+    assert "random-conv" in str(fallback._resolve_encoder()[1])
