@@ -119,9 +119,10 @@ class AdaptiveLossWeight(Callback):
     The variance gate uses the *relative* variance :math:`\operatorname{Var}(w)/\operatorname{mean}(w)^2` of the last
     ``variance_window`` accepted values :math:`w`: it does not depend on the scale of the loss, so the one
     default (0.5, a coefficient of variation of 0.71) means the same for a mel L1 around 2 (the seed table of DESIGN.md
-    §1.1) as for an STFT loss around 50, where a raw variance limit of 0.5 would freeze one loss forever and never
-    gate the other. On the seed table's loss (about 2 with mild noise) the steady decline never trips the gate; a
-    chaotic phase (the loss jumping between 0.5 and 4) does.
+    §1.1; there it equals a raw variance of 2) as for an STFT loss around 50, for which a raw limit of 0.5 would be a
+    1.4 % standard deviation and would keep the weight shut almost always (and a loss around 0.1 could never reach
+    it). On the seed table's loss (about 2 with mild noise) the steady decline never trips the gate; a chaotic phase
+    (the loss alternating between 0.5 and 4: relative variance 0.6) does.
 
     "Gradient norm growing" means: the mean of the last ``variance_window`` finite total gradient norms is above
     ``grad_growth`` times their running average (same :math:`\beta`). The norm is read from a ``GradientGuard`` on the
@@ -136,7 +137,7 @@ class AdaptiveLossWeight(Callback):
     during validation.
 
     **Timing (one async reduction, no per-step sync).** At the end of step :math:`t` the step's statistics
-    ``[loss, grad norm, count]`` are stacked into one tensor, an ``all_reduce(async_op=True)`` is launched when
+    ``[loss, grad norm]`` are stacked into one tensor, an ``all_reduce(async_op=True)`` is launched when
     training is distributed, and on CUDA a non-blocking copy into pinned memory is queued behind it with an event.
     They are consumed at the end of step :math:`t+1`, when that work finished long ago, so the host never waits on the
     device: the decision about step :math:`t` is taken one step late, and a new weight applies from step
