@@ -432,8 +432,9 @@ class AdaptiveLossWeight(Callback):
             self.event_log.add(step, decision.name.lower(), reason, **data)
 
     def _change_weight(self, step: int, weight: float, *, manual: bool = False) -> None:
-        self.history.append((int(step), float(self.weight)))
-        del self.history[: -self.max_history]
+        if self.weight is not None:  # (None: base_weight=None before setup read the module's weight)
+            self.history.append((int(step), float(self.weight)))
+            del self.history[: -self.max_history]
         self.weight = float(weight)
         self.since_change = 0
         if not manual:
