@@ -16,6 +16,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
@@ -90,6 +91,14 @@ def _check_positive(name: str, value: Any, allow_none: bool = True) -> None:
         raise TypeError(f"`{name}` must be a positive number or None, got {value!r}")
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}")
+
+
+def _filled(values: list[float] | list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A device tensor holding ``values``, written with ``fill_`` kernels (no host-to-device copy, no sync)."""
+    out = torch.empty(len(values), dtype=dtype, device=device)
+    for i, v in enumerate(values):
+        out[i].fill_(v)
+    return out
 
 
 def _is_fused(optimizer: torch.optim.Optimizer) -> bool:
@@ -302,6 +311,8 @@ class GradientGuard(Callback):
         self._warned_fallback = False
         self._log_every = 50
         self._last_read: dict[int, list[int]] = {}
+        self._active_scaler: torch.amp.GradScaler | None = None
+        self._process_group: Any = None
 
     # ------------------------------------------------------------------------------------------------------------------
     # identity and state
@@ -384,6 +395,12 @@ class GradientGuard(Callback):
         self._log_every = self.log_every_n_steps or trainer.log_every_n_steps or 50
 
     @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the precision plugin and the strategy are fixed from here on: look them up once, not every step
+        self._active_scaler = self._scaler(trainer)
+        self._process_group = self._shard_group(trainer)
+
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._param_names = {id(p): name for name, p in pl_module.named_parameters()}
         self._buffers = None
@@ -417,7 +434,7 @@ class GradientGuard(Callback):
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         # only needed to tell an fp16 overflow (finite loss) from a real NaN/inf loss
-        if trainer.sanity_checking or self._scaler(trainer) is None:
+        if trainer.sanity_checking or self._active_scaler is None:
             return
         bad = ~torch.isfinite(loss.detach())
         self._loss_bad = bad if self._loss_bad is None else self._loss_bad | bad
@@ -438,12 +455,12 @@ class GradientGuard(Callback):
         fused = _is_fused(optimizer)
         if fused:
             self._install_step_hooks(optimizer)
-        scaler = self._scaler(trainer)
+        scaler = self._active_scaler
         amp_state = self._scaler_state(scaler, optimizer)
         inv_scale = None
         if scaler is not None and amp_state is not None and amp_state.get("stage_ready", False):
             inv_scale = scaler._get_scale_async().double().reciprocal().float()  # grads still scaled (fused optimizer)
-        norms = grad_norms(grads, inv_scale=inv_scale, process_group=self._shard_group(trainer, grads))
+        norms = grad_norms(grads, inv_scale=inv_scale, process_group=self._process_group)
         self.last_grad_norm = norms.total
         amp_found = None
         if scaler is not None:
@@ -488,15 +505,18 @@ class GradientGuard(Callback):
 
     def _host_step(self, trainer, pl_module, optimizer, idx, st, params, grads, norms, amp_found, loss_bad, forced):
         device = norms.total.device
-        false = torch.zeros((), dtype=torch.bool, device=device)
-        packed = torch.stack(
-            [
-                norms.total,
-                (amp_found if amp_found is not None else false).to(torch.float32),
-                (loss_bad if loss_bad is not None else false).to(torch.float32),
-            ]
-        ).tolist()  # the one host read of this step
-        norm, amp, lossbad = packed[0], bool(packed[1]), bool(packed[2])
+        if amp_found is None and loss_bad is None:
+            norm, amp, lossbad = norms.total.item(), False, False  # the one host read of this step
+        else:
+            false = torch.zeros((), dtype=torch.bool, device=device)
+            packed = torch.stack(
+                [
+                    norms.total,
+                    (amp_found if amp_found is not None else false).to(torch.float32),
+                    (loss_bad if loss_bad is not None else false).to(torch.float32),
+                ]
+            ).tolist()  # the one host read of this step
+            norm, amp, lossbad = packed[0], bool(packed[1]), bool(packed[2])
         decision = evaluate(
             norm, st.stats, self._cfg, amp_overflow=amp and amp_found is not None, nonfinite_loss=lossbad, forced=forced
         )
@@ -592,8 +612,8 @@ class GradientGuard(Callback):
 
     def _to_device(self, st: _OptimizerState, device: torch.device, n: int) -> None:
         if st.stats_t is None or st.stats_t.device != device:
-            st.stats_t = torch.tensor(st.stats.as_list(), dtype=torch.float32, device=device)
-            st.counters_t = torch.tensor(st.host_counters(), dtype=torch.int64, device=device)
+            st.stats_t = _filled(st.stats.as_list(), torch.float32, device)
+            st.counters_t = _filled(st.host_counters(), torch.int64, device)
             st.last_skip_code_t = torch.zeros((), dtype=torch.int32, device=device)
             self._last_read[id(st)] = st.host_counters()
 
@@ -691,7 +711,7 @@ class GradientGuard(Callback):
             st = self._opt_states.setdefault(idx, _OptimizerState())
             st.stats = NormStats(*saved[:2], int(saved[2]))
             if st.stats_t is not None:
-                st.stats_t = torch.tensor(st.stats.as_list(), dtype=torch.float32, device=st.stats_t.device)
+                st.stats_t = _filled(st.stats.as_list(), torch.float32, st.stats_t.device)
         for st in self._opt_states.values():
             st.consecutive = 0
             st.consecutive_amp = 0
@@ -825,9 +845,8 @@ class GradientGuard(Callback):
         return {"stage_ready": _is_fused(optimizer)}
 
     @staticmethod
-    def _shard_group(trainer: pl.Trainer, grads: list[Tensor]):
-        name = type(trainer.strategy).__name__
-        sharded = name in ("FSDPStrategy", "ModelParallelStrategy")
+    def _shard_group(trainer: pl.Trainer):
+        sharded = isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
         if sharded and trainer.world_size > 1 and torch.distributed.is_initialized():
             return torch.distributed.group.WORLD
         return None

@@ -1,0 +1,370 @@
+"""Overhead of the stability callbacks: median training-step time with callbacks / bare Trainer, same model.
+
+Each configuration in ``CONFIGS`` is a named list of callbacks. Repetitions are interleaved (A B B A A B ...: the order
+flips every repetition so slow drift of a shared machine hits every configuration alike); every repetition is a fresh
+Trainer and a freshly seeded model, and a tiny timing callback records the wall time between consecutive
+``on_train_batch_start`` calls (everything a step costs: data, forward, backward, hooks, optimizer). The first
+``--warmup`` steps of every run are dropped. The result is the median step time per configuration and its ratio to
+``bare``; the JSON schema is documented in ``benchmarks/README.md``.
+
+On a CUDA machine the script also counts host synchronisations made by ``GradientGuard(sync_free=True)`` with a fused
+Adam (``torch.cuda.set_sync_debug_mode``), per step, inside the guard's hooks only. On CPU that check is skipped and the
+JSON says so.
+
+    python benchmarks/overhead.py            # full: about 3 minutes on one CPU thread
+    python benchmarks/overhead.py --quick    # CI smoke run, well under a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import lightning
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lightning_stability.callbacks import GradientGuard  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "overhead.json"
+TARGET_RATIO = 1.03
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the fixed model: a small SEANet-like 1-D conv autoencoder (25k parameters) on batches of 4 x 93 ms of 22.05 kHz
+# audio, with BatchNorm (buffers for the guard to protect)
+
+
+class ConvAudioModel(pl.LightningModule):
+    def __init__(self, channels: int = 16, fused: bool = False) -> None:
+        super().__init__()
+        c = channels
+        self.fused = fused
+        self.encoder = nn.Sequential(
+            nn.Conv1d(1, c, 7, padding=3),
+            nn.BatchNorm1d(c),
+            nn.ELU(),
+            nn.Conv1d(c, 2 * c, 8, stride=4, padding=2),
+            nn.BatchNorm1d(2 * c),
+            nn.ELU(),
+            nn.Conv1d(2 * c, 2 * c, 8, stride=4, padding=2),
+            nn.ELU(),
+        )
+        self.decoder = nn.Sequential(
+            nn.ConvTranspose1d(2 * c, 2 * c, 8, stride=4, padding=2),
+            nn.BatchNorm1d(2 * c),
+            nn.ELU(),
+            nn.ConvTranspose1d(2 * c, c, 8, stride=4, padding=2),
+            nn.ELU(),
+            nn.Conv1d(c, 1, 7, padding=3),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        y = self(x)
+        return nn.functional.l1_loss(y, x)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3, fused=self.fused or None)
+
+
+def audio_loader(n_batches: int, batch_size: int = 4, samples: int = 2048) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    t = torch.arange(samples) / 22050
+    freqs = 100 + 900 * torch.rand(n_batches * batch_size, 1, 1, generator=g)
+    x = torch.sin(2 * torch.pi * freqs * t) * 0.5 + 0.05 * torch.randn(n_batches * batch_size, 1, samples, generator=g)
+    return DataLoader(TensorDataset(x), batch_size=batch_size, shuffle=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# configurations: add the rest of the stack here as it lands (name -> factory of a callback list)
+
+CONFIGS: dict[str, Callable[[], list[pl.Callback]]] = {
+    "bare": lambda: [],
+    "guard": lambda: [GradientGuard()],  # default settings, buffer protection included
+}
+
+
+class StepTimer(pl.Callback):
+    """Wall time between consecutive ``on_train_batch_start`` calls (first in the callback list)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._last: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        now = time.perf_counter()
+        if self._last is not None:
+            self.times.append(now - self._last)
+        self._last = now
+
+
+def run_once(name: str, steps: int, device: str) -> list[float]:
+    torch.manual_seed(0)
+    model = ConvAudioModel()
+    timer = StepTimer()
+    trainer = pl.Trainer(
+        accelerator=device,
+        devices=1,
+        max_steps=steps + 1,
+        callbacks=[timer, *CONFIGS[name]()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, audio_loader(steps + 1))
+    return timer.times
+
+
+class HookTimedGuard(GradientGuard):
+    """``GradientGuard`` that records the wall time spent inside its own per-step hooks."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.hook_seconds: dict[int, float] = {}
+
+    def _timed(self, trainer, fn, *args) -> None:
+        t0 = time.perf_counter()
+        fn(*args)
+        step = trainer.global_step
+        self.hook_seconds[step] = self.hook_seconds.get(step, 0.0) + time.perf_counter() - t0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._timed(trainer, super().on_train_batch_start, trainer, pl_module, batch, batch_idx)
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        self._timed(trainer, super().on_before_backward, trainer, pl_module, loss)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self._timed(trainer, super().on_before_optimizer_step, trainer, pl_module, optimizer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._timed(trainer, super().on_train_batch_end, trainer, pl_module, outputs, batch, batch_idx)
+
+
+def guard_hook_time(steps: int, warmup: int, device: str) -> dict:
+    """Median time per step spent inside ``GradientGuard``'s hooks (less sensitive to machine load than the ratio)."""
+    torch.manual_seed(0)
+    guard = HookTimedGuard()
+    trainer = pl.Trainer(
+        accelerator=device,
+        devices=1,
+        max_steps=steps,
+        callbacks=[guard],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(ConvAudioModel(), audio_loader(steps))
+    per_step = [guard.hook_seconds[s] for s in sorted(guard.hook_seconds) if s >= warmup]
+    return {"median_us": 1e6 * statistics.median(per_step), "n": len(per_step)}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# GPU only: host syncs from the guard in sync-free mode
+
+
+class SyncCountingGuard(GradientGuard):
+    """Counts CUDA host synchronisations inside the guard's per-step hooks (``set_sync_debug_mode("warn")``)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.syncs_per_step: dict[int, int] = {}
+
+    def _counted(self, trainer, fn, *args) -> None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                fn(*args)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        n = sum("synchroniz" in str(w.message) for w in caught)
+        self.syncs_per_step[trainer.global_step] = self.syncs_per_step.get(trainer.global_step, 0) + n
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._counted(trainer, super().on_train_batch_start, trainer, pl_module, batch, batch_idx)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self._counted(trainer, super().on_before_optimizer_step, trainer, pl_module, optimizer)
+
+
+def count_guard_syncs(steps: int, log_every: int) -> dict:
+    torch.manual_seed(0)
+    model = ConvAudioModel(fused=True)
+    guard = SyncCountingGuard(sync_free=True, log_every_n_steps=log_every)
+    trainer = pl.Trainer(
+        accelerator="cuda",
+        devices=1,
+        max_steps=steps,
+        callbacks=[guard],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, audio_loader(steps))
+    read_steps = {s for s in guard.syncs_per_step if (s + 1) % log_every == 0}
+    other = {s: n for s, n in guard.syncs_per_step.items() if s not in read_steps and s != 0}
+    return {
+        "checked": True,
+        "log_every_n_steps": log_every,
+        "steps": steps,
+        "syncs_on_ordinary_steps": sum(other.values()),
+        "ordinary_steps": len(other),
+        "syncs_on_first_step": guard.syncs_per_step.get(0, 0),
+        "syncs_on_read_steps": {str(s): guard.syncs_per_step[s] for s in sorted(read_steps)},
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _machine() -> dict:
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = None
+    return {
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "load_average_1min_at_start": load,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    started = time.perf_counter()
+    parser = argparse.ArgumentParser(prog="benchmarks/overhead.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="few short repetitions (CI smoke run)")
+    parser.add_argument("--reps", type=int, default=None, help="repetitions per configuration")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=None, help="steps dropped at the start of every run")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/overhead[_quick].json")
+    args = parser.parse_args(argv)
+    reps = args.reps or (2 if args.quick else 8)
+    steps = args.steps or (25 if args.quick else 60)
+    warmup = args.warmup if args.warmup is not None else (5 if args.quick else 10)
+    if "bare" not in args.configs:
+        parser.error("`--configs` must include 'bare' (the reference)")
+    if args.threads < 1:
+        parser.error(f"`--threads` must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    machine = _machine()
+
+    times: dict[str, list[float]] = {name: [] for name in args.configs}
+    per_rep: dict[str, list[float]] = {name: [] for name in args.configs}
+    for rep in range(reps):
+        order = args.configs if rep % 2 == 0 else args.configs[::-1]
+        for name in order:
+            t = run_once(name, steps, device)[warmup:]
+            times[name].extend(t)
+            per_rep[name].append(statistics.median(t))
+
+    bare = statistics.median(times["bare"])
+    cases = []
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=10)
+        cases.append(
+            {
+                "name": name,
+                "median_step_ms": 1e3 * statistics.median(ts),
+                "p10_step_ms": 1e3 * q[0],
+                "p90_step_ms": 1e3 * q[-1],
+                "n_steps": len(ts),
+                "per_rep_median_ms": [1e3 * m for m in per_rep[name]],
+                "ratio_vs_bare": statistics.median(ts) / bare,
+                "median_of_per_rep_ratios": statistics.median(a / b for a, b in zip(per_rep[name], per_rep["bare"])),
+            }
+        )
+    hooks = guard_hook_time(steps, warmup, device)
+    if device == "cuda":
+        sync = count_guard_syncs(steps=40, log_every=10)
+    else:
+        sync = {"checked": False, "reason": "CUDA not available: torch.cuda.set_sync_debug_mode needs a GPU"}
+    ratios = {c["name"]: c["ratio_vs_bare"] for c in cases if c["name"] != "bare"}
+    doc = {
+        "benchmark": "overhead",
+        "schema_version": 1,
+        "mode": "quick" if args.quick else "full",
+        "command": " ".join(["python", "benchmarks/overhead.py", *(argv if argv is not None else sys.argv[1:])]),
+        "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "wall_time_s": None,
+        "machine": machine,
+        "config": {
+            "device": device,
+            "model": {
+                "name": "ConvAudioModel",
+                "parameters": sum(p.numel() for p in ConvAudioModel().parameters()),
+                "buffers": sum(b.numel() for b in ConvAudioModel().buffers()),
+                "batch": [4, 1, 2048],
+                "optimizer": "Adam",
+            },
+            "configs": list(args.configs),
+            "reps": reps,
+            "steps_per_run": steps,
+            "warmup_steps_dropped": warmup,
+            "order": "interleaved, flipped every repetition (A B, B A, ...); fresh Trainer and model per run",
+        },
+        "cases": cases,
+        "summary": {
+            "target": f"median step time with callbacks / bare <= {TARGET_RATIO} on CPU",
+            "target_met": all(r <= TARGET_RATIO for r in ratios.values()),
+            "ratio_vs_bare": ratios,
+            "guard_hook_time_us": hooks["median_us"],
+            "guard_hook_fraction_of_bare_step": hooks["median_us"] / (1e6 * bare),
+            "guard_host_syncs": sync,
+        },
+    }
+    doc["wall_time_s"] = round(time.perf_counter() - started, 2)
+    out = args.out or RESULTS.with_name("overhead_quick.json" if args.quick else "overhead.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+    line = ", ".join(f"{n} {r:.3f}x" for n, r in ratios.items())
+    rep_line = ", ".join(f"{c['name']} {c['median_of_per_rep_ratios']:.3f}x" for c in cases if c["name"] != "bare")
+    print(
+        f"overhead ({device}, {reps} reps x {steps} steps): bare {1e3 * bare:.2f} ms/step; {line}"
+        f" (target <= {TARGET_RATIO}: {'met' if doc['summary']['target_met'] else 'NOT met'});"
+        f" per-rep median ratio {rep_line}; guard hooks {hooks['median_us']:.0f} us/step"
+        f" ({100 * hooks['median_us'] / (1e6 * bare):.1f}% of a bare step);"
+        f" guard host syncs: {'checked' if sync['checked'] else 'skipped (no GPU)'} -> {out}"
+    )
+    return doc
+
+
+if __name__ == "__main__":
+    main()
