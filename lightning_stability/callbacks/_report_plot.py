@@ -26,14 +26,23 @@ def _mel_to_hz(m: Tensor) -> Tensor:
 
 
 def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int) -> Tensor:
-    """Triangular HTK mel filters ``[n_mels, n_fft // 2 + 1]`` from 0 Hz to Nyquist (unnormalised)."""
+    """Triangular HTK mel filters ``[n_mels, n_fft // 2 + 1]`` from 0 Hz to Nyquist (unnormalised).
+
+    A low filter narrower than the FFT bin spacing would contain no bin at all (an all-zero row, drawn as a dark
+    stripe); such a filter takes the FFT bin nearest its centre instead.
+    """
     freqs = torch.linspace(0, sample_rate / 2, n_fft // 2 + 1, dtype=torch.float64)
     mel_points = torch.linspace(0.0, float(_hz_to_mel(torch.tensor(sample_rate / 2.0))), n_mels + 2)
     hz = _mel_to_hz(mel_points.double())
     lower, center, upper = hz[:-2, None], hz[1:-1, None], hz[2:, None]
     rising = (freqs[None] - lower) / (center - lower).clamp_min(1e-9)
     falling = (upper - freqs[None]) / (upper - center).clamp_min(1e-9)
-    return torch.clamp(torch.minimum(rising, falling), min=0.0).float()
+    bank = torch.clamp(torch.minimum(rising, falling), min=0.0)
+    empty = bank.sum(dim=1) == 0
+    if empty.any():
+        nearest = (freqs[None] - center[empty]).abs().argmin(dim=1)
+        bank[empty.nonzero().squeeze(1), nearest] = 1.0
+    return bank.float()
 
 
 def log_mel_db(signal: Tensor, sample_rate: int, n_mels: int = 80, *, floor_db: float = -100.0) -> Tensor:

@@ -431,9 +431,9 @@ class StabilityReport(Callback):
                 low, high = bounds
                 if high is not None and all(v >= high * 0.99 for v in tail):
                     recs.append(
-                        f"scale factor '{name}' is pinned at its upper bound {high:g}: the output is much quieter "
-                        "than its reference, the residual path is collapsing; strengthen the residual weight or check "
-                        "the initialisation."
+                        f"scale factor '{name}' is pinned at its upper bound {high:g} over the last quarter of the "
+                        "run: the output is much quieter than its reference (in a residual stack: the residual path is "
+                        "collapsing); strengthen the residual weight, check the initialisation, or add an RMS loss."
                     )
                 elif low is not None and all(v <= low * 1.01 for v in tail):
                     recs.append(
@@ -500,8 +500,14 @@ class StabilityReport(Callback):
             first, last = report["loss"][0], report["loss"][-1]
             lines.append(f"  loss: {_fmt(first[1])} (step {first[0]}) -> {_fmt(last[1])} (step {last[0]})")
         if s["final_metrics"]:
-            shown = list(s["final_metrics"].items())[:12]
-            lines.append("  final metrics: " + ", ".join(f"{k}={_fmt(v)}" for k, v in shown))
+            # losses and validation signal metrics first, then the rest (alphabetical within each group)
+            order = sorted(
+                s["final_metrics"].items(),
+                key=lambda kv: (0 if "loss" in kv[0] else 1 if "val/" in kv[0] else 2, kv[0]),
+            )
+            shown = order[:16]
+            more = f" (+{len(order) - len(shown)} more in the JSON)" if len(order) > len(shown) else ""
+            lines.append("  final metrics: " + ", ".join(f"{k}={_fmt(v)}" for k, v in shown) + more)
         if s["recommendations"]:
             lines.append("  recommendations:")
             lines.extend(f"   - {r}" for r in s["recommendations"])
