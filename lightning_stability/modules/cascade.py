@@ -114,6 +114,8 @@ class CascadeTransformerModule(pl.LightningModule):
         ValueError, TypeError: bad arguments (the message names the argument and shows the value).
     """
 
+    signal_type = "latent"  # SignalMonitor: preds/target are latents [B, D, T], not audio
+
     def __init__(
         self,
         config: CascadeConfig | dict[str, Any] | None = None,

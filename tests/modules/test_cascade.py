@@ -1,5 +1,6 @@
 import math
 import pickle
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -321,3 +322,37 @@ def test_ddp_spawn_fit_keeps_ranks_identical(tmp_path):
         assert torch.equal(r0["state"][k], r1["state"][k]), k
     assert any(not torch.equal(r0["state"][k], initial[k]) for k in initial)
     assert all(math.isfinite(v) for v in r0["losses"] + r1["losses"])
+
+
+def test_cli_config_runs_two_steps(tmp_path):
+    """``lightning-stability fit --config configs/cascade.yaml`` with the full callback stack, shrunk to run in seconds
+    (no demo checkpoint here: the data falls back to the fixed random encoder)."""
+    from lightning_stability.cli import main
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "cascade.yaml"
+    rc = main(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--trainer.max_steps=2",
+            "--trainer.val_check_interval=2",
+            "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.default_root_dir=" + str(tmp_path / "run"),
+            "--model.init_args.config.widths=[16, 16, 16]",
+            "--model.init_args.config.n_layers=1",
+            "--model.init_args.config.n_heads=2",
+            "--data.init_args.corpus={cache_dir: speech_corpus, num_utterances: 8, num_voices: 2}",
+            "--data.init_args.batch_size=2",
+        ]
+    )
+    assert rc == 0
+    assert list((tmp_path / "latent_cache").glob("latents-*/manifest.json"))
+    (ckpt,) = (tmp_path / "run").rglob("last.ckpt")
+    loaded = CascadeTransformerModule.load_from_checkpoint(ckpt, weights_only=False)
+    assert loaded.config.widths == (16, 16, 16)
+    assert loaded.config.residual_weights == (1.0, 1.0, 0.3)
+    state = torch.load(ckpt, weights_only=False)
+    assert state["global_step"] == 2
+    assert any("GradientGuard" in key for key in state["callbacks"])
