@@ -167,6 +167,20 @@ def test_rollback_goes_back_further_than_the_current_state(tmp_path):
     assert_same(rec.snaps[8], rec.snaps[4])
 
 
+def test_sync_free_rollback_acts_at_the_next_read(tmp_path):
+    module = FusedFaultyModule(nan_loss_steps={6, 7, 8})
+    guard = GradientGuard(
+        sync_free=True, log_every_n_steps=4, max_consecutive_skips=2, on_persistent="rollback", snapshot_every=4
+    )
+    _, rec = _fit(tmp_path, module, guard, max_steps=14)
+    rollback = next(e for e in guard.event_log.events if e.kind == "rollback")
+    assert rollback.step == 7  # the read after steps 4..7: two consecutive skips (6, 7) are persistent trouble
+    assert rollback.data["to_step"] == 4  # the snapshot taken after the read at step 3 found it good
+    assert_same(rec.snaps[8], rec.snaps[4])
+    assert guard.num_rollbacks == 1
+    assert math.isfinite(module.step_losses[-1])
+
+
 def test_stop_ends_the_run_cleanly(tmp_path):
     module = FaultyModule(nan_loss_steps=set(range(3, 100)))
     guard = GradientGuard(max_consecutive_skips=4, on_persistent="stop")
@@ -268,13 +282,13 @@ class _ScaleRecorder(StepRecorder):
         self.scales[trainer.global_step] = trainer.precision_plugin.scaler.get_scale()
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_fp16_overflows_are_counted_apart_and_the_scaler_still_backs_off(tmp_path, fused):
+@pytest.mark.parametrize(("fused", "sync_free"), [(False, False), (True, False), (True, True)])
+def test_fp16_overflows_are_counted_apart_and_the_scaler_still_backs_off(tmp_path, fused, sync_free):
     # Lightning turns precision="16-mixed" into bf16 on CPU, so the fp16 plugin and GradScaler are wired explicitly
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
     plugin = MixedPrecision("16-mixed", device="cpu", scaler=scaler)
     module = (FusedFaultyModule if fused else FaultyModule)(nan_loss_steps={6})
-    guard = GradientGuard()
+    guard = GradientGuard(sync_free=sync_free, log_every_n_steps=1)  # sync-free: read back every step to compare
     rec = _ScaleRecorder()
     make_trainer(tmp_path, [guard, rec], plugins=[plugin], max_steps=10).fit(module)
     backoffs = [s for s in range(9) if rec.scales[s + 1] < rec.scales[s]]
