@@ -371,6 +371,22 @@ def test_growing_gradient_norm_decreases_the_weight(tmp_path, source):
     assert quiet.num_changes == 0
 
 
+def test_reads_the_norm_of_a_real_gradient_guard_instead_of_computing_it(tmp_path, monkeypatch):
+    from lightning_stability.callbacks import GradientGuard, adaptive_weights
+
+    def not_expected(grads):
+        raise AssertionError("the norm should come from the guard")
+
+    monkeypatch.setattr(adaptive_weights, "_total_grad_norm", not_expected)
+    guard = GradientGuard()
+    cb = AdaptiveLossWeight(warmup_steps=2)
+    module = ScriptedLossModule({"mel": [1.0] * 6}, grad_gain=[3.0] * 6)
+    make_trainer(tmp_path, [cb, guard], max_steps=6).fit(module)
+    assert cb._guard is guard
+    assert cb.grad_avg == pytest.approx(2.5 * (1.0 + 3.0))  # d total / dp = w * (value + gain)
+    assert cb.observed == 5
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="fp16 AMP with a GradScaler needs CUDA (Lightning turns CPU 16-mixed into bf16)")
 @pytest.mark.parametrize("fused", [False, True])
