@@ -296,3 +296,25 @@ def test_inf_gradient_skip_by_the_guard_is_in_the_report(tmp_path):
     width, height = _assert_png(tmp_path / "stability_report.png")
     assert width >= 800
     assert height >= 4 * 200
+
+
+class _ManualFaulty(FaultyModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        out = super().training_step(batch, batch_idx)
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(out["loss"])
+        opt.step()
+        return out
+
+
+def test_manual_optimization_loss_is_recorded_per_step(tmp_path):
+    module = _ManualFaulty()
+    make_trainer(tmp_path, [StabilityReport()], max_steps=5).fit(module)
+    data = _load(tmp_path / "stability_report.json")
+    assert [p[0] for p in data["loss"]] == list(range(5))
+    assert [p[1] for p in data["loss"]] == pytest.approx(module.step_losses, rel=1e-6)
