@@ -32,9 +32,12 @@ def _rms(x: Tensor, dims: Sequence[int]) -> Tensor:
     Written as ``||x||_2 / sqrt(n)`` because ``torch.linalg.vector_norm`` has a zero subgradient at 0, whereas
     ``x.pow(2).mean().sqrt()`` back-propagates ``0 * inf = NaN`` through an all-zero input.
     """
-    n = math.prod(x.shape[d] for d in dims)
+    dims = tuple(dims)
+    n = 1
+    for d in dims:  # a plain loop, which torch.compile traces without a graph break
+        n *= x.shape[d]
     with torch.autocast(device_type=x.device.type, enabled=False):
-        return torch.linalg.vector_norm(x.float(), ord=2, dim=tuple(dims), keepdim=True) / math.sqrt(max(n, 1))
+        return torch.linalg.vector_norm(x.float(), ord=2, dim=dims, keepdim=True) / math.sqrt(max(n, 1))
 
 
 def _check_bounds(min_scale: float, max_scale: float) -> tuple[float, float]:

@@ -263,3 +263,19 @@ def test_forward_backward_and_normalisation_never_read_tensors_on_the_host():
         y, scale = normalize(x)
         denormalize(y, scale)
     assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("per_frame", [False, True])
+def test_traces_under_torch_compile_without_graph_breaks(per_frame):
+    layer = ClampedRMSScale(per_frame=per_frame)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    x, ref = torch.randn(2, 3, 8), 2.0 * torch.randn(2, 3, 8)
+    try:
+        y = compiled(x, ref)
+        recorded = layer.last_scale.clone()
+        torch.testing.assert_close(y, layer(x, ref))
+        torch.testing.assert_close(recorded, layer.last_scale)
+        pair = torch.compile(lambda t: denormalize(*normalize(t)), backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(pair(x), x)
+    finally:
+        torch._dynamo.reset()
