@@ -11,7 +11,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -548,6 +548,27 @@ def test_resume_continues_with_the_identical_weight_trajectory(tmp_path):
     assert full.num_spikes == 1
     assert full.num_rejected == 1
     assert same_state(second.state_dict(), full.state_dict())
+
+
+def test_resume_from_a_checkpoint_saved_mid_run_with_a_step_in_flight(tmp_path):
+    # ModelCheckpoint saves in on_train_batch_end after this callback launched the step's reduction: the in-flight
+    # step is materialised into the checkpoint and decided after the resume exactly when the full run decides it
+    kwargs = {"warmup_steps": 4, "cooling_steps": 3, "variance_window": 4}
+    full_module = ScriptedLossModule({"mel": resume_script()})
+    full = AdaptiveLossWeight(**kwargs)
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=17, save_top_k=-1)
+    make_trainer(tmp_path / "full", [full, saver], max_steps=40, enable_checkpointing=True).fit(full_module)
+    ckpt = tmp_path / "ckpt" / "epoch=0-step=17.ckpt"
+    saved = torch.load(ckpt, weights_only=False)["callbacks"][full.state_key]
+    assert saved["pending"]["step"] == 16
+    assert saved["last_step"] == 15
+
+    resumed_module = ScriptedLossModule({"mel": resume_script()})
+    resumed = AdaptiveLossWeight(**kwargs)
+    make_trainer(tmp_path / "b", [resumed], max_steps=40).fit(resumed_module, ckpt_path=ckpt)
+    trajectory = [r["weights"]["mel"] for r in full_module.records]
+    assert [r["weights"]["mel"] for r in resumed_module.records] == trajectory[17:]
+    assert same_state(resumed.state_dict(), full.state_dict())
 
 
 def test_state_dict_round_trip_continues_identically():
