@@ -243,12 +243,14 @@ class SignalMonitor(Callback):
     ) -> None:
         if trainer.sanity_checking or not self._metrics:
             return
+        n = self.train_every_n_steps
+        if n == 0:
+            return  # training metrics disabled: training_step need not return the signal pair
         if not self._train_checked:  # a wrong output is an error at the first step, not at step N
             self._extract_pair(outputs, "training_step")
             self._train_checked = True
         step = self._batch_step
-        n = self.train_every_n_steps
-        if n == 0 or step % n or step == self._last_train_step:
+        if step % n or step == self._last_train_step:
             return
         if pl_module.automatic_optimization and trainer.global_step == step:
             return  # a micro-batch of gradient accumulation; measure the one that completes the step

@@ -306,6 +306,18 @@ def test_bad_step_outputs_fail_at_the_first_step(tmp_path, bad_output, error, ma
     assert trainer.global_step == 1
 
 
+def test_training_outputs_are_not_required_when_training_metrics_are_off(tmp_path):
+    class ValOnlyPairs(AudioAE):
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch, batch_idx)["loss"]
+
+    monitor = SignalMonitor(train_every_n_steps=0)
+    trainer = make_trainer(tmp_path, [monitor], max_steps=4, limit_val_batches=1.0, val_check_interval=4)
+    trainer.fit(ValOnlyPairs())
+    assert "signal/val/snr" in trainer.callback_metrics
+    assert not any(name.startswith("train/") for name in monitor.event_log.traces)
+
+
 def test_validation_step_returning_none_is_named(tmp_path):
     class NoValOutputs(AudioAE):
         def validation_step(self, batch, batch_idx):
