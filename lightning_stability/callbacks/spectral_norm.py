@@ -194,8 +194,8 @@ class SpectralNormInjection(Callback):
             name
             for name, m in selected.items()
             if sn._spectral_parametrization(m) is not None
-            and m.parametrizations.weight.original.requires_grad
-            and id(m.parametrizations.weight.original) not in held
+            # `original`, or `original0`, `original1`... when e.g. weight norm comes first
+            and any(p.requires_grad and id(p) not in held for p in m.parametrizations.weight.parameters(recurse=False))
         ]
         if trainer.optimizers and orphans:
             rank_zero_warn(

@@ -6,6 +6,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
 
 from lightning_stability.callbacks import SpectralNormInjection
 from lightning_stability.nn import load_with_spectral_norm, spectral_sigma
@@ -100,6 +101,29 @@ def test_second_fit_and_second_callback_do_not_double_it(tmp_path):
     assert module.output_proj.parametrizations.weight[0].n_power_iterations == 1
     assert cb.event_log.num_events == {"inject": 1}
     assert "configure_model" not in module.__dict__  # the temporary hook wrapper is gone
+
+
+def test_composes_with_weight_norm_and_warns_about_a_weight_no_optimizer_holds(tmp_path):
+    class WeightNormed(ProjModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.output_proj = weight_norm(self._make_proj())
+            self.frozen = nn.Sequential(nn.Linear(4, 4))
+
+        def configure_optimizers(self):  # forgets the frozen-by-mistake block
+            return torch.optim.Adam([p for n, p in self.named_parameters() if not n.startswith("frozen")], lr=1e-2)
+
+    module = WeightNormed()
+    cb = SpectralNormInjection(("output_proj", "frozen.0"), log_every_n_steps=2)
+    with pytest.warns(UserWarning, match=r"no optimizer holds the trainable weight of \['frozen.0'\]"):
+        make_trainer(tmp_path, [cb], max_steps=4).fit(module)
+    plist = module.output_proj.parametrizations.weight
+    assert [type(p).__name__ for p in plist] == ["_WeightNorm", "_SpectralNorm"]
+    module.eval()
+    assert sigma2(module.output_proj.weight) == pytest.approx(1.0, abs=1e-2)
+    assert cb.event_log.traces["output_proj/sigma"][-1][1] == pytest.approx(
+        sigma2(plist[0](*plist.parameters())), rel=1e-2
+    )
 
 
 def test_layers_built_in_configure_model_are_wrapped_before_the_optimizer(tmp_path):
