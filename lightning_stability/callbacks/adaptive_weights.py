@@ -127,7 +127,9 @@ class AdaptiveLossWeight(Callback):
     "Gradient norm growing" means: the mean of the last ``variance_window`` finite total gradient norms is above
     ``grad_growth`` times their running average (same :math:`\beta`). The norm is read from a ``GradientGuard`` on the
     trainer (its ``last_grad_norm``) when there is one, else computed here in ``on_before_optimizer_step`` with foreach
-    kernels (unscaled under fp16 AMP). ``grad_growth=None`` turns this off.
+    kernels (unscaled under fp16 AMP). ``grad_growth=None`` turns this off. With several optimizers stepping in one
+    batch (a GAN in manual optimization) the own norm covers all of their gradients, and a guard's is the norm of the
+    last optimizer step; pass ``grad_growth=None`` there if the discriminator's gradients should not count.
 
     **Spike damping** happens on the device inside ``weighted_sum`` of the *same* step (this callback only sees the
     loss after the step): the callback registers a 0-dim reference tensor (the running average) with
