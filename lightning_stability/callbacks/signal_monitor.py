@@ -81,7 +81,7 @@ class SignalMonitor(Callback):
 
     Args:
         train_every_n_steps: measure a training batch every this many optimizer steps; 0 disables training metrics.
-        prefix: key prefix (must end with ``/`` or ``_`` or be empty).
+        prefix: key prefix, prepended as is (``"signal/"`` gives ``signal/val/snr``).
         sample_rate: audio sample rate in Hz for media; default ``pl_module.sample_rate``.
         num_media_examples: series logged as media per validation epoch (0 disables media).
         clip_level: clipping threshold for ``clip_fraction`` (full scale 1.0).
@@ -98,7 +98,7 @@ class SignalMonitor(Callback):
     Raises:
         ValueError, TypeError: bad arguments (at construction).
         RuntimeError: at setup, when media are requested for audio with a media-capable logger but no sample rate is
-            known; at the first step, when the step output lacks ``preds_key``/``target_key`` (listing what it had).
+            known, or the module's ``sample_rate``/``signal_type`` attribute is invalid; at the first step, when the step output lacks ``preds_key``/``target_key`` (listing what it had).
         ValueError: at a step, when ``preds`` and ``target`` shapes differ (both shapes named) or are not 2-D/3-D.
     """
 
