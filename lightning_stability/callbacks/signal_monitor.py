@@ -98,8 +98,10 @@ class SignalMonitor(Callback):
     Raises:
         ValueError, TypeError: bad arguments (at construction).
         RuntimeError: at setup, when media are requested for audio with a media-capable logger but no sample rate is
-            known, or the module's ``sample_rate``/``signal_type`` attribute is invalid; at the first step, when the step output lacks ``preds_key``/``target_key`` (listing what it had).
-        ValueError: at a step, when ``preds`` and ``target`` shapes differ (both shapes named) or are not 2-D/3-D.
+            known, or the module's ``sample_rate``/``signal_type`` attribute is invalid; at the first step, when the
+            step output lacks ``preds_key``/``target_key`` (listing the keys it had).
+        ValueError: at a step, when ``preds`` and ``target`` shapes differ (both shapes named), are not 2-D/3-D, or
+            the mask is not ``[B, T]``.
     """
 
     def __init__(
