@@ -62,14 +62,16 @@ class RankDump(pl.Callback):
 
 
 class TwoOptimizerModule(pl.LightningModule):
-    """Manual optimization with two optimizers on two sub-networks; inf gradients in ``net_b`` at chosen batches."""
+    """Manual optimization with two optimizers on two sub-networks; inf gradients in ``net_b`` at chosen batches, or a
+    NaN input to ``net_b`` (which then has BatchNorm, so the NaN reaches its running statistics)."""
 
-    def __init__(self, inf_b_batches=()) -> None:
+    def __init__(self, inf_b_batches=(), nan_b_batches=()) -> None:
         super().__init__()
         self.automatic_optimization = False
-        self.net_a = nn.Linear(8, 4)
-        self.net_b = nn.Linear(8, 4)
+        self.net_a = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4))
+        self.net_b = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4))
         self.inf_b_batches = set(inf_b_batches)
+        self.nan_b_batches = set(nan_b_batches)
 
     def training_step(self, batch, batch_idx):
         opt_a, opt_b = self.optimizers()
@@ -78,7 +80,7 @@ class TwoOptimizerModule(pl.LightningModule):
         opt_a.zero_grad()
         self.manual_backward(loss_a)
         opt_a.step()
-        out_b = self.net_b(x)
+        out_b = self.net_b(torch.full_like(x, float("nan")) if batch_idx in self.nan_b_batches else x)
         if batch_idx in self.inf_b_batches:
             out_b = scale_grad(out_b, float("inf"))
         loss_b = nn.functional.mse_loss(out_b, y)

@@ -136,10 +136,11 @@ class GradientGuard(Callback):
     buffers are copied into preallocated storage (foreach copies, cost proportional to the buffers); when the step is
     not taken (guard skip or AMP overflow) they are copied back. With gradient accumulation the copy is taken before
     the *first* micro-batch, so a skip discards the buffer updates of every micro-batch of that step. In manual
-    optimization the copy is taken at the first batch after the last optimizer step; a skip of any optimizer restores
-    the buffers to that point. ``True`` (default) selects every buffer of the LightningModule, integer ones included
-    (``num_batches_tracked``), so a skipped step is bit-identical; a glob pattern (or a list), or a callable
-    ``(name, buffer) -> bool``, selects fewer; ``False`` none.
+    optimization the copy is taken at the start of the first batch after the last batch that stepped; a skip of any
+    optimizer in a batch restores every selected buffer to that copy (so with two optimizers, the other network's
+    buffer updates of that batch are undone too). ``True`` (default) selects every buffer of the LightningModule,
+    integer ones included (``num_batches_tracked``), so a skipped step is bit-identical; a glob pattern (or a list), or
+    a callable ``(name, buffer) -> bool``, selects fewer; ``False`` none.
 
     **Persistent trouble.** After ``max_consecutive_skips`` guard skips in a row (AMP overflows neither count nor
     reset the run; ``max_consecutive_amp_overflows`` overflows in a row, a collapsing loss scale, count as trouble
@@ -299,6 +300,7 @@ class GradientGuard(Callback):
         self._last_warn_step: int | None = None
         self._buffers: BufferSnapshot | None = None
         self._buffers_armed = False
+        self._stepped_this_batch = False
         self._param_names: dict[int, str] = {}
         self._loss_bad: Tensor | None = None
         self._pending_found_inf: dict[int, Tensor] = {}
@@ -426,6 +428,9 @@ class GradientGuard(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self._stepped_this_batch:  # the next batch starts a new optimizer step: take a new buffer copy then
+            self._stepped_this_batch = False
+            self._buffers_armed = False
         if self._rolled_back_this_batch:
             self._rolled_back_this_batch = False
         elif self._skip_remaining > 0:
@@ -449,8 +454,8 @@ class GradientGuard(Callback):
         st = self._opt_states.setdefault(idx, _OptimizerState())
         params, grads = collect_grads(optimizer)
         loss_bad, self._loss_bad = self._loss_bad, None
+        self._stepped_this_batch = True
         if not grads:
-            self._buffers_armed = False
             return
         fused = _is_fused(optimizer)
         if fused:
@@ -489,7 +494,6 @@ class GradientGuard(Callback):
             self._device_step(trainer, pl_module, optimizer, idx, st, params, grads, norms, amp_found, loss_bad, forced)
         else:
             self._host_step(trainer, pl_module, optimizer, idx, st, params, grads, norms, amp_found, loss_bad, forced)
-        self._buffers_armed = False
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -310,10 +310,10 @@ def test_manual_optimization_with_two_optimizers_skips_only_the_faulty_one(tmp_p
     make_trainer(tmp_path, [guard, rec], max_steps=8).fit(module)  # 2 optimizer steps per batch
     assert guard.num_skipped == 1
     skip = guard.event_log.events[0]
-    assert skip.data["nonfinite_params"] == ["net_b.weight", "net_b.bias"]
+    assert skip.data["nonfinite_params"] == ["net_b.0.weight", "net_b.0.bias", "net_b.1.weight", "net_b.1.bias"]
     before, after = rec.snaps[4]["module"], rec.snaps[6]["module"]  # batch 2 runs global steps 4 and 5
-    assert torch.equal(before["net_b.weight"], after["net_b.weight"])
-    assert not torch.equal(before["net_a.weight"], after["net_a.weight"])
+    assert torch.equal(before["net_b.0.weight"], after["net_b.0.weight"])
+    assert not torch.equal(before["net_a.0.weight"], after["net_a.0.weight"])
     assert set(guard.state_dict()["optimizers"]) == {0, 1}
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lightning_stability.callbacks import GradientGuard
-from tests._helpers_guard import FusedFaultyModule, RankDump, StepRecorder
+from tests._helpers_guard import FusedFaultyModule, RankDump, StepRecorder, TwoOptimizerModule
 from tests.helpers import FaultyModule, assert_same, make_trainer, regression_loader
 
 
@@ -146,6 +146,22 @@ def test_gradient_accumulation_discards_the_buffer_updates_of_every_micro_batch(
     assert [e.step for e in guard.event_log.events] == [2]
     assert_same(rec.snaps[2], rec.snaps[3])
     assert rec.snaps[3]["module"]["net.1.num_batches_tracked"].item() == 4  # 2 steps x 2 micro-batches, not 5 or 6
+    assert _all_finite(rec.final)
+
+
+def test_manual_optimization_skip_of_the_second_optimizer_restores_the_batch_buffers(tmp_path):
+    # batch 2 steps opt_a (clean, global step 4) then opt_b (NaN input to net_b, global step 5): the buffers return
+    # to their state at the start of the batch, which also discards net_a's BatchNorm update of that batch
+    module = TwoOptimizerModule(nan_b_batches={2})
+    guard = GradientGuard()
+    rec = StepRecorder(with_optimizer=False)
+    make_trainer(tmp_path, [guard, rec], max_steps=8).fit(module)
+    assert guard.num_skipped == 1
+    before, after = rec.snaps[4]["module"], rec.snaps[6]["module"]
+    for name, _ in module.named_buffers():
+        assert torch.equal(before[name], after[name]), name
+    assert not torch.equal(before["net_a.0.weight"], after["net_a.0.weight"])  # opt_a stepped
+    assert torch.equal(before["net_b.0.weight"], after["net_b.0.weight"])
     assert _all_finite(rec.final)
 
 
