@@ -500,7 +500,11 @@ class GradientGuard(Callback):
         for handle in self._hook_handles:
             handle.remove()
         self._hook_handles.clear()
-        self._hooked.clear()
+        # keyed by id(optimizer): a later fit may create new optimizers at the same addresses
+        for per_optimizer in (self._hooked, self._initialized, self._fresh, self._pending_found_inf):
+            per_optimizer.clear()
+        self._we_set_found_inf.clear()
+        self._host_skipped.clear()
         self._snapshot = None
         self._buffers = None
 
@@ -643,7 +647,8 @@ class GradientGuard(Callback):
         self.event_log.trace("grad_norm", step, norm)
         if new_skips > 0 or new_amp > 0:
             per_tensor = st.last_skip_norms_t.tolist()
-            data = self._diagnose(params, per_tensor, last_skip_code, math.nan, None)
+            last_norm = math.sqrt(sum(v * v for v in per_tensor))  # the last skipped step's total norm
+            data = self._diagnose(params, per_tensor, last_skip_code, last_norm, None)
             data.update(new_skips=new_skips, new_amp_overflows=new_amp, last_skip_step=counters[5])
             kind = "amp_overflow" if new_skips == 0 else "skip"
             reason = (
