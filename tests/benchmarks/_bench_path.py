@@ -1,0 +1,10 @@
+"""Puts ``benchmarks/`` on ``sys.path`` so its scripts import as modules (they import ``_common`` as a sibling)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+if str(BENCHMARKS) not in sys.path:
+    sys.path.insert(0, str(BENCHMARKS))
