@@ -68,6 +68,36 @@ class VQModule(pl.LightningModule):
         return regression_loader()
 
 
+class RVQCodecModule(pl.LightningModule):
+    """A user's tiny codec around the project's own ``ResidualVectorQuantizer`` (EMA codebooks, k-means init)."""
+
+    def __init__(self, nan_input_steps=()) -> None:
+        super().__init__()
+        from lightning_stability.nn.quantize import ResidualVectorQuantizer
+
+        self.encoder = nn.Conv1d(1, 8, 4, stride=4)
+        self.quantizer = ResidualVectorQuantizer(8, n_q=2, codebook_size=16, kmeans_iters=2)
+        self.decoder = nn.ConvTranspose1d(8, 1, 4, stride=4)
+        self.nan_input_steps = set(nan_input_steps)
+        self.step_losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        x, _ = batch
+        audio = x.reshape(x.shape[0], 1, -1)  # B, 1, 8
+        if self.global_step in self.nan_input_steps:
+            audio = torch.full_like(audio, float("nan"))
+        q = self.quantizer(self.encoder(audio))
+        loss = nn.functional.mse_loss(self.decoder(q.quantized), audio) + q.penalty()
+        self.step_losses.append(float(loss.detach()))
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+    def train_dataloader(self):
+        return regression_loader()
+
+
 class SpectralBatchNormModule(FaultyModule):
     """BatchNorm (running statistics) plus a spectral-norm output layer (power-iteration buffers ``_u``/``_v``)."""
 
@@ -132,6 +162,20 @@ def test_ema_codebook_is_restored_on_a_skipped_step(tmp_path):
     assert guard.num_skipped == 1
     assert_same(rec.snaps[3], rec.snaps[4])
     assert not torch.equal(rec.snaps[4]["module"]["quantizer.embed"], rec.snaps[5]["module"]["quantizer.embed"])
+    assert _all_finite(rec.final)
+    assert math.isfinite(module.step_losses[-1])
+
+
+def test_the_projects_residual_vq_is_restored_on_a_skipped_step(tmp_path):
+    module = RVQCodecModule(nan_input_steps={3})
+    guard = GradientGuard()
+    rec = StepRecorder()
+    make_trainer(tmp_path, [guard, rec], max_steps=6).fit(module)
+    assert guard.num_skipped == 1
+    assert_same(rec.snaps[3], rec.snaps[4])  # EMA codebooks, counts and the forward counter `num_updates`
+    assert (
+        int(rec.snaps[5]["module"]["quantizer.num_updates"]) == int(rec.snaps[4]["module"]["quantizer.num_updates"]) + 1
+    )
     assert _all_finite(rec.final)
     assert math.isfinite(module.step_losses[-1])
 
