@@ -54,6 +54,24 @@ def _check_pair(preds: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     return p.float(), t.float()
 
 
+def _check_real(name: str, value: object, *, positive: bool = False) -> float:
+    """``value`` as a float; TypeError unless it is a real number, ValueError unless finite and >= 0 (> 0)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be a number, got {value!r}")
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ValueError(f"`{name}` must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+    return float(value)
+
+
+def _check_term_weights(**weights: object) -> tuple[float, ...]:
+    """Finite, non-negative term weights, not all zero (a loss that is always 0 trains nothing)."""
+    values = tuple(_check_real(name, value) for name, value in weights.items())
+    if not any(values):
+        names = " and ".join(f"`{n}`" for n in weights)
+        raise ValueError(f"{names} are all 0 ({weights!r}): the loss would always be 0")
+    return values
+
+
 def _check_resolutions(windows: Sequence[int], name: str) -> tuple[int, ...]:
     windows = tuple(windows)
     if not windows or any(isinstance(w, bool) or not isinstance(w, int) or w < 4 for w in windows):
@@ -144,8 +162,11 @@ class MultiResolutionMelLoss(nn.Module):
         mels = tuple(n_mels)
         if len(mels) != len(windows) or any(not isinstance(m, int) or m < 1 for m in mels):
             raise ValueError(f"`n_mels` must be positive ints, one per window ({len(windows)}), got {mels!r}")
-        if not (clamp_eps > 0 and math.isfinite(clamp_eps)):
-            raise ValueError(f"`clamp_eps` must be a finite number > 0, got {clamp_eps!r}")
+        _check_real("clamp_eps", clamp_eps, positive=True)
+        log_weight, mag_weight = _check_term_weights(log_weight=log_weight, mag_weight=mag_weight)
+        _check_real("pow", pow, positive=True)
+        if _check_real("f_min", f_min) >= sample_rate / 2:
+            raise ValueError(f"`f_min` must be below sample_rate / 2 = {sample_rate / 2}, got {f_min!r}")
         if f_max is not None and not f_min < f_max <= sample_rate / 2:
             raise ValueError(f"`f_max` must be in (f_min, sample_rate / 2], got {f_max!r}")
         self.sample_rate = sample_rate
@@ -232,8 +253,8 @@ class MultiResolutionSTFTLoss(nn.Module):
         hops = tuple(f // 4 for f in ffts) if hop_sizes is None else tuple(hop_sizes)
         if len(hops) != len(ffts) or any(not isinstance(h, int) or h < 1 for h in hops):
             raise ValueError(f"`hop_sizes` must be positive ints, one per FFT size ({len(ffts)}), got {hops!r}")
-        if not (eps > 0 and math.isfinite(eps)):
-            raise ValueError(f"`eps` must be a finite number > 0, got {eps!r}")
+        _check_real("eps", eps, positive=True)
+        sc_weight, mag_weight = _check_term_weights(sc_weight=sc_weight, mag_weight=mag_weight)
         self.fft_sizes, self.hop_sizes = ffts, hops
         self.eps = float(eps)
         self.sc_weight, self.mag_weight = float(sc_weight), float(mag_weight)
