@@ -21,7 +21,7 @@ def test_fit_with_the_codec_config(tmp_path):
     ckpt = run / "checkpoints" / "last.ckpt"
     codec = CodecModule.load_from_checkpoint(ckpt)
     assert codec.bitrate == 6000.0
-    assert codec.loss_weights["mel"] == 15.0
+    assert codec.loss_weights["mel"] == 2.5
     assert (tmp_path / "speech_corpus").is_dir()
     audio = torch.randn(1, 1, 3200) * 0.1
     codes, scale = codec.eval().encode(audio)

@@ -153,6 +153,8 @@ class CodecModule(pl.LightningModule):
             ``feat`` 2 when adversarial). Terms: ``mel``, ``l1``, ``stft``, ``rms``, ``vq``, ``adv``, ``feat``.
         codebook_weight, commitment_weight: inside the ``vq`` term (DAC: 1 and 0.25).
         mel_window_lengths, mel_n_mels: resolutions of the ``mel`` term.
+        mel_log_weight, mel_mag_weight: the ``mel`` term's log-mel L1 (DAC: 1) and linear-mel L1 (EnCodec's form:
+            its frequency loss is on linear mel magnitudes) weights.
         lr, betas, weight_decay: AdamW (DAC: 1e-4, (0.8, 0.99)).
         lr_gamma: per-step exponential learning-rate decay (DAC: 0.999996; 1.0 = constant).
         adversarial, disc_filters, disc_n_ffts, adversarial_loss ("hinge" or "ls"), disc_lr: the discriminator.
@@ -189,6 +191,8 @@ class CodecModule(pl.LightningModule):
         commitment_weight: float = 0.25,
         mel_window_lengths: Sequence[int] = DAC_MEL_WINDOWS,
         mel_n_mels: Sequence[int] = DAC_MEL_N_MELS,
+        mel_log_weight: float = 1.0,
+        mel_mag_weight: float = 0.0,
         lr: float = 1e-4,
         betas: tuple[float, float] = (0.8, 0.99),
         weight_decay: float = 0.0,
@@ -240,7 +244,13 @@ class CodecModule(pl.LightningModule):
         self.decoder = self.build_decoder()
         self.hop_length = int(math.prod(ratios))
         self.output_scale = None if output_rms_clamp is None else ClampedRMSScale(*output_rms_clamp, detach_scale=True)
-        self.mel_loss = MultiResolutionMelLoss(sample_rate, window_lengths=mel_window_lengths, n_mels=mel_n_mels)
+        self.mel_loss = MultiResolutionMelLoss(
+            sample_rate,
+            window_lengths=mel_window_lengths,
+            n_mels=mel_n_mels,
+            log_weight=mel_log_weight,
+            mag_weight=mel_mag_weight,
+        )
         self.stft_loss = MultiResolutionSTFTLoss() if "stft" in self.loss_weights else None
         self.rms_loss = RMSMatchingLoss()
         self.discriminator = (
