@@ -371,3 +371,35 @@ def test_codec_checkpoint_encoder_gives_the_codecs_latents(tmp_path):
     )
     fallback.prepare_data()
     assert "random-conv" in str(fallback._resolve_encoder()[1])
+
+
+def test_resumed_fit_sees_the_batches_of_an_uninterrupted_one(tmp_path):
+    """Crops, conditioning draws and order depend on (seed, epoch, index) only: a fit resumed at an epoch boundary
+    ends with the parameters of an uninterrupted one."""
+    import lightning.pytorch as pl
+
+    from lightning_stability.modules import CascadeTransformerModule
+    from tests.helpers import assert_same, make_trainer, snapshot
+
+    root = write_folder(tmp_path / "lat", lengths=(40, 35, 30, 45, 50, 38), voices=("a", "a", "b", "b", "a", "b"))
+    tiny = {"latent_dim": D, "widths": [16, 16, 16], "n_layers": 1, "n_heads": 2}
+    kw = {"lr": 2e-3, "warmup_steps": 2, "total_steps": 6}
+
+    def data():
+        return module(root, segment_frames=16, batch_size=2)
+
+    pl.seed_everything(0)
+    full = CascadeTransformerModule(tiny, **kw)
+    make_trainer(tmp_path / "full", max_epochs=2, max_steps=-1).fit(full, datamodule=data())
+    pl.seed_everything(0)
+    half = CascadeTransformerModule(tiny, **kw)
+    trainer = make_trainer(tmp_path / "half", max_epochs=1, max_steps=-1)
+    trainer.fit(half, datamodule=data())
+    trainer.save_checkpoint(tmp_path / "half.ckpt")
+    pl.seed_everything(7)
+    resumed = CascadeTransformerModule(tiny, **kw)
+    make_trainer(tmp_path / "resumed", max_epochs=2, max_steps=-1).fit(
+        resumed, datamodule=data(), ckpt_path=tmp_path / "half.ckpt"
+    )
+    assert_same(snapshot(full), snapshot(resumed))
+    assert full.global_step == 6
