@@ -30,8 +30,10 @@ package):
    BatchNorm buffers).
 
 Measured per run: ``finished_finite`` (every parameter and buffer finite at the end, and a finite final eval loss),
-``failure_step`` (first optimizer step after which the model state was non-finite, or from which the training loss
-stayed non-finite for 5 steps; ``None`` if it never failed; a failed run stops there), ``final_eval_loss`` (mean over
+``failure_step`` (0-based index of the optimizer step, numbered like ``global_step`` and the fault steps, after whose
+update the model state was non-finite, or from which the training loss stayed non-finite for 5 steps; ``None`` if the
+state never went non-finite; a failed run stops there; a run that stays finite but ends far above clean, e.g. a stall,
+has no failure step and shows in ``relative_to_clean``), ``final_eval_loss`` (mean over
 the last ``eval_tail`` steps of the loss on a fixed held-out batch, model in eval mode, so the number is not the noisy
 training loss) and ``relative_to_clean`` (``final_eval_loss / clean final_eval_loss - 1``). Target: every ``kit`` run
 finishes finite with ``relative_to_clean <= 0.10``.
@@ -143,7 +145,10 @@ class Probe(Callback):
         self.nonfinite_streak = 0 if loss_finite else self.nonfinite_streak + 1
         failed = not self.state_finite(pl_module) or self.nonfinite_streak >= self.patience
         if failed and self.failure_step is None:
-            self.failure_step = step - (self.nonfinite_streak - 1 if self.nonfinite_streak >= self.patience else 0)
+            # 0-based index of the optimizer step whose update (or, for a loss that stayed non-finite, whose batch)
+            # started the failure: the same numbering as the fault steps (``global_step`` during that step)
+            streak_start = self.nonfinite_streak - 1 if self.nonfinite_streak >= self.patience else 0
+            self.failure_step = step - 1 - streak_start
             trainer.should_stop = True
             return
         in_tail = step > self.max_steps - self.tail
