@@ -85,17 +85,43 @@ class BufferSnapshot:
         for idx in self._groups:
             torch._foreach_copy_([self._storage[i] for i in idx], [current[i] for i in idx])
 
+    def _replaced(self, current: list[Tensor]) -> set[int]:
+        """Buffers whose shape, dtype or device changed since ``capture`` (the module assigned a new tensor, e.g.
+        ``ClampedRMSScale.last_scale`` after a batch of another size): they cannot be copied back in place."""
+        return {
+            i
+            for i, (buf, snap) in enumerate(zip(current, self._storage))
+            if snap is not None and (buf.shape != snap.shape or buf.dtype != snap.dtype or buf.device != snap.device)
+        }
+
+    def _put_back(self, i: int) -> None:
+        mod, attr = self._entries[i]
+        setattr(mod, attr, self._storage[i].clone())  # type: ignore[union-attr]
+
     @torch.no_grad()
     def restore(self) -> None:
         current = self._current()
+        replaced = self._replaced(current)
+        for i in replaced:
+            self._put_back(i)
         for idx in self._groups:
-            torch._foreach_copy_([current[i] for i in idx], [self._storage[i] for i in idx])
+            same = [i for i in idx if i not in replaced]
+            if same:
+                torch._foreach_copy_([current[i] for i in same], [self._storage[i] for i in same])
 
     @torch.no_grad()
     def restore_where(self, flag: Tensor) -> None:
-        """Restore where the 0-dim bool ``flag`` is true, decided on the device (one ``where`` per buffer)."""
-        for buf, snap in zip(self._current(), self._storage):
-            if snap is not None:
+        """Restore where the 0-dim bool ``flag`` is true, decided on the device (one ``where`` per buffer).
+
+        A buffer the module replaced by one of another shape since ``capture`` cannot be selected with ``where``: for
+        those (rare: a batch of another size) the flag is read on the host."""
+        current = self._current()
+        replaced = self._replaced(current)
+        if replaced and bool(flag):
+            for i in replaced:
+                self._put_back(i)
+        for i, (buf, snap) in enumerate(zip(current, self._storage)):
+            if snap is not None and i not in replaced:
                 buf.copy_(torch.where(flag.to(buf.device, non_blocking=True), snap, buf))
 
 

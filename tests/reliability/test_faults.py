@@ -140,6 +140,23 @@ def test_transient_faults_are_skipped_bit_identically_with_the_whole_stack(tmp_p
         record_fault("transient", kind, fault, "skip", 1, survived=finite and finite_module(module), step=step)
 
 
+@pytest.mark.parametrize("kind", ["codec", "cascade"])
+def test_skip_on_the_smaller_last_batch_of_an_epoch(tmp_path, kind):
+    # 18 items in batches of 4: the fifth batch (step 4) has 2 items, so ClampedRMSScale replaces its `last_scale`
+    # buffer with one of another shape; a skip there used to crash the guard's buffer restore (copy_ of [4, 1, 1]
+    # storage into a [2, 1, 1] buffer), ending the run with a RuntimeError instead of skipping the step
+    module = make_module(kind, {"nan_batch": {4}})
+    stack = full_stack(kind, tmp_path / "report")
+    probe = StepProbe()
+    trainer = make_trainer(tmp_path, [*stack, probe], max_steps=7)
+    trainer.fit(module, loader(kind, n=18))
+    assert [e.step for e in stack[0].event_log.events if e.kind == "skip"] == [4]
+    assert_same(probe.snaps[4], probe.snaps[5])  # the smaller batch's `last_scale` was put back, shape included
+    assert trainer.global_step == 7
+    record_fault("transient", kind, "nan_batch on a short batch", "skip", 1, survived=finite_module(module))
+    assert finite_module(module)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # a parameter overwritten with NaN: detected by the non-finite gradients that follow, rolled back
 
