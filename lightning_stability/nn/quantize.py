@@ -78,19 +78,24 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _sample_vectors(samples: torch.Tensor, num: int) -> torch.Tensor:
-    """``num`` rows of ``samples`` (without replacement when there are enough rows)."""
+def _generator(seed: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed % (2**63))
+
+
+def _sample_vectors(samples: torch.Tensor, num: int, seed: int) -> torch.Tensor:
+    """``num`` rows of ``samples`` (without replacement when there are enough rows), drawn from ``seed``."""
     n = samples.shape[0]
+    g = _generator(seed, samples.device)
     if n >= num:
-        idx = torch.randperm(n, device=samples.device)[:num]
+        idx = torch.randperm(n, device=samples.device, generator=g)[:num]
     else:
-        idx = torch.randint(0, n, (num,), device=samples.device)
+        idx = torch.randint(0, n, (num,), device=samples.device, generator=g)
     return samples[idx]
 
 
-def _kmeans(samples: torch.Tensor, num_clusters: int, num_iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _kmeans(samples: torch.Tensor, num_clusters: int, num_iters: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd k-means on ``samples [N, D]`` (fp32) -> ``(centroids [K, D], counts [K])``; empty clusters keep seeds."""
-    means = _sample_vectors(samples, num_clusters)
+    means = _sample_vectors(samples, num_clusters, seed)
     counts = torch.zeros(num_clusters, device=samples.device)
     for _ in range(num_iters):
         assign = torch.cdist(samples, means).argmin(dim=-1)
@@ -206,12 +211,12 @@ class VectorQuantizer(nn.Module):
             return dist_.argmin(dim=-1)
 
     @torch.no_grad()
-    def _init_from(self, flat: torch.Tensor) -> None:
+    def _init_from(self, flat: torch.Tensor, seed: int) -> None:
         """k-means initialisation from this batch (skipped, to retry next batch, when the batch is not finite)."""
         samples = self._lookup_space(flat.detach().float())
         if not bool(torch.isfinite(samples).all()):
             return
-        means, counts = _kmeans(samples, self.codebook_size, self.kmeans_iters)
+        means, counts = _kmeans(samples, self.codebook_size, self.kmeans_iters, seed)
         self.embed.data.copy_(means)
         # EnCodec keeps the k-means counts as the initial EMA counts; a floor at the dead-code threshold leaves the
         # codes that k-means could not seed a few steps to be used before they are replaced.
@@ -243,7 +248,7 @@ class VectorQuantizer(nn.Module):
         self.embed.copy_(torch.where(ok, self.embed_avg / smoothed.clamp(min=self.epsilon)[:, None], self.embed))
 
     @torch.no_grad()
-    def _replace_dead_codes(self, flat: torch.Tensor) -> None:
+    def _replace_dead_codes(self, flat: torch.Tensor, seed: int) -> None:
         """Replace codes whose EMA count is below the threshold by vectors of this batch (finite batches only).
 
         One host sync (``.any()``) per training step, as audiocraft's ``expire_codes_``; the decision is the same on
@@ -256,7 +261,7 @@ class VectorQuantizer(nn.Module):
         finite = torch.isfinite(x).all()
         if not bool((dead.any() & finite).item()):
             return
-        candidates = _sample_vectors(x, self.codebook_size)
+        candidates = _sample_vectors(x, self.codebook_size, seed)
         self.embed.data.copy_(torch.where(dead[:, None], candidates, self.embed.data))
         # A replaced code starts with the threshold's count so it is not replaced again before it had a chance.
         self.cluster_size.copy_(
@@ -272,14 +277,18 @@ class VectorQuantizer(nn.Module):
         q = F.embedding(codes, self.embed).transpose(1, 2)  # B, Dc, T
         return self.out_proj(q)
 
-    def forward(self, r: torch.Tensor, detach_straight_through: bool = False):
-        """Quantize ``r [B, D, T]``; ``detach_straight_through`` takes the straight-through path from ``sg(r)``."""
+    def forward(self, r: torch.Tensor, detach_straight_through: bool = False, seed: int = 0):
+        """Quantize ``r [B, D, T]``; ``detach_straight_through`` takes the straight-through path from ``sg(r)``.
+
+        ``seed`` seeds the random draws of this call (k-means seeds, dead-code replacements), so they do not touch
+        the global RNG and a resumed run draws what an uninterrupted one would.
+        """
         B, D, T = r.shape
         z = self.in_proj(r)  # B, Dc, T
         flat = z.transpose(1, 2).reshape(B * T, self.codebook_dim)
         if self.training and not self._known_initialized:
             if not bool(self.initialized):
-                self._init_from(flat)
+                self._init_from(flat, seed)
             self._known_initialized = bool(self.initialized)
         codes = self._nearest(flat)  # B*T
         q = F.embedding(codes, self.embed).view(B, T, self.codebook_dim).transpose(1, 2).to(z.dtype)  # B, Dc, T
@@ -291,7 +300,7 @@ class VectorQuantizer(nn.Module):
         z_st = z_src + (q - z_src).detach()  # straight-through
         if self.training:
             self._update_statistics(flat, codes)
-            self._replace_dead_codes(flat)
+            self._replace_dead_codes(flat, seed + 1)
         counts = torch.bincount(codes.detach(), minlength=self.codebook_size).float()
         probs = counts / counts.sum().clamp(min=1)
         entropy = -(probs * torch.log(probs.clamp(min=1e-12))).sum()
@@ -320,7 +329,8 @@ class ResidualVectorQuantizer(nn.Module):
         kmeans_init, kmeans_iters: k-means initialisation on the first training batch.
         threshold_ema_dead_code: dead-code threshold in EMA counts (0 disables replacement).
         quantizer_dropout: probability that a training batch uses a random number of stages ``U{1..n_q}``.
-        seed: seed of the quantizer-dropout draws (the same on every rank).
+        seed: seed of the quantizer-dropout draws, k-means seeds and dead-code replacements (combined with the
+            ``num_updates`` counter, a buffer: the same on every rank, and a resumed run continues the sequence).
     """
 
     def __init__(
@@ -387,7 +397,7 @@ class ResidualVectorQuantizer(nn.Module):
         return self.n_q * math.log2(self.codebook_size)
 
     def _draw_n_q(self) -> int:
-        step = int(self.num_updates)  # a CPU buffer in the usual case; one small sync on an accelerator
+        step = int(self.num_updates)  # one small sync on an accelerator (the draw happens on the host)
         rng = random.Random(self.seed * 1_000_003 + step)
         if rng.random() < self.quantizer_dropout:
             return rng.randint(1, self.n_q)
@@ -401,13 +411,15 @@ class ResidualVectorQuantizer(nn.Module):
             n_q = self._draw_n_q() if self.training and self.quantizer_dropout > 0 else self.n_q
         if not 1 <= n_q <= self.n_q:
             raise ValueError(f"`n_q` must be in [1, {self.n_q}], got {n_q!r}")
+        step = int(self.num_updates) if self.training else 0  # host copy: seeds this step's random draws
         if self.training:
             self.num_updates += 1
         residual = x
         quantized = torch.zeros_like(x)
         codes, cb_losses, cm_losses, stats = [], [], [], []
         for i, layer in enumerate(self.layers[:n_q]):
-            q, c, cb, cm, s = layer(residual, detach_straight_through=i > 0)
+            seed = (self.seed * 1_000_003 + step) * 1_009 + 2 * i
+            q, c, cb, cm, s = layer(residual, detach_straight_through=i > 0, seed=seed)
             residual = residual - q.detach()  # detached residual: later commitment losses reach the encoder
             quantized = quantized + q
             codes.append(c)

@@ -249,3 +249,31 @@ def test_ddp_ranks_keep_identical_codebooks(tmp_path):
     assert all(bool(s0[f"layers.{i}.initialized"]) for i in range(3))
     for key in s0:
         assert torch.equal(s0[key], s1[key]), key
+
+
+def test_resumed_fit_continues_exactly(tmp_path):
+    # epochs of 2 batches, checkpoint at an epoch end (Lightning replays an epoch's first batches on a mid-epoch resume)
+    kw = {"quantizer_dropout": 0.5, "threshold_ema_dead_code": 1.0}  # random draws every step
+    torch.manual_seed(0)
+    straight = _codec(**kw)
+    make_trainer(tmp_path / "a", max_steps=-1, max_epochs=2).fit(straight, loader(8))
+    torch.manual_seed(0)
+    first = _codec(**kw)
+    trainer = make_trainer(tmp_path / "b", max_steps=-1, max_epochs=1)
+    trainer.fit(first, loader(8))
+    trainer.save_checkpoint(tmp_path / "half.ckpt")
+    torch.manual_seed(123)  # the resumed run must not depend on the global RNG
+    resumed = _codec(**kw)
+    make_trainer(tmp_path / "c", max_steps=-1, max_epochs=2).fit(resumed, loader(8), ckpt_path=tmp_path / "half.ckpt")
+    assert int(resumed.quantizer.num_updates) == 4
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_bf16_mixed_fit_stays_finite(tmp_path):
+    codec = _codec(adversarial=True, disc_filters=2, disc_n_ffts=(64,))
+    rec = _Recorder()
+    make_trainer(tmp_path, [rec], max_steps=4, precision="bf16-mixed").fit(codec, loader(8))
+    assert all(torch.isfinite(o["loss"]) for o in rec.outputs)
+    assert all(torch.isfinite(p).all() for p in codec.parameters())
+    assert all(torch.isfinite(layer.embed).all() for layer in codec.quantizer.layers)
