@@ -34,7 +34,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--audio-dir", type=Path, default=None, help="folder of your audio (default: eSpeak corpus)")
     parser.add_argument("--out", type=Path, default=Path("codec_run"))
-    parser.add_argument("--max-steps", type=int, default=1500)
+    parser.add_argument("--max-steps", type=int, default=1000)
     args = parser.parse_args()
 
     sample_rate = 24000
@@ -52,10 +52,10 @@ def main() -> None:
         codebook_size=1024,
         threshold_ema_dead_code=0.05,  # small batches: see configs/codec.yaml
         output_rms_clamp=(0.7, 1.5),
-        # short budget: linear-magnitude mel (EnCodec) + strong L1; for a long run DAC's mel_log_weight=1, mel 15
+        # short budget: linear-magnitude mel (EnCodec) + a light L1; for a long run DAC's mel_log_weight=1, mel 15
         mel_log_weight=0.0,
         mel_mag_weight=1.0,
-        loss_weights={"mel": 2.5, "l1": 10.0, "rms": 1.0, "vq": 1.0},
+        loss_weights={"mel": 2.5, "l1": 0.2, "rms": 1.0, "vq": 1.0},
         lr=1e-3,
     )
     trainer = pl.Trainer(
