@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from lightning_stability.modules.codec import CodecModule
+from tests._helpers_codec import LENGTH, SR, TINY, chirps, loader
 from tests.helpers import make_trainer
-from tests.modules._codec_data import LENGTH, SR, TINY, chirps, loader
 
 
 def _codec(**kw):
