@@ -435,7 +435,7 @@ class LatentPairDataModule(pl.LightningDataModule):
                 raise FileNotFoundError(f"`encoder` checkpoint {str(path)!r} does not exist")
             from lightning_stability.modules.codec import CodecModule
 
-            codec = CodecModule.load_from_checkpoint(str(path), map_location="cpu", weights_only=False)
+            codec = CodecModule.load_from_checkpoint(str(path), map_location="cpu", weights_only=True)
             rate = getattr(codec, "sample_rate", None)
             if rate is not None and int(rate) != self.sample_rate:
                 raise ValueError(
