@@ -40,11 +40,7 @@ def _torch_load_calls() -> list[tuple[str, int, ast.Call]]:
             if isinstance(node, ast.Call):
                 f = node.func
                 name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
-                if (
-                    name in ("load", "load_from_checkpoint")
-                    and "torch" in ast.unparse(f)
-                    or name == ("load_from_checkpoint")
-                ):
+                if (name == "load" and "torch" in ast.unparse(f)) or name == "load_from_checkpoint":
                     calls.append((str(path.relative_to(REPO)), node.lineno, node))
     return calls
 
