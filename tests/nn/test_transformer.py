@@ -161,7 +161,7 @@ def test_init_schemes():
     small = CascadeTransformer(CascadeConfig(**{**TINY, "widths": (64, 64, 64)}, init="small"))
     fc = small.stages[1].blocks[0].mlp.fc.weight.detach()
     assert float(fc.std()) == pytest.approx(1e-3, rel=0.1)
-    assert float(small.stages[1].blocks[0].mlp.fc.bias.abs().max()) == 0.0
+    assert float(small.stages[1].blocks[0].mlp.fc.bias.detach().abs().max()) == 0.0
 
 
 def test_small_init_helper_scales_convs_and_parametrized_weights():
