@@ -750,6 +750,20 @@ class GradientGuard(Callback):
         )
 
     def _take_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._snapshot_due = False
+        if not self._state_is_finite(trainer, pl_module):
+            # never save a corrupted state as "last good": a NaN written by a step that looked healthy (an overflowing
+            # update, a stray in-place write) would otherwise be restored by every later rollback
+            self._good_since_snapshot = 0
+            kept = "no snapshot yet" if self._snapshot is None else f"kept the snapshot of step {self._snapshot.step}"
+            self.event_log.add(
+                trainer.global_step, "snapshot_refused", f"non-finite parameters or optimizer state; {kept}"
+            )
+            rank_zero_warn(
+                f"GradientGuard: not taking a rollback snapshot at step {trainer.global_step}: the parameters or the"
+                f" optimizer state are not finite ({kept})."
+            )
+            return
         extra = {}
         for idx, st in self._opt_states.items():
             extra[idx] = st.stats_t.tolist() if st.stats_t is not None else st.stats.as_list()
@@ -757,6 +771,27 @@ class GradientGuard(Callback):
         self._snapshot = TrainingSnapshot(trainer.global_step, pl_module, trainer.optimizers, device, extra)
         self._snapshot_due = False
         self._good_since_snapshot = 0
+
+    @staticmethod
+    @torch.no_grad()
+    def _state_is_finite(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """Whether every parameter and every floating optimizer state tensor is finite, agreed across ranks (a
+        weight corrupted on one rank only must not leave the ranks with snapshots of different steps)."""
+        tensors = [p.detach() for p in pl_module.parameters()]
+        for opt in trainer.optimizers:
+            for state in opt.state.values():
+                tensors += [v for v in state.values() if isinstance(v, Tensor) and v.is_floating_point()]
+        finite = True
+        if tensors:
+            groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+            for t in tensors:
+                groups.setdefault((t.device, t.dtype), []).append(t)
+            # max |x| (the inf-norm cannot overflow the way a sum of squares can; NaN propagates)
+            flags = [torch.stack(torch._foreach_norm(ts, math.inf)).isfinite().all() for ts in groups.values()]
+            finite = bool(torch.stack([f.cpu() for f in flags]).all())  # one host read per snapshot
+        if trainer.world_size > 1:
+            finite = bool(trainer.strategy.reduce_boolean_decision(finite, all=True))
+        return finite
 
     def _skip_optimizer(self, optimizer: torch.optim.Optimizer, params: list[Tensor], fused: bool) -> None:
         if fused:  # the kernel skips on the device; p.grad = None would break GradScaler.update() (no inf checks)
