@@ -558,7 +558,9 @@ class GradientGuard(Callback):
             st.consecutive = 0
             st.consecutive_amp = 0
         else:
-            st.consecutive += action in TROUBLE
+            # inside the skip window after a rollback every step is skipped anyway: a bad batch there is not new
+            # trouble (counting it would roll back again to the same snapshot and burn `max_rollbacks`)
+            st.consecutive += action in TROUBLE and not forced
             st.consecutive_amp += action is Action.AMP_OVERFLOW
 
         self.event_log.trace("grad_norm", step, norm)
@@ -595,7 +597,7 @@ class GradientGuard(Callback):
         st.stats_t = update_stats_on_device(st.stats_t, code, norms.total, thr, self._cfg)
         guard_skip = not_stepped & (code != int(Action.AMP_OVERFLOW))
         amp = code == int(Action.AMP_OVERFLOW)
-        trouble = guard_skip & (code != int(Action.FORCED))
+        trouble = guard_skip & (code != int(Action.FORCED)) & (not forced)  # see _host_step
         accepted = ~not_stepped
         c = st.counters_t
         st.counters_t = torch.stack(
