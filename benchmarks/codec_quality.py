@@ -30,7 +30,8 @@ distance 1.83; DAC 5.33 kbps SI-SDR 8.13 dB, mel distance 1.07. A CPU budget of 
 comparison that matters is between the recipes at the same budget.
 
 Target: the kit recipe is at least as good as the peer on SI-SNR and mel distance at the same budget and bitrate,
-and finishes finite.
+and finishes finite. (At a CPU budget of minutes every recipe's SI-SNR is far below 0 dB: the mel-dominated losses
+shape the magnitude spectrum long before the waveform's phase; the SI-SNR comparison is then between noise levels.)
 
 JSON (``benchmarks/results/codec_quality.json``; common layout in ``benchmarks/_common.py``)::
 
@@ -86,7 +87,10 @@ def encodec_available() -> str | None:
 
 class EncodecMelLoss(nn.Module):
     """EnCodec's frequency-domain loss: ``sum_{i=5..11} mean|S_i(x) - S_i(y)| + mean (S_i(x) - S_i(y))^2`` over
-    64-band mel spectrograms ``S_i`` with window ``2^i`` and hop ``2^i / 4`` (Défossez et al. 2022, eq. 1)."""
+    64-band mel spectrograms ``S_i`` with window ``2^i`` and hop ``2^i / 4`` (Défossez et al. 2022, eq. 1).
+
+    The FFT size is ``max(2^i, 128)`` (the window zero-padded for i = 5, 6) so that 64 mel bands never get an empty
+    filter; the window length, hop and band count are EnCodec's."""
 
     def __init__(self, sample_rate: int = SAMPLE_RATE) -> None:
         super().__init__()
