@@ -90,7 +90,8 @@ class ScaleFactorClamp(Callback):
       than ``init_warn_ratio`` from 1 (``max(p, 1/p) > init_warn_ratio``, or ``p <= 0``) gets a warning before it
       is projected.
 
-    Nothing found is a ValueError listing some parameter names.
+    Nothing found is a RuntimeError (at fit start, after ``configure_model``, so layers a module builds there are
+    found) listing some parameter names.
 
     **What it logs**, every ``log_every_n_steps`` optimizer steps, averaged over the steps since the previous log (and
     over ranks under DDP):
@@ -118,7 +119,8 @@ class ScaleFactorClamp(Callback):
             ``log_every_n_steps``; 0: never log (the warning is then checked every ``warn_after_steps`` steps).
 
     Raises:
-        ValueError: bad arguments (in ``__init__``); nothing to clamp in the model (at fit start).
+        ValueError: bad arguments (in ``__init__``).
+        RuntimeError: nothing to clamp in the model (at fit start).
     """
 
     def __init__(
@@ -227,7 +229,7 @@ class ScaleFactorClamp(Callback):
         if not tracked:
             names = [n for n, _ in pl_module.named_parameters()]
             shown = ", ".join(repr(n) for n in names[:_MAX_LISTED]) + (", ..." if len(names) > _MAX_LISTED else "")
-            raise ValueError(
+            raise RuntimeError(
                 f"ScaleFactorClamp found nothing to clamp in {type(pl_module).__name__}: no `ClampedRMSScale` layer "
                 f"and no trainable parameter matching `param_patterns`={self.param_patterns!r}. "
                 f"Some parameter names: [{shown}]"

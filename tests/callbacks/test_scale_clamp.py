@@ -187,7 +187,7 @@ def test_init_check_warns_on_a_learnable_scale_far_from_one_and_projects_it(tmp_
 
 
 def test_nothing_to_clamp_lists_parameter_names(tmp_path):
-    with pytest.raises(ValueError, match=r"found nothing to clamp in FaultyModule: .*\['net.0.weight', 'net.0.bias'"):
+    with pytest.raises(RuntimeError, match=r"found nothing to clamp in FaultyModule: .*\['net.0.weight', 'net.0.bias'"):
         make_trainer(tmp_path, [ScaleFactorClamp()], max_steps=1).fit(FaultyModule())
 
 
