@@ -9,15 +9,16 @@ import math
 import os
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soundfile as sf
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 class AudioFileError(RuntimeError):
@@ -242,6 +243,72 @@ class EpochShuffleSampler(Sampler):
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(self.size)
         return iter([(int(i), int(epoch)) for i in order])
+
+
+class _SkippingBatchSampler:
+    """The loader's batch sampler, minus the first ``owner._take_skip()`` batches of the next iteration (indices only:
+    the skipped batches are never loaded). Its length is the full epoch's, as Lightning expects on a resume."""
+
+    def __init__(self, base: Iterable[list[int]], owner: ResumableDataLoader) -> None:
+        self.base, self.owner = base, owner
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        skip = self.owner._take_skip()
+        it = iter(self.base)
+        for _ in range(skip):
+            if next(it, None) is None:
+                return
+        yield from it
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` that a checkpoint can resume in the middle of an epoch.
+
+    Lightning saves the ``state_dict()`` of a training loader that has one with the checkpoint and hands it back to
+    ``load_state_dict()`` before the first batch of the resumed run (``FitLoop.on_save_checkpoint``); a plain
+    ``DataLoader`` has no state, so Lightning restarts an interrupted epoch from its first batch and the resumed run
+    trains on batches the interrupted one had already used. The state here is the number of batches of the current
+    epoch handed out so far (Lightning's data fetcher does not pre-fetch from a loader with a length, so this is the
+    number the training loop consumed); on restore the next iteration skips that many batches at the index level, so
+    nothing is loaded twice. The order of an epoch must not depend on anything but the epoch (as with
+    :class:`EpochShuffleSampler`, whose epoch comes from the restored trainer), and under DDP each rank skips its own
+    batches of the distributed sampler. A state saved at the very end of an epoch restores to "nothing to skip".
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._consumed = 0
+        self._skip = 0
+        self._skipping: _SkippingBatchSampler | None = None
+
+    @property
+    def _index_sampler(self):  # the batch sampler the DataLoader iterators draw indices from
+        base = super()._index_sampler
+        if not self._auto_collation:
+            return base
+        if self._skipping is None or self._skipping.base is not base:
+            self._skipping = _SkippingBatchSampler(base, self)
+        return self._skipping
+
+    def _take_skip(self) -> int:
+        skip, self._skip = self._skip, 0
+        return skip
+
+    def __iter__(self) -> Iterator[Any]:
+        self._consumed = self._skip
+        for batch in super().__iter__():
+            self._consumed += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"consumed": self._consumed}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        consumed = int(state_dict.get("consumed", 0))
+        self._skip = consumed if 0 < consumed < len(self) else 0
 
 
 class AudioSegmentDataset(Dataset):

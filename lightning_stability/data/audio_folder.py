@@ -19,6 +19,7 @@ from lightning_stability.data._audio import (
     AudioSegmentDataset,
     ClipInfo,
     EpochShuffleSampler,
+    ResumableDataLoader,
     analyze_file,
     read_mono,
     resample,
@@ -295,7 +296,8 @@ class AudioFolderDataModule(pl.LightningDataModule):
         return int(trainer.current_epoch) if trainer is not None else 0
 
     def _loader(self, dataset: AudioSegmentDataset, sampler: EpochShuffleSampler | None, train: bool) -> DataLoader:
-        return DataLoader(
+        # the training loader resumes mid-epoch from a checkpoint (see ResumableDataLoader)
+        return (ResumableDataLoader if train else DataLoader)(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,

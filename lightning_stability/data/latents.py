@@ -68,7 +68,13 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_stability.data._audio import EpochShuffleSampler, read_mono, resample, scan_audio_files
+from lightning_stability.data._audio import (
+    EpochShuffleSampler,
+    ResumableDataLoader,
+    read_mono,
+    resample,
+    scan_audio_files,
+)
 from lightning_stability.nn.scale import normalize
 
 __all__ = [
@@ -683,7 +689,7 @@ class LatentPairDataModule(pl.LightningDataModule):
         assert self.train_dataset is not None
         epoch_fn = self._current_epoch if self.trainer is not None else None
         sampler = EpochShuffleSampler(len(self.train_dataset), self.seed, shuffle=True, epoch_fn=epoch_fn)
-        return DataLoader(
+        return ResumableDataLoader(  # resumes mid-epoch from a checkpoint
             self.train_dataset,
             batch_size=self.batch_size,
             sampler=sampler,

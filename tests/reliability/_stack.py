@@ -2,9 +2,9 @@
 
 Used by every file of the reliability suite (issue 9):
 
-- ``tiny_codec()`` / ``tiny_cascade()``: ``CodecModule`` / ``CascadeTransformerModule`` small enough for a CPU test
-  (a few ms per step), with their data (``codec_loader()``, ``cascade_loader()``: map-style, not shuffled, so a
-  mid-epoch resume can find its place);
+- ``make_module(kind, faults)``: ``CodecModule`` / ``CascadeTransformerModule`` small enough for a CPU test (a few ms
+  per step), with their data (``codec_loader()``, ``cascade_loader()``: map-style, not shuffled; ``resumable=True``
+  gives the package's ``ResumableDataLoader``, which Lightning resumes mid-epoch);
 - ``full_stack(kind, ...)``: ``GradientGuard``, ``AdaptiveLossWeight``, ``ScaleFactorClamp``, ``SignalMonitor``,
   ``StabilityReport`` and, on the cascade, ``SpectralNormInjection`` (the codec gets it on its decoder's last conv);
 - ``Faulty``: a mixin that corrupts a real module at chosen global steps, *from outside the module's own code*
@@ -35,6 +35,7 @@ from lightning_stability.callbacks import (
     SpectralNormInjection,
     StabilityReport,
 )
+from lightning_stability.data._audio import ResumableDataLoader
 from lightning_stability.modules import CascadeTransformerModule, CodecModule
 from tests.helpers import scale_grad
 
@@ -104,46 +105,14 @@ class Latents(Dataset):
         return {"source": self.source[i], "target": self.target[i], "conditioning": self.cond[i]}
 
 
-class ResumableLoader(DataLoader):
-    """A ``DataLoader`` that Lightning can resume mid-epoch: it implements ``state_dict``/``load_state_dict``.
-
-    Lightning saves the state of every loader that has these methods (``FitLoop.on_save_checkpoint``) and restores it
-    before the first batch of a resumed run; a plain ``DataLoader`` has no such state, so Lightning restarts the
-    interrupted epoch from its first batch (with a ``PossibleUserWarning``). The state is the number of batches of the
-    current epoch yielded so far; for a loader with a length Lightning's data fetcher does not pre-fetch, so that is the
-    number of batches the training loop consumed. On restore, the next epoch iterator skips that many batches (the
-    sampler is sequential, so they are the same batches in the same order).
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._yielded = 0
-        self._skip = 0
-
-    def __iter__(self):
-        skip, self._skip = self._skip, 0
-        self._yielded = 0
-        it = super().__iter__()
-        for _ in range(skip):  # map-style, not shuffled: the same batches in the same order
-            next(it)
-            self._yielded += 1
-        for batch in it:
-            self._yielded += 1
-            yield batch
-
-    def state_dict(self) -> dict[str, int]:
-        return {"consumed": self._yielded}
-
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        self._skip = int(state_dict["consumed"])
-
-
 def codec_loader(n: int = 16, batch_size: int = 4, seed: int = 0, resumable: bool = False) -> DataLoader:
-    return (ResumableLoader if resumable else DataLoader)(AudioClips(n, seed), batch_size=batch_size, shuffle=False)
+    return (ResumableDataLoader if resumable else DataLoader)(AudioClips(n, seed), batch_size=batch_size, shuffle=False)
 
 
 def cascade_loader(n: int = 16, batch_size: int = 4, seed: int = 0, resumable: bool = False) -> DataLoader:
-    return (ResumableLoader if resumable else DataLoader)(Latents(n, seed=seed), batch_size=batch_size, shuffle=False)
+    return (ResumableDataLoader if resumable else DataLoader)(
+        Latents(n, seed=seed), batch_size=batch_size, shuffle=False
+    )
 
 
 def loader(kind: str, **kw: Any) -> DataLoader:

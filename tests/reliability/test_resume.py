@@ -5,13 +5,14 @@ weights and every callback's state (guard statistics and events, adaptive weight
 What is exact, and where it is not (Lightning 2.6):
 
 - Model, optimizer, LR schedule, loss weights (``on_save_checkpoint``) and every callback's ``state_dict``: exact.
-- The data position: Lightning restores it only for a loader that implements ``state_dict``/``load_state_dict``
-  (``FitLoop.on_save_checkpoint`` stores ``combined_loader``). A plain ``torch.utils.data.DataLoader`` has no state:
-  Lightning warns ("not resumable") and **restarts the interrupted epoch from its first batch**, so the resumed run
-  trains on batches the killed run already used and ends one partial epoch away from the uninterrupted run. This is
-  true of every datamodule in ``lightning_stability.data`` today (they return plain ``DataLoader``s). With a stateful
-  loader (``_stack.ResumableLoader``: map-style, sequential, skips the consumed batches) the resume is bit-exact.
-  A checkpoint at an epoch boundary is exact with either loader.
+- The data position: Lightning restores it only for a training loader that implements ``state_dict`` /
+  ``load_state_dict`` (``FitLoop.on_save_checkpoint`` stores ``combined_loader``). A plain
+  ``torch.utils.data.DataLoader`` has no state: Lightning warns ("not resumable") and **restarts the interrupted
+  epoch from its first batch**, so the resumed run trains on batches the killed run already used and ends one
+  partial epoch away from the uninterrupted run (``test_plain_dataloader_mid_epoch_resume_replays_...``). The
+  package's datamodules now return ``lightning_stability.data._audio.ResumableDataLoader`` for training (it skips the
+  consumed batches at the index level); with it the resume is bit-exact. A checkpoint at an epoch boundary is exact
+  with either loader.
 - ``GradientGuard``'s rollback snapshot lives in memory only: after a resume the first snapshot is the resumed state,
   so a later rollback may return to a different step than in the uninterrupted run (its decisions are otherwise
   identical).
@@ -163,3 +164,45 @@ def test_plain_dataloader_resume_at_an_epoch_boundary_is_exact(tmp_path):
     diffs = _without_snapshot_schedule(_same(full, resumed))
     record_fault("kill_resume", "codec", "SIGKILL at epoch end", "resume", 1, survived=not diffs, ckpt_step=ckpt_step)
     assert not diffs, diffs[:20]
+
+
+def _folder_fit(tmp_path: Path, folder: Path, name: str, max_steps: int, ckpt: Path | None = None):
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_stability.data import AudioFolderDataModule
+    from tests.helpers import make_trainer
+    from tests.reliability._stack import full_stack, make_module, stack_state
+
+    pl.seed_everything(0, verbose=False)
+    dm = AudioFolderDataModule(folder, sample_rate=8000, segment_seconds=0.064, batch_size=3, val_fraction=0.0)
+    module = make_module("codec", {"nan_batch": {3}})
+    stack = full_stack("codec", tmp_path / name / "report")
+    saver = ModelCheckpoint(dirpath=tmp_path / name / "ckpt", every_n_train_steps=4, save_top_k=-1)
+    trainer = make_trainer(tmp_path / name, [*stack, saver], max_steps=max_steps, enable_checkpointing=True)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+    state = {"module": module.state_dict(), "callbacks": stack_state(stack), "step": trainer.global_step}
+    return state, sorted((tmp_path / name / "ckpt").glob("*.ckpt"))
+
+
+def test_audio_folder_datamodule_resumes_mid_epoch_exactly(tmp_path):
+    """The package's own datamodules hand Lightning a resumable training loader: a run resumed from a mid-epoch
+    checkpoint (step 4 of 6-batch epochs, shuffled order and random crops seeded by epoch) equals the uninterrupted
+    run. (Before, the resumed run restarted the epoch from its first batch.)"""
+    import soundfile as sf
+
+    from tests.reliability._stack import chirps
+
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    for i in range(18):
+        sf.write(folder / f"clip{i:02d}.wav", chirps(1, length=1600, seed=i)[0, 0].numpy(), 8000)
+    full, _ = _folder_fit(tmp_path, folder, "full", max_steps=9)
+    _, ckpts = _folder_fit(tmp_path, folder, "first", max_steps=4)
+    assert ckpts[-1].name == "epoch=0-step=4.ckpt"
+    state = torch.load(ckpts[-1], weights_only=True)
+    assert state["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"consumed": 4}]
+    resumed, _ = _folder_fit(tmp_path, folder, "resumed", max_steps=9, ckpt=ckpts[-1])
+    assert resumed["step"] == 9
+    diffs = _without_snapshot_schedule(_same(full, resumed))
+    assert not diffs, diffs[:10]
