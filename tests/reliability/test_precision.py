@@ -24,32 +24,52 @@ from tests.reliability._stack import finite_module, full_stack, loader, make_mod
 PRECISIONS = ["32-true", "bf16-mixed", "fp16-scaler"]
 
 
-def _trainer_kwargs(precision: str, scaler: torch.amp.GradScaler | None) -> dict:
+def _trainer_kwargs(precision: str, scaler: torch.amp.GradScaler | None, device: str) -> dict:
     if precision == "fp16-scaler":
-        return {"plugins": [MixedPrecision("16-mixed", device="cpu", scaler=scaler)]}
-    return {"precision": precision}
+        plugin = MixedPrecision("16-mixed", device=device, scaler=scaler)
+        return {"plugins": [plugin]} if device == "cpu" else {"plugins": [plugin], "accelerator": "gpu"}
+    return {"precision": precision} if device == "cpu" else {"precision": precision, "accelerator": "gpu"}
 
 
-def _run(tmp_path, kind, precision, faults, max_steps=12):
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24) if precision == "fp16-scaler" else None
+class ScaleProbe(Callback):
+    """The GradScaler's scale at the start of every step (NaN without a scaler)."""
+
+    def __init__(self) -> None:
+        self.scales: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        self.scales.append(scaler.get_scale() if scaler is not None else math.nan)
+
+
+def _run(tmp_path, kind, precision, faults, max_steps=12, device="cpu"):
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**24) if precision == "fp16-scaler" else None
     module = make_module(kind, faults)
     stack = full_stack(kind, tmp_path / "report")
-    scales: list[float] = []
-
-    class ScaleProbe(Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            scales.append(scaler.get_scale() if scaler is not None else math.nan)
-
-    trainer = make_trainer(tmp_path, [*stack, ScaleProbe()], max_steps=max_steps, **_trainer_kwargs(precision, scaler))
+    probe = ScaleProbe()
+    scales = probe.scales
+    kwargs = _trainer_kwargs(precision, scaler, device)
+    trainer = make_trainer(tmp_path, [*stack, probe], max_steps=max_steps, **kwargs)
     trainer.fit(module, loader(kind))
     return module, stack, trainer, scales
 
 
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (fp16 autocast kernels on the GPU)")
+
+
 @pytest.mark.parametrize("precision", PRECISIONS)
-@pytest.mark.parametrize("kind", ["codec", pytest.param("cascade", marks=pytest.mark.slow)])
-def test_whole_stack_in_every_precision(tmp_path, kind, precision):
+@pytest.mark.parametrize(
+    ("kind", "device"),
+    [
+        ("codec", "cpu"),
+        pytest.param("cascade", "cpu", marks=pytest.mark.slow),
+        pytest.param("codec", "cuda", marks=[pytest.mark.gpu, GPU]),
+        pytest.param("cascade", "cuda", marks=[pytest.mark.gpu, GPU]),
+    ],
+)
+def test_whole_stack_in_every_precision(tmp_path, kind, device, precision):
     faults = {"nan_batch": {5}, "spike": {8}}
-    module, stack, trainer, scales = _run(tmp_path, kind, precision, faults)
+    module, stack, trainer, scales = _run(tmp_path, kind, precision, faults, device=device)
     guard, adaptive, clamp, monitor, report = stack[:5]
     assert trainer.global_step == 12
     skips = [e.step for e in guard.event_log.events if e.kind == "skip"]
@@ -88,7 +108,7 @@ def test_whole_stack_in_every_precision(tmp_path, kind, precision):
         assert len(spectral.wrapped) == 3
         assert all(math.isfinite(v) for pts in spectral.event_log.traces.values() for _, v in pts)
     survived = finite_module(module)
-    record_fault(f"precision/{precision}", kind, "nan_batch", "skip", 1, survived=survived)
+    record_fault(f"precision/{precision}/{device}", kind, "nan_batch", "skip", 1, survived=survived)
     record_fault(f"precision/{precision}", kind, "spike", "skip", 1, survived=survived)
     assert survived
 
