@@ -453,12 +453,32 @@ class CascadeTransformer(nn.Module):
         if self.config.spectral_norm_output:
             for stage in self.stages:
                 spectral_norm(stage.output_proj)
+            if self.config.normalize_input and self.config.init != "default":
+                self._calibrate_output_gains()
 
     def __reduce_ex__(self, protocol: int):
         # torch refuses to pickle parametrized modules (spectral norm) "except through state_dict()": pickle (and
         # deepcopy) as config + state_dict, so the model can be sent to ddp_spawn workers. No copies here: the
         # state-dict tensors share the live parameters' storage (torch.multiprocessing passes storages by handle).
         return _rebuild_cascade, (self.config.to_dict(), self.state_dict(), self.training)
+
+    @torch.no_grad()
+    def _calibrate_output_gains(self) -> None:
+        r"""Start every stage at the right amplitude (normalised latents, unit RMS).
+
+        For an isotropic input ``h`` with unit variance per channel (a LayerNorm output), the output projection gives
+        ``rms(W h) = ||W||_F / sqrt(D)``; with spectral norm (``sigma_max = 1``) that is well below 1 (~0.5 for a
+        random matrix), and Adam can raise the LayerNorm gain only by about ``lr`` per step, so a stage with a weak
+        residual would start with its RMS factor pinned at the clamp for thousands of steps (the post-mortem's
+        symptom). The gain of ``out_norm`` is set so that ``rms(W h) = sqrt(1 - r^2)``, i.e. ``out + r * prev`` has
+        unit RMS when its terms are uncorrelated, and never below 1 (stages with ``r = 1`` keep gain 1).
+        """
+        d = self.config.latent_dim
+        for stage in self.stages:
+            weight = stage.output_proj.weight  # effective (spectral-normed) weight
+            expected = float(torch.linalg.matrix_norm(weight.float(), ord="fro")) / math.sqrt(d)
+            wanted = math.sqrt(max(0.0, 1.0 - stage.residual_weight**2))
+            stage.out_norm.weight.fill_(max(1.0, wanted / max(expected, 1e-6)))
 
     def _init_weights(self) -> None:
         cfg = self.config

@@ -179,8 +179,11 @@ def test_checkpoint_restores_config_and_loss_weights(tmp_path):
 
 
 def test_scale_warning_fires_on_a_collapsing_stage(tmp_path):
-    module = CascadeTransformerModule({**TINY, "residual_weights": [1.0, 1.0, 0.05]}, warmup_steps=0)
-    with pytest.warns(UserWarning, match=r"cascade stage 3: mean RMS factor 1\.[3-5]\d\d > warn_above=1\.3 at step 0"):
+    # torch default init: no output-gain calibration, so the weak residual starts with its factor at the ceiling
+    module = CascadeTransformerModule({**TINY, "residual_weights": [1.0, 1.0, 0.05], "init": "default"}, warmup_steps=0)
+    with pytest.warns(
+        UserWarning, match=r"cascade stage 3: mean RMS factor 1\.[3-5]\d\d > warn_above=1\.3 at step [01]"
+    ):
         make_trainer(tmp_path, max_steps=2, log_every_n_steps=1).fit(module, loader())
     assert module._scale_warned == {2}
 

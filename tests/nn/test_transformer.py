@@ -240,3 +240,16 @@ def test_pickles_and_deepcopies_with_spectral_norm():
         assert clone.config == model.config
         torch.testing.assert_close(clone(source, cond).output, model(source, cond).output, rtol=0, atol=0)
         assert parametrize.is_parametrized(clone.stages[0].output_proj, "weight")
+
+
+def test_output_gain_calibration_starts_weak_residual_stages_inside_the_clamp():
+    torch.manual_seed(0)
+    model = CascadeTransformer(CascadeConfig(**TINY))  # r = (1, 1, 0.3), spectral norm, normalised inputs
+    gains = [float(s.out_norm.weight.detach()[0]) for s in model.stages]
+    assert gains[:2] == [1.0, 1.0]
+    assert gains[2] > 1.2  # raised so rms(W h) = sqrt(1 - 0.3^2) for the weak-residual stage
+    source, cond = _inputs(b=4, t=64)
+    out = model(source, cond)
+    assert all(float(s.mean()) < model.config.warn_above for s in out.scales)
+    uncalibrated = CascadeTransformer(CascadeConfig(**TINY, init="default"))
+    assert all(float(s.out_norm.weight.detach()[0]) == 1.0 for s in uncalibrated.stages)
