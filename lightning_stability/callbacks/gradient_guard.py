@@ -157,6 +157,13 @@ class GradientGuard(Callback):
       parameters, so the state that checkpoints save is the last good one.
     - ``"raise"``: ``RuntimeError`` with the diagnosis.
 
+    **Corrupted weights.** A non-finite step whose parameters or optimizer state are themselves non-finite (a stray
+    in-place write, an update that overflowed; checked with one max-abs reduction per non-finite step, host mode only)
+    is persistent trouble at once, since no skip can repair it: ``"rollback"`` rolls back immediately (rollback
+    snapshots are only ever taken of a finite state); ``"stop"`` (or ``"rollback"`` without a snapshot or with
+    ``max_rollbacks`` spent) raises ``RuntimeError`` instead of stopping cleanly, because a clean end would let
+    checkpoint callbacks save the corrupted weights over the last good checkpoint.
+
     **Diagnosis.** On a skipped step an event (``"skip"``, ``"amp_overflow"``, ``"rollback"``, ``"stop"``...) goes to
     ``event_log`` with the reason, the norm, the parameters whose gradient norm is non-finite (module paths) and the
     ``diagnose_top_k`` layers with the largest norms; a rank-zero warning says the same at most once every
@@ -571,7 +578,11 @@ class GradientGuard(Callback):
             if action in GUARD_SKIPS:
                 self._warn(step, f"GradientGuard skipped step {step}: {decision.reason}. {self._describe(data)}")
 
-        self._after_decision(trainer, pl_module, st, accepted=action in (Action.ACCEPT, Action.CLIP))
+        # a non-finite step may come from weights that are themselves corrupted (a stray in-place write, an update
+        # that overflowed): skipping cannot repair them, and every checkpoint written from now on would hold them
+        corrupted = action is Action.NONFINITE and not self._state_is_finite(trainer, pl_module)
+        accepted = action in (Action.ACCEPT, Action.CLIP)
+        self._after_decision(trainer, pl_module, st, accepted=accepted, corrupted=corrupted)
         if (step + 1) % self._log_every == 0:
             thr = decision.threshold if decision.threshold is not None else None
             self._log(pl_module, norm, thr)
@@ -674,28 +685,34 @@ class GradientGuard(Callback):
     # ------------------------------------------------------------------------------------------------------------------
     # shared pieces
 
-    def _after_decision(self, trainer, pl_module, st: _OptimizerState, accepted: bool) -> None:
-        if self._check_persistent(trainer, pl_module, st):
+    def _after_decision(self, trainer, pl_module, st: _OptimizerState, accepted: bool, corrupted: bool = False) -> None:
+        if self._check_persistent(trainer, pl_module, st, corrupted=corrupted):
             return
         if accepted and self.on_persistent == "rollback":
             self._good_since_snapshot += 1
             if self._good_since_snapshot >= self.snapshot_every:
                 self._snapshot_due = True
 
-    def _check_persistent(self, trainer, pl_module, st: _OptimizerState) -> bool:
-        """Act on persistent trouble; True when the current step must be skipped (rollback)."""
+    def _check_persistent(self, trainer, pl_module, st: _OptimizerState, corrupted: bool = False) -> bool:
+        """Act on persistent trouble; True when the current step must be skipped (rollback).
+
+        ``corrupted`` (the parameters or the optimizer state are not finite) is persistent trouble at once: no skip
+        can repair it. It is rolled back when a snapshot is available; otherwise the guard raises even with
+        ``on_persistent="stop"``, because a clean stop would let checkpoint callbacks save the corrupted weights over
+        the last good checkpoint."""
         too_many_skips = self.max_consecutive_skips is not None and st.consecutive >= self.max_consecutive_skips
         too_many_amp = (
             self.max_consecutive_amp_overflows is not None and st.consecutive_amp >= self.max_consecutive_amp_overflows
         )
-        if not (too_many_skips or too_many_amp):
+        if not (too_many_skips or too_many_amp or corrupted):
             return False
         step = trainer.global_step
-        what = (
-            f"{st.consecutive} consecutive skipped steps"
-            if too_many_skips
-            else f"{st.consecutive_amp} consecutive fp16 overflows (the loss scale is collapsing)"
-        )
+        if corrupted:
+            what = "non-finite parameters or optimizer state (skipping steps cannot repair them)"
+        elif too_many_skips:
+            what = f"{st.consecutive} consecutive skipped steps"
+        else:
+            what = f"{st.consecutive_amp} consecutive fp16 overflows (the loss scale is collapsing)"
         last = self.event_log.events[-1].to_dict() if self.event_log.events else {}
         diagnosis = f"GradientGuard: persistent trouble at step {step}: {what}. Last event: {last}"
         if self.on_persistent == "raise":
@@ -704,6 +721,13 @@ class GradientGuard(Callback):
         if self.on_persistent == "rollback" and self.num_rollbacks < self.max_rollbacks and self._snapshot is not None:
             self._rollback(trainer, pl_module, what)
             return True
+        if corrupted:
+            self.event_log.add(step, "raise", what)
+            raise RuntimeError(
+                f"{diagnosis}. Not stopping cleanly (`on_persistent={self.on_persistent!r}`): the run would end with"
+                " these weights and checkpoint callbacks would save them over the last good checkpoint. Resume from"
+                " that checkpoint, or use `on_persistent='rollback'`."
+            )
         reason = what if self.on_persistent == "stop" else f"{what}; `max_rollbacks={self.max_rollbacks}` reached"
         self.event_log.add(step, "stop", reason)
         rank_zero_warn(f"{diagnosis}. Stopping the run (`trainer.should_stop = True`).")

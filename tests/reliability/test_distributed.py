@@ -121,7 +121,7 @@ def test_cascade_nan_parameter_on_one_rank_rolls_back_both(tmp_path):
     _assert_ranks_agree(ranks)
     guard_state = next(v for k, v in ranks[0]["callbacks"].items() if k.startswith("GradientGuard"))
     kinds = [(e["step"], e["kind"]) for e in guard_state["event_log"]["events"]]
-    assert (7, "rollback") in kinds
+    assert (5, "rollback") in kinds  # at the first non-finite step: the weights themselves are non-finite
     assert all(_finite(r) for r in ranks)
     spectral = next(v for k, v in ranks[0]["callbacks"].items() if k.startswith("SpectralNormInjection"))
     assert len(spectral["wrapped"]) == 3

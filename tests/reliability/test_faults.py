@@ -166,19 +166,41 @@ def test_nan_parameter_is_rolled_back_to_the_last_good_snapshot(tmp_path, kind):
     guard_kw = {"max_consecutive_skips": 3, "snapshot_every": 2}
     module, stack, probe, trainer, _ = _run(tmp_path, kind, {"nan_param": {7}}, guard=guard_kw)
     guard = stack[0]
-    assert _guard_events(guard, "skip") == [7, 8, 9]
+    # the first non-finite step finds the weights themselves non-finite: no point in waiting for 3 skips
+    assert _guard_events(guard, "skip") == [7]
     rollback = next(e for e in guard.event_log.events if e.kind == "rollback")
-    assert rollback.step == 9
+    assert rollback.step == 7
     assert rollback.data["to_step"] <= 7
-    # the state after the rollback is the snapshot's (step 10 starts from it)
-    assert_same(probe.snaps[rollback.data["to_step"]], probe.snaps[10])
+    assert "non-finite parameters" in rollback.reason
+    # the state after the rollback is the snapshot's (step 8 starts from it)
+    assert_same(probe.snaps[rollback.data["to_step"]], probe.snaps[8])
     assert trainer.global_step == 14
-    assert finite_module(module)
-    n_ckpt, finite = _checkpoints_finite(tmp_path)
-    # a checkpoint written while the weight was NaN (step 8) is the one thing a rollback cannot undo on disk
-    survived = finite_module(module) and finite_checkpoint(tmp_path / "ckpt" / "last.ckpt")
+    survived = finite_module(module) and _checkpoints_finite(tmp_path)[1]
     record_fault("nan_param", kind, "nan_param", "rollback", 1, survived=survived)
     assert survived
+
+
+@pytest.mark.parametrize(
+    ("kind", "action"),
+    [("codec", "stop"), pytest.param("cascade", "stop", marks=pytest.mark.slow), ("cascade", "raise")],
+)
+def test_nan_parameter_with_stop_or_raise_keeps_the_last_good_checkpoint(tmp_path, kind, action):
+    """Without a snapshot the guard cannot repair the weights; a clean stop would let ModelCheckpoint (here the
+    default ``save_top_k=1``, which deletes the previous file) replace the last good checkpoint with NaN weights, so the
+    guard raises at the first non-finite step instead."""
+    module = make_module(kind, {"nan_param": {7}})
+    stack = full_stack(kind, tmp_path / "report", guard={"on_persistent": action, "max_consecutive_skips": 3})
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_last=True)
+    trainer = make_trainer(tmp_path, [*stack, ckpt], max_steps=20, enable_checkpointing=True)
+    with pytest.raises(RuntimeError, match="non-finite parameters"):
+        trainer.fit(module, loader(kind))
+    assert trainer.global_step == 7
+    files = sorted((tmp_path / "ckpt").glob("*.ckpt"))
+    assert [f.name for f in files] == ["epoch=1-step=6.ckpt", "last.ckpt"]
+    finite = all(finite_checkpoint(f) for f in files)
+    assert json.loads((tmp_path / "report" / "stability_report.json").read_text())["status"] == "interrupted"
+    record_fault("nan_param", kind, "nan_param", action, 1, survived=finite)
+    assert finite
 
 
 @pytest.mark.parametrize("kind", ["codec", pytest.param("cascade", marks=pytest.mark.slow)])
