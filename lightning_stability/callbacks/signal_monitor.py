@@ -82,7 +82,8 @@ class SignalMonitor(Callback):
     Args:
         train_every_n_steps: measure a training batch every this many optimizer steps; 0 disables training metrics.
         prefix: key prefix, prepended as is (``"signal/"`` gives ``signal/val/snr``).
-        sample_rate: audio sample rate in Hz for media; default ``pl_module.sample_rate``.
+        sample_rate: audio sample rate in Hz for media; default ``pl_module.sample_rate`` (a module that has one must
+            agree with it: RuntimeError at setup otherwise).
         num_media_examples: series logged as media per validation epoch (0 disables media).
         clip_level: clipping threshold for ``clip_fraction`` (full scale 1.0).
         log_media: log audio and spectrograms when a media-capable logger is attached.
@@ -182,6 +183,18 @@ class SignalMonitor(Callback):
         rate = self.sample_rate if self.sample_rate is not None else module_rate
         if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0):
             raise RuntimeError(f"`{type(pl_module).__name__}.sample_rate` must be a positive number, got {rate!r}")
+        if (
+            self.sample_rate is not None
+            and isinstance(module_rate, (int, float))
+            and not isinstance(module_rate, bool)
+            and module_rate != self.sample_rate
+        ):
+            # logged audio and mel spectrograms at the wrong rate play at the wrong speed and pitch: refuse it
+            raise RuntimeError(
+                f"SignalMonitor(`sample_rate`={self.sample_rate}) disagrees with"
+                f" `{type(pl_module).__name__}.sample_rate`={module_rate}; pass sample_rate={module_rate} or leave it"
+                " None to use the module's"
+            )
         self._resolved_rate = None if rate is None else int(rate)
         self._resolved_type = self._resolve_type(pl_module)
 

@@ -259,6 +259,19 @@ def test_codec_fit_with_a_datamodule_at_another_sample_rate_fails_before_trainin
     assert trainer.global_step == 0
 
 
+def test_signal_monitor_refuses_a_sample_rate_that_contradicts_the_module(tmp_path):
+    """Media logged at the wrong rate would play at the wrong speed and pitch: a silent corruption of the logs."""
+    codec = make_module("codec")  # 8 kHz
+    trainer = make_trainer(tmp_path, [SignalMonitor(sample_rate=16000, log_media=False)], max_steps=1)
+    from tests.reliability._stack import codec_loader
+
+    with pytest.raises(RuntimeError, match=r"`sample_rate`=16000\) disagrees with `FaultyCodec.sample_rate`=8000"):
+        trainer.fit(codec, codec_loader())
+    agreeing = make_trainer(tmp_path / "ok", [SignalMonitor(sample_rate=SR, log_media=False)], max_steps=1)
+    agreeing.fit(make_module("codec"), codec_loader())
+    assert agreeing.global_step == 1
+
+
 def _write_bad_files(folder):
     folder.mkdir(exist_ok=True)
     for i in range(4):
