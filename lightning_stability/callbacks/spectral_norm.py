@@ -63,7 +63,9 @@ class SpectralNormInjection(Callback):
         SpectralNormInjection(modules=("*.output_proj",)).load_for_inference(model, "last.ckpt")
 
     Args:
-        modules: glob pattern(s) of qualified module names.
+        modules: glob pattern(s) of qualified module names. ``None`` (default): ``"*.output_proj"`` when no
+            ``types`` are given, else none (so ``SpectralNormInjection(types=nn.ConvTranspose1d)`` selects by type
+            alone).
         types: module classes (or dotted class paths such as ``"torch.nn.Linear"``) to select.
         n_power_iterations: power iterations per training forward (>= 1; torch's default 1).
         eps: numerical floor of the power iteration (> 0).
@@ -78,7 +80,7 @@ class SpectralNormInjection(Callback):
 
     def __init__(
         self,
-        modules: str | Iterable[str] = ("*.output_proj",),
+        modules: str | Iterable[str] | None = None,
         types: type | str | Iterable[type | str] = (),
         *,
         n_power_iterations: int = 1,
@@ -86,8 +88,10 @@ class SpectralNormInjection(Callback):
         log_every_n_steps: int | None = None,
     ) -> None:
         super().__init__()
-        self.modules = sn._as_patterns(modules)
         self.types = sn._as_types(types)
+        if modules is None:
+            modules = () if self.types else ("*.output_proj",)
+        self.modules = sn._as_patterns(modules)
         if not self.modules and not self.types:
             raise ValueError(
                 f"nothing to select: `modules`={modules!r} and `types`={types!r} are both empty; "

@@ -89,6 +89,17 @@ def test_wrapped_modules_are_announced_once_on_rank_zero(tmp_path, caplog):
     ]
 
 
+def test_types_alone_select_by_type_without_the_default_pattern(tmp_path):
+    # A user model with no `output_proj`: passing only `types` must not also demand the default name pattern.
+    assert SpectralNormInjection().modules == ("*.output_proj",)
+    cb = SpectralNormInjection(types=nn.Linear)
+    assert cb.modules == ()
+    model = FaultyModule()
+    make_trainer(tmp_path, [cb], max_steps=2).fit(model)
+    assert cb.wrapped == ["net.0", "net.2"]
+    assert all(hasattr(model.net[i], "parametrizations") for i in (0, 2))
+
+
 def test_second_fit_and_second_callback_do_not_double_it(tmp_path):
     module = ProjModule()
     cb = SpectralNormInjection()
