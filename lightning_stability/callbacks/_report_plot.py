@@ -142,7 +142,11 @@ def render_report(panels: Sequence[Panel], path: str | Path, *, title: str = "")
             finite = np.isfinite(values)
             positive_only &= bool(np.all(values[finite] > 0))
             # NaN breaks the line, so a non-finite step shows as a gap (plus a cross) rather than a bridged segment
-            ax.plot(steps, np.where(finite, values, np.nan), label=series.label, linewidth=1.2)
+            # sparse series (e.g. a sigma logged every 50 steps in a short run) get markers, or one point is invisible
+            marker = "o" if len(steps) <= 30 else None
+            ax.plot(
+                steps, np.where(finite, values, np.nan), label=series.label, linewidth=1.2, marker=marker, markersize=3
+            )
             if (~finite).any():
                 ax.plot(
                     steps[~finite],
