@@ -22,7 +22,8 @@ from lightning_stability.metrics import CodebookUsage, DCOffset, PeakAmplitude, 
 from lightning_stability.metrics.functional import clip_fraction, dc_offset, peak_amplitude, rms_ratio
 from lightning_stability.nn.scale import ClampedRMSScale, denormalize, normalize
 
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomized: CI sees the same examples every run (a failure is reproducible, never a flake)
+SETTINGS = settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 F32_MAX = float(np.finfo(np.float32).max)
 
 shapes = st.tuples(st.integers(1, 3), st.integers(1, 2), st.integers(1, 48))
@@ -191,8 +192,8 @@ def test_normalize_denormalize_round_trip_is_finite_and_exact_enough(x):
 @SETTINGS
 @given(signals(kind="random"), st.floats(1e-3, 1e6))
 def test_normalize_is_amplitude_invariant(x, gain):
-    if x.square().mean().sqrt() < 0.1:  # keep eps (1e-8) negligible against the RMS
-        x = x + 1.0
+    quiet = x.square().mean(dim=(1, 2), keepdim=True).sqrt() < 0.1  # per item: keep eps (1e-8) negligible
+    x = torch.where(quiet, x + 1.0, x)
     z1, _ = normalize(x)
     z2, _ = normalize(x * gain)
     torch.testing.assert_close(z1, z2, rtol=1e-4, atol=1e-5)
