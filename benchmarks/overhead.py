@@ -1,4 +1,4 @@
-"""Overhead of the stability callbacks: median training-step time with callbacks / bare Trainer, same model.
+"""Overhead of the stability callbacks: median training-step time and peak memory with callbacks / bare Trainer.
 
 Each configuration in ``CONFIGS`` is a named list of callbacks. Repetitions are interleaved (A B B A A B ...: the order
 flips every repetition so slow drift of a shared machine hits every configuration alike); every repetition is a fresh
@@ -6,6 +6,16 @@ Trainer and a freshly seeded model, and a tiny timing callback records the wall 
 ``on_train_batch_start`` calls (everything a step costs: data, forward, backward, hooks, optimizer). The first
 ``--warmup`` steps of every run are dropped. The result is the median step time per configuration and its ratio to
 ``bare``; the JSON schema is documented in ``benchmarks/README.md``.
+
+The ``stack`` configuration is the full kit a user adds to a codec run: ``GradientGuard()``,
+``AdaptiveLossWeight("l1")``, ``ScaleFactorClamp()`` (on the model's ``ClampedRMSScale`` output layer),
+``SignalMonitor()`` at its default interval (every 50 training steps) and ``StabilityReport()`` (its JSON/PNG are
+written at fit end, outside the timed steps).
+
+Peak memory: every configuration also runs ``--mem-reps`` times in a fresh child process (the same steps, one
+process per run, so one run's allocator state cannot leak into another's) that reports its peak resident set size
+(``VmHWM``) and its resident size right before ``fit``; the ratios to ``bare`` are in the summary. On a CUDA machine
+the in-process peak of ``torch.cuda.max_memory_allocated`` is recorded as well.
 
 On a CUDA machine the script also counts host synchronisations made by ``GradientGuard(sync_free=True)`` with a fused
 Adam (``torch.cuda.set_sync_debug_mode``), per step, inside the guard's hooks only. On CPU that check is skipped and the
@@ -22,7 +32,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -37,15 +49,26 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_stability.callbacks import GradientGuard  # noqa: E402
+from lightning_stability.callbacks import (  # noqa: E402
+    AdaptiveLossWeight,
+    GradientGuard,
+    ScaleFactorClamp,
+    SignalMonitor,
+    StabilityReport,
+)
+from lightning_stability.losses import LossWeights  # noqa: E402
+from lightning_stability.nn import ClampedRMSScale  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "overhead.json"
 TARGET_RATIO = 1.03
+TARGET_MEMORY_RATIO = 1.05
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # the fixed model: a small SEANet-like 1-D conv autoencoder (25k parameters) on batches of 4 x 93 ms of 22.05 kHz
-# audio, with BatchNorm (buffers for the guard to protect)
+# audio, with BatchNorm (buffers for the guard to protect), following the package's protocols so every callback of the
+# stack has something to work on: a `LossWeights` over its loss terms, a `ClampedRMSScale` output layer, a
+# `sample_rate`, and the loss-dict / signal-pair step outputs. Every configuration (bare included) runs this same model.
 
 
 class ConvAudioModel(pl.LightningModule):
@@ -53,6 +76,9 @@ class ConvAudioModel(pl.LightningModule):
         super().__init__()
         c = channels
         self.fused = fused
+        self.sample_rate = 22050
+        self.loss_weights = LossWeights({"l1": 1.0, "rms": 0.1})
+        self.output_scale = ClampedRMSScale(0.7, 1.5)  # output RMS pulled towards the input's, factor clamped
         self.encoder = nn.Sequential(
             nn.Conv1d(1, c, 7, padding=3),
             nn.BatchNorm1d(c),
@@ -73,12 +99,15 @@ class ConvAudioModel(pl.LightningModule):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.encoder(x))
+        return self.output_scale(self.decoder(self.encoder(x)), x)
 
     def training_step(self, batch, batch_idx):
         (x,) = batch
         y = self(x)
-        return nn.functional.l1_loss(y, x)
+        rms = lambda a: a.pow(2).mean(dim=(1, 2)).add(1e-8).sqrt()  # noqa: E731
+        losses = {"l1": nn.functional.l1_loss(y, x), "rms": (rms(y).log() - rms(x).log()).abs().mean()}
+        total = self.loss_weights.weighted_sum(losses)
+        return {"loss": total, "losses": {k: v.detach() for k, v in losses.items()}, "preds": y.detach(), "target": x}
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=1e-3, fused=self.fused or None)
@@ -93,11 +122,24 @@ def audio_loader(n_batches: int, batch_size: int = 4, samples: int = 2048) -> Da
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# configurations: add the rest of the stack here as it lands (name -> factory of a callback list)
+# configurations (name -> factory of a callback list)
+
+
+def full_stack() -> list[pl.Callback]:
+    """The whole kit at its defaults; the report writes into a fresh temporary folder (at fit end, not timed)."""
+    return [
+        GradientGuard(),
+        AdaptiveLossWeight("l1", base_weight=None),
+        ScaleFactorClamp(),
+        SignalMonitor(),  # default interval: every 50 training steps
+        StabilityReport(dirpath=tempfile.mkdtemp(prefix="overhead_report_"), log_to_wandb=False, print_summary=False),
+    ]
+
 
 CONFIGS: dict[str, Callable[[], list[pl.Callback]]] = {
     "bare": lambda: [],
     "guard": lambda: [GradientGuard()],  # default settings, buffer protection included
+    "stack": full_stack,
 }
 
 
@@ -113,6 +155,77 @@ class StepTimer(pl.Callback):
         if self._last is not None:
             self.times.append(now - self._last)
         self._last = now
+
+
+def _proc_status_mb(key: str) -> float | None:
+    """``VmHWM`` (peak resident set) or ``VmRSS`` of this process in MiB, from ``/proc/self/status`` (Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+class RSSBeforeFit(pl.Callback):
+    """Resident set size when training starts (model, data, optimizer and callbacks set up)."""
+
+    def __init__(self) -> None:
+        self.mb: float | None = None
+
+    def on_train_start(self, trainer, pl_module):
+        self.mb = _proc_status_mb("VmRSS")
+
+
+def memory_child(name: str, steps: int) -> dict:
+    """One run of configuration ``name`` in this (fresh) process: its peak and pre-training resident set."""
+    torch.manual_seed(0)
+    before = RSSBeforeFit()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        callbacks=[before, *CONFIGS[name]()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(ConvAudioModel(), audio_loader(steps))
+    return {"peak_rss_mb": _proc_status_mb("VmHWM"), "rss_at_train_start_mb": before.mb}
+
+
+def measure_memory(names: list[str], steps: int, reps: int, threads: int) -> dict:
+    """Peak RSS of each configuration, one fresh child process per run, interleaved like the timing runs."""
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for rep in range(reps):
+        for name in names if rep % 2 == 0 else names[::-1]:
+            cmd = [sys.executable, __file__, "--memory-child", name, "--steps", str(steps), "--threads", str(threads)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=900)
+            if out.returncode != 0:
+                raise RuntimeError(f"memory run of {name!r} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+            runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    if any(r["peak_rss_mb"] is None for rs in runs.values() for r in rs):
+        return {"checked": False, "reason": "/proc/self/status has no VmHWM (not Linux)"}
+    peak = {n: statistics.median(r["peak_rss_mb"] for r in rs) for n, rs in runs.items()}
+    start = {n: statistics.median(r["rss_at_train_start_mb"] for r in rs) for n, rs in runs.items()}
+    growth = {n: peak[n] - start[n] for n in names}
+    return {
+        "checked": True,
+        "reps": reps,
+        "steps": steps,
+        "peak_rss_mb": peak,
+        "rss_at_train_start_mb": start,
+        "training_growth_mb": growth,
+        "peak_rss_ratio_vs_bare": {n: peak[n] / peak["bare"] for n in names if n != "bare"},
+        "extra_peak_mb_vs_bare": {n: peak[n] - peak["bare"] for n in names if n != "bare"},
+        "runs": runs,
+    }
 
 
 def run_once(name: str, steps: int, device: str) -> list[float]:
@@ -131,10 +244,17 @@ def run_once(name: str, steps: int, device: str) -> list[float]:
         num_sanity_val_steps=0,
         limit_val_batches=0,
     )
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(model, audio_loader(steps + 1))
+    if device == "cuda":
+        CUDA_PEAK_MB.setdefault(name, []).append(torch.cuda.max_memory_allocated() / 2**20)
     return timer.times
+
+
+CUDA_PEAK_MB: dict[str, list[float]] = {}
 
 
 class HookTimedGuard(GradientGuard):
@@ -182,6 +302,65 @@ def guard_hook_time(steps: int, warmup: int, device: str) -> dict:
         trainer.fit(ConvAudioModel(), audio_loader(steps))
     per_step = [guard.hook_seconds[s] for s in sorted(guard.hook_seconds) if s >= warmup]
     return {"median_us": 1e6 * statistics.median(per_step), "n": len(per_step)}
+
+
+_HOOKS = (
+    "on_train_batch_start",
+    "on_before_backward",
+    "on_after_backward",
+    "on_before_optimizer_step",
+    "on_before_zero_grad",
+    "on_train_batch_end",
+)
+
+
+def stack_hook_times(steps: int, warmup: int, device: str) -> dict:
+    """Median time per step spent inside each callback's per-step hooks, for the ``stack`` configuration.
+
+    Each callback's hook methods are wrapped on the instance (Lightning looks hooks up with ``getattr``), so the
+    callbacks run unchanged; a counter callback, first in the list, numbers the steps.
+    """
+    torch.manual_seed(0)
+    callbacks = full_stack()
+    per_step: dict[str, dict[int, float]] = {type(cb).__name__: {} for cb in callbacks}
+    step = [0]
+
+    class Counter(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            step[0] = trainer.global_step
+
+    for cb in callbacks:
+        name = type(cb).__name__
+        for hook in _HOOKS:
+            fn = getattr(cb, hook)
+
+            def timed(*args, _fn=fn, _name=name, **kwargs):
+                t0 = time.perf_counter()
+                try:
+                    return _fn(*args, **kwargs)
+                finally:
+                    d = per_step[_name]
+                    d[step[0]] = d.get(step[0], 0.0) + time.perf_counter() - t0
+
+            setattr(cb, hook, timed)
+    trainer = pl.Trainer(
+        accelerator=device,
+        devices=1,
+        max_steps=steps,
+        callbacks=[Counter(), *callbacks],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(ConvAudioModel(), audio_loader(steps))
+    out = {}
+    for name, d in per_step.items():
+        values = [d.get(s, 0.0) for s in range(warmup, steps)]
+        out[name] = {"median_us": 1e6 * statistics.median(values), "mean_us": 1e6 * statistics.fmean(values)}
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -274,8 +453,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (CPU)")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/overhead[_quick].json")
+    parser.add_argument("--mem-reps", type=int, default=None, help="child-process runs per configuration for memory")
+    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)  # internal: one memory run
     args = parser.parse_args(argv)
+    if args.memory_child is not None:
+        torch.set_num_threads(args.threads)
+        print(json.dumps(memory_child(args.memory_child, args.steps or 60)))
+        return {}
     reps = args.reps or (2 if args.quick else 8)
+    mem_reps = args.mem_reps if args.mem_reps is not None else (1 if args.quick else 3)
     steps = args.steps or (25 if args.quick else 60)
     warmup = args.warmup if args.warmup is not None else (5 if args.quick else 10)
     if "bare" not in args.configs:
@@ -312,10 +498,22 @@ def main(argv: list[str] | None = None) -> dict:
             }
         )
     hooks = guard_hook_time(steps, warmup, device)
+    stack_hooks = stack_hook_times(steps, warmup, device) if "stack" in args.configs else {}
     if device == "cuda":
         sync = count_guard_syncs(steps=40, log_every=10)
     else:
         sync = {"checked": False, "reason": "CUDA not available: torch.cuda.set_sync_debug_mode needs a GPU"}
+    memory = (
+        measure_memory(list(args.configs), steps, mem_reps, args.threads)
+        if mem_reps > 0
+        else {"checked": False, "reason": "--mem-reps 0"}
+    )
+    if device == "cuda":
+        memory["cuda_peak_allocated_mb"] = {n: statistics.median(v) for n, v in CUDA_PEAK_MB.items()}
+        memory["cuda_peak_ratio_vs_bare"] = {
+            n: statistics.median(v) / statistics.median(CUDA_PEAK_MB["bare"]) for n, v in CUDA_PEAK_MB.items()
+        }
+    mem_ratios = memory.get("peak_rss_ratio_vs_bare", {})
     ratios = {c["name"]: c["ratio_vs_bare"] for c in cases if c["name"] != "bare"}
     doc = {
         "benchmark": "overhead",
@@ -336,18 +534,28 @@ def main(argv: list[str] | None = None) -> dict:
             },
             "configs": list(args.configs),
             "reps": reps,
+            "memory_reps": mem_reps,
             "steps_per_run": steps,
             "warmup_steps_dropped": warmup,
             "order": "interleaved, flipped every repetition (A B, B A, ...); fresh Trainer and model per run",
         },
         "cases": cases,
         "summary": {
-            "target": f"median step time with callbacks / bare <= {TARGET_RATIO} on CPU",
-            "target_met": all(r <= TARGET_RATIO for r in ratios.values()),
+            "target": f"median step time with callbacks / bare <= {TARGET_RATIO} and peak memory / bare <= "
+            f"{TARGET_MEMORY_RATIO} on CPU, for every configuration",
+            "target_met": all(r <= TARGET_RATIO for r in ratios.values())
+            and bool(memory["checked"])
+            and all(r <= TARGET_MEMORY_RATIO for r in mem_ratios.values()),
+            "time_target_met": all(r <= TARGET_RATIO for r in ratios.values()),
+            "memory_target_met": bool(memory["checked"]) and all(r <= TARGET_MEMORY_RATIO for r in mem_ratios.values()),
             "ratio_vs_bare": ratios,
+            "memory_ratio_vs_bare": mem_ratios,
+            "memory": memory,
             "guard_hook_time_us": hooks["median_us"],
             "guard_hook_fraction_of_bare_step": hooks["median_us"] / (1e6 * bare),
             "guard_host_syncs": sync,
+            "stack_hook_time_us": stack_hooks,
+            "stack_hook_fraction_of_bare_step": sum(v["mean_us"] for v in stack_hooks.values()) / (1e6 * bare),
         },
     }
     doc["wall_time_s"] = round(time.perf_counter() - started, 2)
@@ -355,10 +563,12 @@ def main(argv: list[str] | None = None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
     line = ", ".join(f"{n} {r:.3f}x" for n, r in ratios.items())
+    mem_line = ", ".join(f"{n} {r:.3f}x" for n, r in mem_ratios.items()) or "not measured"
     rep_line = ", ".join(f"{c['name']} {c['median_of_per_rep_ratios']:.3f}x" for c in cases if c["name"] != "bare")
     print(
         f"overhead ({device}, {reps} reps x {steps} steps): bare {1e3 * bare:.2f} ms/step; {line}"
-        f" (target <= {TARGET_RATIO}: {'met' if doc['summary']['target_met'] else 'NOT met'});"
+        f" (<= {TARGET_RATIO}: {'met' if doc['summary']['time_target_met'] else 'NOT met'}); peak RSS {mem_line}"
+        f" (<= {TARGET_MEMORY_RATIO}: {'met' if doc['summary']['memory_target_met'] else 'NOT met'});"
         f" per-rep median ratio {rep_line}; guard hooks {hooks['median_us']:.0f} us/step"
         f" ({100 * hooks['median_us'] / (1e6 * bare):.1f}% of a bare step);"
         f" guard host syncs: {'checked' if sync['checked'] else 'skipped (no GPU)'} -> {out}"
