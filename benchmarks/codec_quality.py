@@ -21,23 +21,25 @@ same SEANet width ``n_filters``, LSTM depth, batch, crop, steps and learning rat
   discriminator (none of the recipes uses one at this budget). Skipped, with a message, when ``encodec`` is not
   installed (``pip install encodec``).
 
-Metrics on the held-out utterances: SI-SNR (dB, torchmetrics, mean over utterances), mel distance (DAC's definition,
+Metrics on the held-out utterances: SI-SNR (dB, Le Roux et al. 2019 with zero-mean signals, torchmetrics
+``zero_mean=True``, mean over utterances), mel distance (DAC's definition,
 ``lightning_stability.losses.spectral.mel_distance``, mean over utterances), RMS ratio (output RMS / input RMS over all
-held-out samples), codebook usage per stage (perplexity of the code histogram over all held-out frames, out of 1024,
-and the fraction of codes never used), bitrate (n_q x log2(codebook_size) x frame rate). Training wall time and
-steps are recorded. Published references (DESIGN.md §2; trained for days on GPUs): EnCodec 6 kbps SI-SDR 5.99 dB, mel
-distance 1.83; DAC 5.33 kbps SI-SDR 8.13 dB, mel distance 1.07. A CPU budget of minutes gets nowhere near them; the
-comparison that matters is between the recipes at the same budget.
+held-out samples), DC offset (mean of the output over all held-out samples), codebook usage per stage (perplexity of
+the code histogram over all held-out frames, out of 1024, and the fraction of codes never used), bitrate
+(n_q x log2(codebook_size) x frame rate). Training wall time and steps are recorded. Published references
+(DESIGN.md §2; trained for days on GPUs): EnCodec 6 kbps SI-SDR 5.99 dB, mel distance 1.83; DAC 5.33 kbps SI-SDR
+8.13 dB, mel distance 1.07. A CPU budget of minutes gets nowhere near them; the comparison that matters is between
+the recipes at the same budget.
 
 Target: the kit recipe is at least as good as the peer on SI-SNR and mel distance at the same budget and bitrate,
-and finishes finite. (At a CPU budget of minutes every recipe's SI-SNR is far below 0 dB: the mel-dominated losses
+and finishes finite. (At a CPU budget of minutes every recipe's SI-SNR is below 0 dB: the mel-dominated losses
 shape the magnitude spectrum long before the waveform's phase; the SI-SNR comparison is then between noise levels.)
 
 JSON (``benchmarks/results/codec_quality.json``; common layout in ``benchmarks/_common.py``)::
 
     cases: [{"recipe": "kit"|"no_kit"|"peer_encodec", "description", "skipped": null | "<why>",
              "params": int, "steps": int, "train_wall_s": float, "final_train_loss": float, "finite": bool,
-             "eval": {"si_snr_db", "mel_distance", "rms_ratio", "perplexity": [8], "dead_fraction": [8],
+             "eval": {"si_snr_db", "mel_distance", "rms_ratio", "dc_offset", "perplexity": [8], "dead_fraction": [8],
                       "mean_perplexity", "mean_dead_fraction", "bitrate_kbps", "num_utterances", "seconds"},
              "kit_stats": {...} (kit only)}]
     summary: {"target", "target_met", "kit_vs_peer": {"si_snr_db": kit - peer, "mel_distance": kit - peer},
@@ -223,18 +225,20 @@ def evaluate(model: pl.LightningModule, clips: list[Tensor]) -> dict[str, Any]:
     from lightning_stability.metrics.functional import codebook_histogram, codebook_perplexity, dead_code_fraction
 
     model.eval()
-    si_snr, mel, sq_pred, sq_target, seconds = [], [], 0.0, 0.0, 0.0
+    si_snr, mel, sq_pred, sq_target, seconds, dc_sum, n_samples = [], [], 0.0, 0.0, 0.0, 0.0, 0
     hist = torch.zeros(N_Q, CODEBOOK_SIZE, dtype=torch.long)
     finite = True
     for clip in clips:
         audio = clip[None]  # [1, 1, T]
         y, codes = model.reconstruct(audio)
         finite = finite and bool(torch.isfinite(y).all())
-        si_snr.append(float(scale_invariant_signal_noise_ratio(y, audio).mean()))
+        si_snr.append(float(scale_invariant_signal_noise_ratio(y, audio, zero_mean=True).mean()))
+        dc_sum += float(y.double().sum())
         mel.append(float(mel_distance(y, audio, SAMPLE_RATE)))
         sq_pred += float(y.double().pow(2).sum())
         sq_target += float(audio.double().pow(2).sum())
         seconds += audio.shape[-1] / SAMPLE_RATE
+        n_samples += audio.numel()
         hist += codebook_histogram(codes.long().cpu(), CODEBOOK_SIZE, N_Q)
     perplexity = codebook_perplexity(hist)
     dead = dead_code_fraction(hist)
@@ -242,6 +246,7 @@ def evaluate(model: pl.LightningModule, clips: list[Tensor]) -> dict[str, Any]:
         "si_snr_db": sum(si_snr) / len(si_snr),
         "mel_distance": sum(mel) / len(mel),
         "rms_ratio": math.sqrt(sq_pred / sq_target) if sq_target > 0 else float("nan"),
+        "dc_offset": dc_sum / max(1, n_samples),
         "perplexity": [round(float(v), 2) for v in perplexity],
         "dead_fraction": [round(float(v), 4) for v in dead],
         "mean_perplexity": float(perplexity.mean()),
