@@ -6,7 +6,8 @@ Used by every file of the reliability suite (issue 9):
   per step), with their data (``codec_loader()``, ``cascade_loader()``: map-style, not shuffled; ``resumable=True``
   gives the package's ``ResumableDataLoader``, which Lightning resumes mid-epoch);
 - ``full_stack(kind, ...)``: ``GradientGuard``, ``AdaptiveLossWeight``, ``ScaleFactorClamp``, ``SignalMonitor``,
-  ``StabilityReport`` and, on the cascade, ``SpectralNormInjection`` (the codec gets it on its decoder's last conv);
+  ``StabilityReport`` and, on the cascade, ``SpectralNormInjection`` on the three output projections (the codec's
+  convolutions carry weight norm, so spectral norm does not apply there);
 - ``Faulty``: a mixin that corrupts a real module at chosen global steps, *from outside the module's own code*
   (the batch, the loss, the gradient, or a parameter overwritten with NaN), the places the package's own tests, which
   use a toy ``FaultyModule``, did not look;
