@@ -179,3 +179,46 @@ def test_codec_nan_parameter_on_one_rank_rolls_back_both(tmp_path):
     assert all(_finite(r) for r in ranks)
     assert math.isfinite(ranks[0]["weights"]["mel"])
     record_fault("ddp/one-rank", "codec", "nan_param", "rollback", 1, survived=all(_finite(r) for r in ranks))
+
+
+def _ddp_resumable(tmp_path: Path, name: str, max_steps: int, ckpt: Path | None = None) -> dict:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    out = tmp_path / name
+    out.mkdir()
+    pl.seed_everything(0, verbose=False)
+    module = make_module("codec", {"nan_batch": {2}}, fault_ranks={1})
+    stack = full_stack("codec", out / "report")
+    saver = ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    trainer = make_trainer(
+        out,
+        [*stack, saver, RankDump(out)],
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_steps=max_steps,
+        enable_checkpointing=True,
+    )
+    trainer.fit(module, loader("codec", n=32, resumable=True), ckpt_path=ckpt)
+    return {r: torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_mid_epoch_resume_under_ddp_equals_the_uninterrupted_run(tmp_path):
+    """32 clips, 2 ranks, batches of 4: 4 batches per rank per epoch; the checkpoint of step 3 is mid-epoch. Lightning
+    rebuilds the resumable loader with a DistributedSampler; each rank skips its own 3 consumed batches."""
+    full = _ddp_resumable(tmp_path, "full", max_steps=7)
+    _ddp_resumable(tmp_path, "first", max_steps=4)
+    ckpt = tmp_path / "first" / "ckpt" / "epoch=0-step=3.ckpt"
+    assert torch.load(ckpt, weights_only=True)["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
+        {"consumed": 3}
+    ]
+    resumed = _ddp_resumable(tmp_path, "resumed", max_steps=7, ckpt=ckpt)
+    for r in (0, 1):
+        assert resumed[r]["global_step"] == full[r]["global_step"] == 7
+        for k, v in full[r]["module"].items():
+            assert torch.equal(v, resumed[r]["module"][k]), (r, k)
+        assert _decisions(full[r]) == _decisions(resumed[r])
+    _assert_ranks_agree([resumed[0], resumed[1]])
+    record_fault("kill_resume", "codec", "mid-epoch resume under ddp", "resume", 1, survived=True)
