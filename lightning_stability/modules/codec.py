@@ -46,7 +46,7 @@ DEFAULT_LOSS_WEIGHTS: dict[str, float] = {
     "vq": 1.0,  # codebook + commitment_weight * commitment (DAC: 1 and 0.25)
 }
 ADVERSARIAL_LOSS_WEIGHTS: dict[str, float] = {"adv": 1.0, "feat": 2.0}  # DAC's generator / feature-matching weights
-KNOWN_LOSSES = ("mel", "l1", "stft", "rms", "vq", "adv", "feat")
+KNOWN_LOSSES = ("mel", "l1", "stft", "sisnr", "rms", "vq", "adv", "feat")
 
 
 @dataclass
@@ -104,6 +104,9 @@ class CodecModule(pl.LightningModule):
 
     - ``mel``: :class:`~lightning_stability.losses.spectral.MultiResolutionMelLoss` (DAC's 7 resolutions), weight 15;
     - ``l1``: time-domain L1, weight 0.1 (EnCodec); ``stft``: multi-resolution STFT loss (off unless weighted);
+    - ``sisnr``: negative scale-invariant SNR in dB, ``-10 log10(|a s|^2 / |a s - y|^2)`` with
+      ``a = <y, s> / |s|^2`` on zero-mean signals (Le Roux et al. 2019), averaged over the batch (off unless
+      weighted): a waveform (phase-sensitive) term that, unlike L1/MSE, does not reward a quieter output;
     - ``rms``: :class:`~lightning_stability.losses.spectral.RMSMatchingLoss`, weight 1;
     - ``vq``: ``codebook_weight * codebook + commitment_weight * commitment`` averaged over the stages, weight 1;
     - with ``adversarial=True``: ``adv`` (generator hinge/LS loss, weight 1) and ``feat`` (feature matching, 2).
@@ -144,13 +147,18 @@ class CodecModule(pl.LightningModule):
         n_q, codebook_size, codebook_dim, l2_normalize, ema_codebook, codebook_decay, kmeans_init, kmeans_iters,
             threshold_ema_dead_code, quantizer_dropout: the quantizer.
         normalize_scale: EnCodec-style per-segment RMS normalisation.
+        remove_dc: subtract the decoder output's mean over time, ``y - mean_t(y)`` per item and channel, before the
+            output scale (a DC block for a decoder with a bias in its last convolution: measured on the demo, the
+            RMS-matching term was otherwise met by a DC offset of about -0.1 at -16 LUFS, i.e. most of the output's
+            energy). Off by default (a user's codec may need DC); the demo turns it on.
         output_rms_clamp: ``None`` (default) or ``(min_scale, max_scale)``: a
             :class:`~lightning_stability.nn.scale.ClampedRMSScale` (``detach_scale=True``) after the decoder pulls the
             normalised-domain output towards unit RMS with the factor clamped to the bounds, a safety net whose
             factor ``ScaleFactorClamp`` logs and bounds (a factor pinned at ``max_scale`` means the decoder's output
             is collapsing). The decoder still learns the amplitude itself (the factor is a constant in backward).
         loss_weights: ``{term: weight}``; default ``{"mel": 15, "l1": 0.1, "rms": 1, "vq": 1}`` (+ ``adv`` 1 and
-            ``feat`` 2 when adversarial). Terms: ``mel``, ``l1``, ``stft``, ``rms``, ``vq``, ``adv``, ``feat``.
+            ``feat`` 2 when adversarial). Terms: ``mel``, ``l1``, ``stft``, ``sisnr``, ``rms``, ``vq``, ``adv``,
+            ``feat``.
         codebook_weight, commitment_weight: inside the ``vq`` term (DAC: 1 and 0.25).
         mel_window_lengths, mel_n_mels: resolutions of the ``mel`` term.
         mel_log_weight, mel_mag_weight: the ``mel`` term's log-mel L1 (DAC: 1) and linear-mel L1 (EnCodec's form:
@@ -185,6 +193,7 @@ class CodecModule(pl.LightningModule):
         threshold_ema_dead_code: float = 2.0,
         quantizer_dropout: float = 0.0,
         normalize_scale: bool = True,
+        remove_dc: bool = False,
         output_rms_clamp: tuple[float, float] | None = None,
         loss_weights: Mapping[str, float] | None = None,
         codebook_weight: float = 1.0,
@@ -224,6 +233,8 @@ class CodecModule(pl.LightningModule):
                 raise ValueError("`output_rms_clamp` needs `normalize_scale=True` (its target is the unit RMS)")
             if len(tuple(output_rms_clamp)) != 2:
                 raise ValueError(f"`output_rms_clamp` must be None or (min_scale, max_scale), got {output_rms_clamp!r}")
+        if not isinstance(remove_dc, bool):
+            raise TypeError(f"`remove_dc` must be a bool, got {remove_dc!r}")
         if gradient_clip_val is not None and not gradient_clip_val > 0:
             raise ValueError(f"`gradient_clip_val` must be None or > 0, got {gradient_clip_val!r}")
         if loss_weights is None:
@@ -335,10 +346,14 @@ class CodecModule(pl.LightningModule):
         x, scale = normalize(audio) if self.hparams.normalize_scale else (audio, None)
         z = self.encoder(self._pad(x))
         q = self.quantizer(z, n_q=n_q)
-        y = self._rescale(self.decoder(q.quantized)[..., :length])
+        y = self._rescale(self._remove_dc(self.decoder(q.quantized)[..., :length]))
         if scale is not None:
             y = denormalize(y, scale)
         return CodecOutput(audio=y, codes=q.codes, scale=scale, quantized=q)
+
+    def _remove_dc(self, y: Tensor) -> Tensor:
+        # the decoder's DC offset over the segment: y - mean_t(y) per item and channel (``remove_dc=True``)
+        return y - y.mean(dim=-1, keepdim=True) if self.hparams.get("remove_dc", False) else y
 
     def _rescale(self, y: Tensor) -> Tensor:
         # normalised domain: the encoder's input had unit RMS, so the target RMS of the decoder's output is 1
@@ -362,7 +377,7 @@ class CodecModule(pl.LightningModule):
         y = self.decoder(self.quantizer.decode(codes))
         if length is not None:
             y = y[..., :length]
-        y = self._rescale(y)
+        y = self._rescale(self._remove_dc(y))
         return denormalize(y, scale) if scale is not None else y
 
     # ---------------------------------------------------------------------------------------------- losses
@@ -376,6 +391,7 @@ class CodecModule(pl.LightningModule):
             "mel": lambda: self.mel_loss(recon, audio),
             "l1": lambda: F.l1_loss(recon.float(), audio.float()),
             "stft": lambda: self.stft_loss(recon, audio),
+            "sisnr": lambda: -self._si_snr(recon, audio).mean(),
             "rms": lambda: self.rms_loss(recon, audio),
             "vq": lambda: out.quantized.penalty(self.hparams.codebook_weight, self.hparams.commitment_weight),
         }
