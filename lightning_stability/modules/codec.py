@@ -241,7 +241,12 @@ class CodecModule(pl.LightningModule):
             loss_weights = {**DEFAULT_LOSS_WEIGHTS, **(ADVERSARIAL_LOSS_WEIGHTS if adversarial else {})}
         elif not isinstance(loss_weights, Mapping):
             raise TypeError(f"`loss_weights` must be a mapping of loss name to weight, got {loss_weights!r}")
-        if not adversarial and any(loss_weights.get(k, 0) > 0 for k in ("adv", "feat")):
+        elif not loss_weights:
+            raise ValueError(f"`loss_weights` must name at least one loss term of {list(KNOWN_LOSSES)}, got {{}}")
+        weighted = {
+            k for k, v in loss_weights.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+        }
+        if not adversarial and weighted & {"adv", "feat"}:
             raise ValueError(
                 f"`loss_weights` weights 'adv'/'feat' but `adversarial` is False, got {dict(loss_weights)!r}"
             )
