@@ -160,9 +160,9 @@ def json_safe(x: Any) -> Any:
         return {str(k): json_safe(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [json_safe(v) for v in x]
-    if isinstance(x, Path):
-        return str(x)
-    return x
+    if isinstance(x, (str, int, bool)) or x is None:
+        return x
+    return str(x)  # paths, enums, anything else: its text
 
 
 def command_line() -> str:

@@ -8,10 +8,11 @@ each utterance whole (cropped to at most ``eval_max_seconds``) through ``encode`
 Recipes (all at 6 kbps: 8 codebooks x 1024 codes (10 bits) x 75 frames/s at 24 kHz, hop 320 = ratios 8, 5, 4, 2; the
 same SEANet width ``n_filters``, LSTM depth, batch, crop, steps and learning rate):
 
-- ``kit``: ``CodecModule`` (unbounded decoder, EnCodec scale normalisation, RMS-output safety clamp, DAC losses:
-  15 x multi-scale log-mel + 0.1 x L1 + RMS matching + VQ) with the kit callbacks the demo uses: ``GradientGuard()``,
-  ``AdaptiveLossWeight("mel", base_weight=None, min_weight=10, max_weight=20)``, ``ScaleFactorClamp()``,
-  ``SignalMonitor(log_media=False)``, ``StabilityReport`` (written to a temporary folder);
+- ``kit``: ``CodecModule`` built exactly as ``lightning_stability.demo`` builds it (unbounded decoder, EnCodec scale
+  normalisation, RMS-output safety clamp, the demo's losses and weights, which the JSON records in
+  ``cases[].codec_hparams``) with the demo's kit callbacks (``demo.build_callbacks`` without its checkpoint and
+  progress bar: ``GradientGuard``, ``AdaptiveLossWeight("mel")``, ``ScaleFactorClamp``, ``SignalMonitor``,
+  ``StabilityReport`` written to a temporary folder);
 - ``no_kit``: the same ``CodecModule``, no callbacks;
 - ``peer_encodec``: the ``encodec`` package's ``SEANetEncoder``/``SEANetDecoder``/``ResidualVectorQuantizer`` built
   without pretrained weights (its defaults: EMA codebooks, k-means init (10 iterations instead of 50, as ours, for
@@ -22,7 +23,7 @@ same SEANet width ``n_filters``, LSTM depth, batch, crop, steps and learning rat
   installed (``pip install encodec``).
 
 Metrics on the held-out utterances: SI-SNR (dB, Le Roux et al. 2019 with zero-mean signals, torchmetrics
-``zero_mean=True``, mean over utterances), mel distance (DAC's definition,
+``scale_invariant_signal_noise_ratio``, mean over utterances), mel distance (DAC's definition,
 ``lightning_stability.losses.spectral.mel_distance``, mean over utterances), RMS ratio (output RMS / input RMS over all
 held-out samples), DC offset (mean of the output over all held-out samples), codebook usage per stage (perplexity of
 the code histogram over all held-out frames, out of 1024, and the fraction of codes never used), bitrate
@@ -169,48 +170,48 @@ class EncodecPeer(pl.LightningModule):
 # ---------------------------------------------------------------------------------------------------------------------
 # our codec
 # ---------------------------------------------------------------------------------------------------------------------
-def codec_module(*, n_filters: int, lstm: int, lr: float, quick: bool, seed: int):
-    from lightning_stability.modules import CodecModule
+def demo_config(*, n_filters: int, lstm: int, lr: float, quick: bool, seed: int, steps: int):
+    """The demo's configuration at this benchmark's width, learning rate and budget (everything else: the demo's)."""
+    from lightning_stability.demo import DemoConfig
 
-    class BenchCodec(CodecModule):
-        @torch.no_grad()
-        def reconstruct(self, audio: Tensor) -> tuple[Tensor, Tensor]:
-            out = self(audio)
-            return out.audio, out.codes
-
-    return BenchCodec(
-        sample_rate=SAMPLE_RATE,
+    return DemoConfig(
         n_filters=n_filters,
         lstm=lstm,
-        ratios=RATIOS,
-        n_q=N_Q,
-        codebook_size=CODEBOOK_SIZE,
-        threshold_ema_dead_code=0.05,  # the demo's: EnCodec's 2 assumes thousands of frames per batch
-        output_rms_clamp=(0.7, 1.5),
-        kmeans_iters=3 if quick else 10,
         lr=lr,
         seed=seed,
+        max_steps=steps,
+        sample_rate=SAMPLE_RATE,
+        n_q=N_Q,
+        codebook_size=CODEBOOK_SIZE,
+        progress=False,
+        quick=quick,
     )
 
 
-def kit_callbacks(root: Path, max_steps: int) -> list[Any]:
-    from lightning_stability.callbacks import (
-        AdaptiveLossWeight,
-        GradientGuard,
-        ScaleFactorClamp,
-        SignalMonitor,
-        StabilityReport,
-    )
+def codec_module(config):
+    """``CodecModule`` exactly as the demo builds it (``lightning_stability.demo``'s recipe: losses, weights, output
+    RMS safety clamp, dead-code threshold), so the benchmark measures the codec the project ships."""
+    from lightning_stability import demo
 
-    return [
-        GradientGuard(),
-        AdaptiveLossWeight(
-            "mel", base_weight=None, min_weight=10.0, max_weight=20.0, warmup_steps=min(100, max(1, max_steps // 5))
-        ),
-        ScaleFactorClamp(),
-        SignalMonitor(train_every_n_steps=max(1, min(50, max_steps // 10)), log_media=False),
-        StabilityReport(dirpath=root / "report", log_to_wandb=False, print_summary=False),
-    ]
+    return demo._codec(config)
+
+
+def kit_callbacks(config, root: Path) -> list[Any]:
+    """The demo's kit (``lightning_stability.demo.build_callbacks``) without its checkpoint and progress bar."""
+    from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+
+    from lightning_stability.demo import build_callbacks
+
+    return [cb for cb in build_callbacks(config, root / "report") if not isinstance(cb, (ModelCheckpoint, ProgressBar))]
+
+
+@torch.no_grad()
+def reconstruct(model: pl.LightningModule, audio: Tensor) -> tuple[Tensor, Tensor]:
+    """``(reconstruction [B, 1, T], codes [B, n_q, F])`` of either recipe."""
+    if isinstance(model, EncodecPeer):
+        return model.reconstruct(audio)
+    out = model(audio)
+    return out.audio, out.codes
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -230,9 +231,9 @@ def evaluate(model: pl.LightningModule, clips: list[Tensor]) -> dict[str, Any]:
     finite = True
     for clip in clips:
         audio = clip[None]  # [1, 1, T]
-        y, codes = model.reconstruct(audio)
+        y, codes = reconstruct(model, audio)
         finite = finite and bool(torch.isfinite(y).all())
-        si_snr.append(float(scale_invariant_signal_noise_ratio(y, audio, zero_mean=True).mean()))
+        si_snr.append(float(scale_invariant_signal_noise_ratio(y, audio).mean()))
         dc_sum += float(y.double().sum())
         mel.append(float(mel_distance(y, audio, SAMPLE_RATE)))
         sq_pred += float(y.double().pow(2).sum())
@@ -273,11 +274,12 @@ def train_recipe(
     recipe: str, datamodule, *, steps: int, n_filters: int, lstm: int, lr: float, quick: bool, seed: int, root: Path
 ) -> tuple[pl.LightningModule, dict[str, Any]]:
     pl.seed_everything(seed, workers=True, verbose=False)
+    config = demo_config(n_filters=n_filters, lstm=lstm, lr=lr, quick=quick, seed=seed, steps=steps)
     if recipe == "peer_encodec":
         model = EncodecPeer(n_filters=n_filters, lstm=lstm, lr=lr)
     else:
-        model = codec_module(n_filters=n_filters, lstm=lstm, lr=lr, quick=quick, seed=seed)
-    callbacks = kit_callbacks(root, steps) if recipe == "kit" else []
+        model = codec_module(config)
+    callbacks = kit_callbacks(config, root / recipe) if recipe == "kit" else []
 
     class LastLoss(pl.Callback):
         value = float("nan")
@@ -300,12 +302,16 @@ def train_recipe(
     }
     if recipe == "kit":
         info["kit_stats"] = kit_stats(callbacks)
+        info["callbacks"] = [type(cb).__name__ for cb in callbacks]
+    if recipe != "peer_encodec":
+        info["codec_hparams"] = {k: v for k, v in dict(model.hparams).items() if not k.startswith("_")}
     return model, info
 
 
 DESCRIPTIONS = {
-    "kit": "CodecModule + GradientGuard, AdaptiveLossWeight(mel), ScaleFactorClamp, SignalMonitor, StabilityReport",
-    "no_kit": "CodecModule, no callbacks",
+    "kit": "the demo's CodecModule + the demo's kit: GradientGuard, AdaptiveLossWeight(mel), ScaleFactorClamp, "
+    "SignalMonitor, StabilityReport",
+    "no_kit": "the demo's CodecModule, no callbacks",
     "peer_encodec": "encodec package SEANet + RVQ (random init), EnCodec losses (0.1 L1 + mel L1+L2 + commitment), "
     "Adam betas (0.5, 0.9)",
 }
