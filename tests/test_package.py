@@ -33,3 +33,29 @@ def test_console_script_help_runs():
 
     assert main(["--help"]) == 0
     assert main(["no-such-command"]) == 2
+
+
+# DESIGN.md §4: the public contract. Renaming any of these needs a CHANGELOG entry; this test makes it deliberate.
+PUBLIC = {
+    "callbacks": ["GradientGuard", "AdaptiveLossWeight", "SpectralNormInjection", "ScaleFactorClamp", "SignalMonitor",
+                  "StabilityReport"],
+    "modules": ["CodecModule", "CascadeTransformerModule"],
+    "losses": ["LossWeights", "LossBalancer", "MultiResolutionMelLoss"],
+    "metrics": ["RMSRatio", "DCOffset", "PeakAmplitude", "CodebookUsage"],
+    "data": ["AudioFolderDataModule", "SpeechCorpusDataModule", "LatentPairDataModule"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("pkg", sorted(PUBLIC))
+def test_public_contract_imports(pkg):
+    module = importlib.import_module(f"lightning_stability.{pkg}")
+    for name in PUBLIC[pkg]:
+        assert name in module.__all__
+        assert getattr(module, name).__name__ == name
+
+
+@pytest.mark.parametrize("pkg", ["callbacks", "modules", "losses", "metrics", "data", "nn"])
+def test_every_listed_name_resolves(pkg):
+    module = importlib.import_module(f"lightning_stability.{pkg}")
+    for name in module.__all__:
+        assert getattr(module, name) is not None, name

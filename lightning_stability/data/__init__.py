@@ -7,6 +7,7 @@ _NAMES = {
     "SpeechCorpusDataModule": ".speech_corpus",
     "LatentPairDataModule": ".latents",
     "AudioFileError": "._audio",
+    "ResumableDataLoader": "._audio",
 }
 __all__ = list(_NAMES)
 __getattr__ = lazy_getattr(__name__, _NAMES)

@@ -8,6 +8,9 @@ _NAMES = {
     "MultiResolutionMelLoss": ".spectral",
     "MultiResolutionSTFTLoss": ".spectral",
     "RMSMatchingLoss": ".spectral",
+    "mel_distance": ".spectral",
+    "SpikeDamping": ".weights",
+    "BalancedLoss": ".balancer",
 }
 __all__ = list(_NAMES)
 __getattr__ = lazy_getattr(__name__, _NAMES)
