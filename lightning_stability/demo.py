@@ -101,7 +101,7 @@ def _codec(config: DemoConfig):
         "codebook_size": config.codebook_size,
         "threshold_ema_dead_code": config.threshold_ema_dead_code,
         "output_rms_clamp": (0.7, 1.5),  # a ClampedRMSScale safety net that ScaleFactorClamp watches
-        # A 10-minute objective (changes/codec_quality.md has the measured table): the time-domain L1 dominates,
+        # A 10-minute objective (docs/codec_demo_experiments.md has the measured table): the time-domain L1 dominates,
         # because only a waveform term constrains phase, which is what SI-SNR measures; the multi-resolution STFT
         # loss (spectral convergence + log magnitude) gets the output's energy and spectrum in place in the first
         # steps, which an L1 alone does not (alone it first shrinks the output towards silence); EnCodec's

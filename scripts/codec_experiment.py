@@ -1,4 +1,4 @@
-"""Fixed-budget experiment on the demo codec (the harness behind ``changes/codec_quality.md``).
+"""Fixed-budget experiment on the demo codec (the harness behind ``docs/codec_demo_experiments.md``).
 
     python scripts/codec_experiment.py NAME STEPS ['{"codec": "kwargs"}'] ['{"datamodule": "kwargs"}'] [noq] [threads=N]
 
