@@ -316,8 +316,9 @@ class CascadeTransformerModule(pl.LightningModule):
                 rank_zero_warn(
                     f"cascade stage {k + 1}: mean RMS factor {value:.3f} > warn_above={self.config.warn_above} at "
                     f"step {self.global_step} (clamp [{self.config.min_scale}, {self.config.max_scale}]): the stage's "
-                    f"output is too quiet and the factor is compensating. A weak residual "
-                    f"(r={self.model.stages[k].residual_weight}) is the post-mortem's cause; see DESIGN.md §1.3."
+                    f"output is too quiet and the factor is compensating (residual weight "
+                    f"r={self.model.stages[k].residual_weight}; in the post-mortem a weak r=0.1 let the output RMS "
+                    f"collapse, DESIGN.md §1.3). If it persists, try a larger residual weight or an RMS-matching term."
                 )
 
     @override
