@@ -184,3 +184,24 @@ def assert_same(a: dict, b: dict) -> None:
                         assert xx == yy, (k, kk)
             else:
                 assert torch.equal(x, y) or torch.allclose(x, y, rtol=0, atol=0, equal_nan=True), k
+
+
+def manual_optimization(cls: type[pl.LightningModule]) -> type[pl.LightningModule]:
+    """A subclass of ``cls`` trained with manual optimization: the parent's ``training_step`` output, then
+    ``zero_grad`` / ``manual_backward(out["loss"])`` / ``step`` on its single optimizer."""
+
+    class Manual(cls):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            out = super().training_step(batch, batch_idx)
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(out["loss"])
+            opt.step()
+            return out
+
+    Manual.__name__ = Manual.__qualname__ = f"Manual{cls.__name__}"
+    return Manual

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_stability.callbacks import AdaptiveLossWeight
 from lightning_stability.callbacks.adaptive_weights import Decision
 from lightning_stability.losses import LossWeights
-from tests.helpers import make_trainer
+from tests.helpers import make_trainer, manual_optimization
 
 CUDA = torch.cuda.is_available()
 
@@ -428,18 +428,7 @@ def test_precisions_take_the_same_decisions(tmp_path, precision):
     assert cb.num_changes >= 3
 
 
-class ManualModule(ScriptedLossModule):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.automatic_optimization = False
-
-    def training_step(self, batch, batch_idx):
-        out = super().training_step(batch, batch_idx)
-        opt = self.optimizers()
-        opt.zero_grad()
-        self.manual_backward(out["loss"])
-        opt.step()
-        return out
+ManualModule = manual_optimization(ScriptedLossModule)
 
 
 def test_manual_optimization(tmp_path):

@@ -10,7 +10,7 @@ from torch import nn
 from lightning_stability.callbacks import ScaleFactorClamp
 from lightning_stability.nn import ClampedRMSScale
 from tests._helpers_spectral_scale import NoHostReads
-from tests.helpers import FaultyModule, assert_same, make_trainer, snapshot
+from tests.helpers import FaultyModule, assert_same, make_trainer, manual_optimization, snapshot
 
 
 class LearnableScaleModule(FaultyModule):
@@ -86,18 +86,7 @@ def test_learnable_scale_stays_inside_bounds_under_an_optimizer_pushing_it_out(t
 
 
 def test_projection_applies_under_manual_optimization_and_gradient_accumulation(tmp_path):
-    class Manual(LearnableScaleModule):
-        def __init__(self, **kwargs) -> None:
-            super().__init__(**kwargs)
-            self.automatic_optimization = False
-
-        def training_step(self, batch, batch_idx):
-            opt = self.optimizers()
-            out = super().training_step(batch, batch_idx)
-            opt.zero_grad()
-            self.manual_backward(out["loss"])
-            opt.step()
-            return out
+    Manual = manual_optimization(LearnableScaleModule)
 
     module = Manual(push=(1.0,))
     make_trainer(tmp_path / "manual", [ScaleFactorClamp(init_warn_ratio=None)], max_steps=4).fit(module)

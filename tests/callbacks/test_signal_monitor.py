@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_stability.callbacks import SignalMonitor
 from tests._helpers_signal import RecordingLogger, read_wandb_history
-from tests.helpers import FaultyModule, make_trainer
+from tests.helpers import FaultyModule, make_trainer, manual_optimization
 
 SR = 8000
 
@@ -148,18 +148,7 @@ def test_bf16_mixed_fit_logs_finite_values(tmp_path):
     assert math.isfinite(float(trainer.callback_metrics["signal/val/si_snr"]))
 
 
-class _ManualAE(AudioAE):
-    def __init__(self) -> None:
-        super().__init__()
-        self.automatic_optimization = False
-
-    def training_step(self, batch, batch_idx):
-        out = super().training_step(batch, batch_idx)
-        opt = self.optimizers()
-        opt.zero_grad()
-        self.manual_backward(out["loss"])
-        opt.step()
-        return out
+_ManualAE = manual_optimization(AudioAE)
 
 
 def test_manual_optimization_is_measured_on_the_same_steps(tmp_path):

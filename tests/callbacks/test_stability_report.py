@@ -11,7 +11,7 @@ from PIL import Image
 from lightning_stability.callbacks import StabilityReport
 from lightning_stability.callbacks._events import EventLog
 from tests._helpers_signal import read_wandb_history
-from tests.helpers import FaultyModule, make_trainer
+from tests.helpers import FaultyModule, make_trainer, manual_optimization
 
 
 class ScriptedSource(Callback):
@@ -298,18 +298,7 @@ def test_inf_gradient_skip_by_the_guard_is_in_the_report(tmp_path):
     assert height >= 4 * 200
 
 
-class _ManualFaulty(FaultyModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.automatic_optimization = False
-
-    def training_step(self, batch, batch_idx):
-        out = super().training_step(batch, batch_idx)
-        opt = self.optimizers()
-        opt.zero_grad()
-        self.manual_backward(out["loss"])
-        opt.step()
-        return out
+_ManualFaulty = manual_optimization(FaultyModule)
 
 
 def test_manual_optimization_loss_is_recorded_per_step(tmp_path):
