@@ -282,29 +282,24 @@ class CodecModule(pl.LightningModule):
     # ---------------------------------------------------------------------------------------------- networks
     def build_encoder(self) -> nn.Module:
         """The encoder ``[B, C, T] -> [B, dimension, T / hop]`` (override to use your own)."""
-        hp = self.hparams
-        return SEANetEncoder(
-            channels=hp.channels,
-            dimension=hp.dimension,
-            n_filters=hp.n_filters,
-            ratios=tuple(hp.ratios),
-            n_residual_layers=hp.n_residual_layers,
-            lstm=hp.lstm,
-            causal=hp.causal,
-        )
+        return SEANetEncoder(**self._seanet_kwargs())
 
     def build_decoder(self) -> nn.Module:
         """The decoder ``[B, dimension, F] -> [B, C, F * hop]`` (override to use your own)."""
+        return SEANetDecoder(**self._seanet_kwargs())
+
+    def _seanet_kwargs(self) -> dict[str, Any]:
+        """The SEANet arguments the encoder and decoder share (the decoder mirrors the encoder)."""
         hp = self.hparams
-        return SEANetDecoder(
-            channels=hp.channels,
-            dimension=hp.dimension,
-            n_filters=hp.n_filters,
-            ratios=tuple(hp.ratios),
-            n_residual_layers=hp.n_residual_layers,
-            lstm=hp.lstm,
-            causal=hp.causal,
-        )
+        return {
+            "channels": hp.channels,
+            "dimension": hp.dimension,
+            "n_filters": hp.n_filters,
+            "ratios": tuple(hp.ratios),
+            "n_residual_layers": hp.n_residual_layers,
+            "lstm": hp.lstm,
+            "causal": hp.causal,
+        }
 
     def build_quantizer(self) -> ResidualVectorQuantizer:
         """The residual vector quantizer (override to change it)."""
