@@ -16,10 +16,13 @@ Faults are keyed by ``global_step`` (the optimizer-step index; it still advances
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterable
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -138,8 +141,37 @@ class FaultyModule(pl.LightningModule):
         return regression_loader(n=16, seed=1)
 
 
+class _ShutdownLauncher(_MultiProcessingLauncher):
+    """Lightning's spawn launcher, plus an orderly gloo shutdown in each worker before it exits.
+
+    Without it a worker that leaves the default gloo process group alive can die with SIGABRT ("terminate called
+    without an active exception") while the interpreter finalises: a gloo worker thread is still releasing the last
+    collective's tensors, needs the GIL to drop their Python objects, and is killed mid-destructor (seen in CI about
+    one run in ten; core dump: ``ProcessGroupGloo::runLoop`` -> ``~AsyncAllreduceWork`` -> ``PyThread_exit_thread``).
+    Lightning registers this shutdown only for NCCL. After a successful fit every rank meets at a barrier, drops the
+    group and collects garbage, so the group's destructor joins its threads while the interpreter is still whole.
+    """
+
+    def _wrapping_function(self, process_idx, *args, **kwargs):
+        super()._wrapping_function(process_idx, *args, **kwargs)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+        gc.collect()
+
+
+class SpawnStrategy(DDPStrategy):
+    """``strategy="ddp_spawn"`` (gloo on CPU) whose workers shut their process group down before exiting."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(start_method="spawn", **kwargs)
+
+    def _configure_launcher(self) -> None:
+        self._launcher = _ShutdownLauncher(self, start_method=self._start_method)
+
+
 def make_trainer(tmp_path, callbacks=(), **kwargs) -> pl.Trainer:
-    """A quiet CPU Trainer writing under ``tmp_path``."""
+    """A quiet CPU Trainer writing under ``tmp_path`` (``strategy="ddp_spawn"`` becomes :class:`SpawnStrategy`)."""
     defaults = {
         "default_root_dir": tmp_path,
         "accelerator": "cpu",
@@ -154,6 +186,8 @@ def make_trainer(tmp_path, callbacks=(), **kwargs) -> pl.Trainer:
         "deterministic": True,
     }
     defaults.update(kwargs)
+    if defaults.get("strategy") == "ddp_spawn":
+        defaults["strategy"] = SpawnStrategy()
     return pl.Trainer(callbacks=list(callbacks), **defaults)
 
 
