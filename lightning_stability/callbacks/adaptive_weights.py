@@ -19,6 +19,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_stability.callbacks._events import EventLog
+from lightning_stability.callbacks._state_key import cached_state_key
 from lightning_stability.losses.weights import LossWeights, SpikeDamping
 
 __all__ = ["AdaptiveLossWeight", "Decision"]
@@ -297,11 +298,7 @@ class AdaptiveLossWeight(Callback):
     @property
     @override
     def state_key(self) -> str:
-        # Lightning reads it around every hook call (profiler names): build the string once
-        key = self.__dict__.get("_state_key")
-        if key is None:
-            key = self._state_key = self._generate_state_key(loss=self.loss)
-        return key
+        return cached_state_key(self, loss=self.loss)
 
     # --- the decision ----------------------------------------------------------------------------------------------
     def _evaluate(

@@ -43,6 +43,7 @@ from lightning_stability.callbacks._guard_state import (
     TrainingSnapshot,
     select_buffers,
 )
+from lightning_stability.callbacks._state_key import cached_state_key
 
 _ON_PERSISTENT = ("rollback", "stop", "raise")
 _SPIKE_ACTIONS = ("skip", "clip")
@@ -328,7 +329,7 @@ class GradientGuard(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(max_norm=self.max_norm, zscore=self.zscore, spike_action=self.spike_action)
+        return cached_state_key(self, max_norm=self.max_norm, zscore=self.zscore, spike_action=self.spike_action)
 
     @property
     def num_skipped(self) -> int:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_stability.callbacks._events import EventLog
+from lightning_stability.callbacks._state_key import cached_state_key
 from lightning_stability.nn.scale import ClampedRMSScale, _check_bounds
 
 __all__ = ["ScaleFactorClamp"]
@@ -178,8 +179,8 @@ class ScaleFactorClamp(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(
-            min_scale=self.min_scale, max_scale=self.max_scale, param_patterns=self.param_patterns
+        return cached_state_key(
+            self, min_scale=self.min_scale, max_scale=self.max_scale, param_patterns=self.param_patterns
         )
 
     @property

@@ -16,6 +16,7 @@ from torchmetrics.audio import ScaleInvariantSignalNoiseRatio, SignalNoiseRatio
 from typing_extensions import override
 
 from lightning_stability.callbacks._events import EventLog
+from lightning_stability.callbacks._state_key import cached_state_key
 from lightning_stability.metrics.signal import DCOffset, PeakAmplitude, RMSRatio
 
 if TYPE_CHECKING:
@@ -174,7 +175,7 @@ class SignalMonitor(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(prefix=self.prefix, preds_key=self.preds_key, target_key=self.target_key)
+        return cached_state_key(self, prefix=self.prefix, preds_key=self.preds_key, target_key=self.target_key)
 
     # ------------------------------------------------------------------------------------------------ setup
     @override

@@ -15,6 +15,7 @@ from typing_extensions import override
 
 import lightning_stability.nn.spectral as sn
 from lightning_stability.callbacks._events import EventLog
+from lightning_stability.callbacks._state_key import cached_state_key
 
 __all__ = ["SpectralNormInjection"]
 
@@ -114,7 +115,8 @@ class SpectralNormInjection(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(
+        return cached_state_key(
+            self,
             modules=self.modules,
             types=tuple(f"{t.__module__}.{t.__qualname__}" for t in self.types),
             n_power_iterations=self.n_power_iterations,

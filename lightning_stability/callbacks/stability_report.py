@@ -22,6 +22,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_stability.callbacks._events import EventLog
+from lightning_stability.callbacks._state_key import cached_state_key
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -162,7 +163,7 @@ class StabilityReport(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(filename=self.filename)
+        return cached_state_key(self, filename=self.filename)
 
     # ------------------------------------------------------------------------------------------------- hooks
     @override
