@@ -43,6 +43,7 @@ from lightning_stability.callbacks._guard_state import (
     TrainingSnapshot,
     select_buffers,
 )
+from lightning_stability.callbacks._logging import log_scalars
 from lightning_stability.callbacks._state_key import cached_state_key
 
 _ON_PERSISTENT = ("rollback", "stop", "raise")
@@ -960,7 +961,7 @@ class GradientGuard(Callback):
         }
         if self.zscore is not None and thr is not None:
             metrics["guard/threshold"] = thr
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+        log_scalars(pl_module.trainer, metrics)
 
 
 __all__ = ["GradientGuard"]

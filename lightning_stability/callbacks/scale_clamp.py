@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_stability.callbacks._events import EventLog
+from lightning_stability.callbacks._logging import log_scalars
 from lightning_stability.callbacks._state_key import cached_state_key
 from lightning_stability.nn.scale import ClampedRMSScale, _check_bounds
 
@@ -321,15 +322,14 @@ class ScaleFactorClamp(Callback):
         stats = trainer.strategy.reduce(stats, reduce_op="mean")  # same statistics, hence decisions, on every rank
         peaks = trainer.strategy.reduce(peaks, reduce_op="max")
         host_stats, host_peaks = stats.tolist(), peaks.tolist()
+        logged: dict[str, Tensor] = {}
         for i, t in enumerate(items):
             if t.steps == 0:  # a layer that has not run yet
                 continue
             factor, clamped = host_stats[i]
             if log:
-                pl_module.log(f"scale/{t.name}", stats[i, 0], on_step=True, on_epoch=False, batch_size=1)
-                pl_module.log(
-                    f"scale/{t.name}/clamped_fraction", stats[i, 1], on_step=True, on_epoch=False, batch_size=1
-                )
+                logged[f"scale/{t.name}"] = stats[i, 0]
+                logged[f"scale/{t.name}/clamped_fraction"] = stats[i, 1]
             self.event_log.trace(t.name, step, factor)
             self.event_log.trace(f"{t.name}/clamped_fraction", step, clamped)
             if self.warn_above is not None and host_peaks[i] >= self.warn_after_steps:
@@ -338,6 +338,7 @@ class ScaleFactorClamp(Callback):
             t.clamped_sum.zero_()
             t.peak.copy_(t.streak)
             t.steps = 0
+        log_scalars(trainer, logged)
         self._last_read_step = step
 
     def _warn(self, step: int, t: _Tracked, factor: float, peak: int) -> None:

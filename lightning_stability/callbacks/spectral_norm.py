@@ -15,6 +15,7 @@ from typing_extensions import override
 
 import lightning_stability.nn.spectral as sn
 from lightning_stability.callbacks._events import EventLog
+from lightning_stability.callbacks._logging import log_scalars
 from lightning_stability.callbacks._state_key import cached_state_key
 
 __all__ = ["SpectralNormInjection"]
@@ -233,13 +234,15 @@ class SpectralNormInjection(Callback):
         if not every or step % every or step == self._last_logged_step:
             return
         self._last_logged_step = step
+        logged = {}
         for name in self.selected:
             module = pl_module.get_submodule(name)
             if sn._spectral_parametrization(module) is None:  # legacy hook: no parametrization to read
                 continue
             sigma = sn.spectral_sigma(module)
-            pl_module.log(f"specnorm/{name or 'root'}/sigma", sigma, on_step=True, on_epoch=False, batch_size=1)
+            logged[f"specnorm/{name or 'root'}/sigma"] = sigma
             self.event_log.trace(f"{name or 'root'}/sigma", step, float(sigma))
+        log_scalars(trainer, logged)
 
     # -- state -------------------------------------------------------------------------------------------------------
     @override

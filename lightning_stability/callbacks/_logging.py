@@ -1,0 +1,39 @@
+"""Scalar logging from a callback without ``LightningModule.log``.
+
+``LightningModule.log`` called from a callback hook costs about 1.5 ms per key on a CPU (Lightning's result
+collection moves its whole contents to the module's device on every call), which is most of a guard's per-step budget
+even at one log every 50 steps. Like Lightning's own ``LearningRateMonitor``, these callbacks write to the trainer's
+loggers directly, at the step Lightning's logger connector uses, and also publish the values in
+``trainer.callback_metrics`` so ``ModelCheckpoint(monitor=...)``, ``EarlyStopping`` and ``StabilityReport`` see them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+
+def logger_step(trainer: pl.Trainer) -> int:
+    """The step Lightning's logger connector and ``LearningRateMonitor`` log at (monotonic for W&B)."""
+    return getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
+
+
+def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float | Tensor]) -> None:
+    """Write ``metrics`` (Python numbers or 0-dim tensors) to every logger and into ``trainer.callback_metrics``.
+
+    Loggers write on global rank zero only (Lightning's loggers are ``rank_zero_only``); every rank gets the
+    ``callback_metrics`` entries, so a monitor that reads them decides alike on every rank when the values agree.
+    """
+    if not metrics:
+        return
+    host = {k: float(v) for k, v in metrics.items()}
+    if trainer.loggers:
+        step = logger_step(trainer)
+        for logger in trainer.loggers:
+            logger.log_metrics(host, step=step)
+    published = trainer.callback_metrics
+    for k, v in metrics.items():
+        published[k] = v.detach().reshape(()) if isinstance(v, Tensor) else torch.tensor(host[k])
