@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
@@ -29,12 +29,19 @@ def _is_finite_number(x: Any) -> bool:
     return not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x)
 
 
+_FOLD_EVERY = 32  # per-step records kept before they are folded into the window sums (bounds their memory)
+
+
 @dataclass
 class _Tracked:
     """One scale factor: a ``ClampedRMSScale`` layer (``kind="layer"``) or a learnable parameter (``"param"``).
 
-    The accumulators live on the factor's device and are updated with tensor ops every step (no host sync); they are
-    read on the host at log steps only.
+    Every step appends one small record to ``pending`` with at most two tensor ops and no host sync (a layer:
+    ``[mean factor, clamped fraction]``; a parameter: a copy of its value before projection). Every
+    ``_FOLD_EVERY`` records, and before a read, ``fold`` turns them into the window sums with a handful of vectorised
+    ops on the factor's device. Records are fresh tensors, never views of the layer's buffers (DDP broadcasts buffers
+    in place at the next forward). ``pending`` is part of the checkpointed state, so a resumed run folds at the same
+    steps, in the same order, as an uninterrupted one.
     """
 
     name: str
@@ -44,8 +51,9 @@ class _Tracked:
     clamped_sum: Tensor | None = None  # sum over the window of the clamped fraction
     streak: Tensor | None = None  # consecutive steps with mean factor > warn_above
     peak: Tensor | None = None  # longest streak seen in the window
-    steps: int = 0  # steps in the window
+    steps: int = 0  # steps in the window, folded or not
     last_warned_step: int | None = None
+    pending: list[Tensor] = field(default_factory=list)  # per-step records not folded yet
 
     def init(self, device: torch.device) -> None:
         if self.factor_sum is None:
@@ -53,6 +61,45 @@ class _Tracked:
             self.clamped_sum = torch.zeros((), device=device)
             self.streak = torch.zeros((), device=device, dtype=torch.long)
             self.peak = torch.zeros((), device=device, dtype=torch.long)
+
+    @torch.no_grad()
+    def record(self, min_scale: float, max_scale: float) -> None:
+        """This step's factor (a parameter is projected into the range here)."""
+        if self.kind == "layer":
+            layer: ClampedRMSScale = self.target  # type: ignore[assignment]
+            if layer.last_scale.numel() == 0:  # never called yet
+                return
+            item = torch.stack([layer.last_scale.mean(dtype=torch.float32), layer.last_clamped_fraction.float()])
+        else:
+            param: Tensor = self.target  # type: ignore[assignment]
+            item = param.detach().clone()
+            param.clamp_(min_scale, max_scale)
+        self.pending.append(item)
+        self.steps += 1
+
+    @torch.no_grad()
+    def fold(self, min_scale: float, max_scale: float, warn_above: float | None) -> None:
+        """Add the pending records to the window sums and advance the streak (device ops only)."""
+        if not self.pending:
+            return
+        stacked = torch.stack([p.to(self.factor_sum.device) for p in self.pending])
+        self.pending = []
+        if self.kind == "layer":
+            factors, clamped = stacked[:, 0], stacked[:, 1]
+        else:
+            values = stacked.flatten(1).float()
+            factors = values.clamp(min_scale, max_scale).mean(dim=1)
+            clamped = ((values < min_scale) | (values > max_scale)).float().mean(dim=1)
+        self.factor_sum += factors.sum()
+        self.clamped_sum += clamped.sum()
+        if warn_above is not None:
+            # streak after record i: i - (last record not above) or, when every record so far is above, the streak
+            # carried in plus i + 1
+            idx = torch.arange(factors.numel(), device=factors.device)
+            last_low = torch.cummax(torch.where(factors > warn_above, -1, idx), dim=0).values
+            streaks = torch.where(last_low >= 0, idx - last_low, self.streak + idx + 1)
+            self.streak.copy_(streaks[-1])
+            torch.maximum(self.peak, streaks.max(), out=self.peak)
 
     def state(self) -> dict[str, Any]:
         return {
@@ -62,6 +109,7 @@ class _Tracked:
             "peak": int(self.peak) if self.peak is not None else 0,
             "steps": self.steps,
             "last_warned_step": self.last_warned_step,
+            "pending": [p.tolist() for p in self.pending],  # plain numbers: the state stays JSON-serialisable
         }
 
     def load(self, state: dict[str, Any], device: torch.device) -> None:
@@ -71,6 +119,8 @@ class _Tracked:
         self.peak = torch.tensor(int(state["peak"]), device=device, dtype=torch.long)
         self.steps = int(state["steps"])
         self.last_warned_step = state["last_warned_step"]
+        dtype = self.target.dtype if self.kind == "param" else torch.float32
+        self.pending = [torch.tensor(p, dtype=dtype, device=device) for p in state.get("pending", [])]
 
 
 class ScaleFactorClamp(Callback):
@@ -107,8 +157,9 @@ class ScaleFactorClamp(Callback):
     warning repeats for the same factor at most once every ``20 * warn_after_steps`` steps. Each warning is an event
     in ``event_log`` (``kind="scale_high"``), and so is each init warning (``"scale_init"``).
 
-    **Cost.** Every step: one in-place clamp per parameter and a few scalar tensor ops per factor, on the device,
-    without a host sync. At log steps: one host read of the window statistics (and one all-reduce under DDP).
+    **Cost.** Every step: two tensor ops per factor (a parameter: a copy and the in-place clamp), on the device,
+    without a host sync; every 32 steps a few vectorised ops fold those records into the window statistics. At log
+    steps: one host read of the window statistics (and one all-reduce under DDP).
 
     Args:
         min_scale: lower bound (> 0).
@@ -273,27 +324,11 @@ class ScaleFactorClamp(Callback):
             if t.kind == "param":
                 t.target.clamp_(self.min_scale, self.max_scale)
 
-    @torch.no_grad()
     def _update(self) -> None:
         for t in self._tracked.values():
-            if t.kind == "layer":
-                layer: ClampedRMSScale = t.target  # type: ignore[assignment]
-                if layer.last_scale.numel() == 0:  # never called yet
-                    continue
-                factor = layer.last_scale.float().mean().to(t.factor_sum.device)
-                clamped = layer.last_clamped_fraction.float().to(t.factor_sum.device)
-            else:
-                param: Tensor = t.target  # type: ignore[assignment]
-                outside = (param < self.min_scale) | (param > self.max_scale)
-                clamped = outside.float().mean()
-                param.clamp_(self.min_scale, self.max_scale)
-                factor = param.float().mean()
-            t.factor_sum += factor
-            t.clamped_sum += clamped
-            t.steps += 1
-            if self.warn_above is not None:
-                t.streak.copy_(torch.where(factor > self.warn_above, t.streak + 1, torch.zeros_like(t.streak)))
-                torch.maximum(t.peak, t.streak, out=t.peak)
+            t.record(self.min_scale, self.max_scale)
+            if len(t.pending) >= _FOLD_EVERY:
+                t.fold(self.min_scale, self.max_scale, self.warn_above)
 
     @override
     def on_train_batch_end(
@@ -314,6 +349,8 @@ class ScaleFactorClamp(Callback):
         items = list(self._tracked.values())
         if not items:
             return
+        for t in items:
+            t.fold(self.min_scale, self.max_scale, self.warn_above)
         device = items[0].factor_sum.device
         stats = torch.stack(
             [torch.stack([t.factor_sum / max(t.steps, 1), t.clamped_sum / max(t.steps, 1)]).to(device) for t in items]

@@ -290,3 +290,39 @@ def test_ddp_ranks_agree(tmp_path):
     assert r0["events"]["num_events"] == {"scale_high": 1}
     # rank 0 sat at 1.0 and rank 1 at 1.5: the logged factor is their mean
     assert r0["events"]["traces"]["scale"] == [[2, pytest.approx(1.25, abs=1e-3)], [4, pytest.approx(1.25, abs=1e-3)]]
+
+
+@pytest.mark.parametrize("fold_every", [1, 3, 7, 100])
+def test_window_statistics_do_not_depend_on_when_records_are_folded(fold_every):
+    # a parameter's per-step values drift in and out of [0.7, 1.5] and above warn_above=1.3; the sums, the streak and
+    # the longest streak must equal a plain per-step loop whatever the fold points
+    from lightning_stability.callbacks.scale_clamp import _Tracked
+
+    g = torch.Generator().manual_seed(3)
+    values = (0.5 + 1.3 * torch.rand(40, 2, generator=g)).tolist()
+    param = nn.Parameter(torch.zeros(2))
+    t = _Tracked("p", "param", param)
+    t.init(torch.device("cpu"))
+    t.streak.fill_(2)  # a streak carried in from the previous window
+    for i, v in enumerate(values):
+        with torch.no_grad():
+            param.copy_(torch.tensor(v))
+        t.record(0.7, 1.5)
+        if (i + 1) % fold_every == 0:
+            t.fold(0.7, 1.5, 1.3)
+    t.fold(0.7, 1.5, 1.3)
+    factor_sum = clamped_sum = 0.0
+    streak, peak = 2, 0
+    for v in values:
+        clipped = [min(max(x, 0.7), 1.5) for x in v]
+        factor = sum(clipped) / 2
+        factor_sum += factor
+        clamped_sum += sum(x < 0.7 or x > 1.5 for x in v) / 2
+        streak = streak + 1 if factor > 1.3 else 0
+        peak = max(peak, streak)
+    assert t.steps == 40
+    assert t.pending == []
+    assert t.factor_sum.item() == pytest.approx(factor_sum, rel=1e-6)
+    assert t.clamped_sum.item() == pytest.approx(clamped_sum, rel=1e-6)
+    assert (int(t.streak), int(t.peak)) == (streak, peak)
+    assert torch.all((param >= 0.7) & (param <= 1.5))  # projected every step

@@ -43,5 +43,6 @@ def test_callbacks_keep_their_documented_keys_after_copy_and_pickle():
     assert copy.deepcopy(guard).state_key == expected
     assert pickle.loads(pickle.dumps(guard)).state_key == expected
     clamp = ScaleFactorClamp(0.5, 2.0)
-    assert clamp.state_key == clamp._generate_state_key(min_scale=0.5, max_scale=2.0, param_patterns=clamp.param_patterns)
+    expected = clamp._generate_state_key(min_scale=0.5, max_scale=2.0, param_patterns=clamp.param_patterns)
+    assert clamp.state_key == expected
     assert ScaleFactorClamp(0.5, 3.0).state_key != clamp.state_key
