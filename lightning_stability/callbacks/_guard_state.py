@@ -56,6 +56,9 @@ class BufferSnapshot:
         self.names = [name for name, _, _ in entries]
         self._entries = [(mod, attr) for _, mod, attr in entries]
         self._storage: list[Tensor | None] = [None] * len(entries)
+        # the buffer objects of the last capture: most modules update buffers in place, so their snapshot storage is
+        # reused without comparing shapes (``resize_`` of a registered buffer is not supported)
+        self._seen: list[Tensor | None] = [None] * len(entries)
         self._groups: list[list[int]] = []
 
     def __len__(self) -> int:
@@ -72,7 +75,11 @@ class BufferSnapshot:
     def capture(self) -> None:
         current = self._current()
         regroup = False
+        seen = self._seen
         for i, buf in enumerate(current):
+            if buf is seen[i]:  # the tensor captured last time: its storage still fits
+                continue
+            seen[i] = buf
             snap = self._storage[i]
             if snap is None or snap.shape != buf.shape or snap.dtype != buf.dtype or snap.device != buf.device:
                 self._storage[i] = torch.empty_like(buf, memory_format=torch.contiguous_format)
