@@ -121,6 +121,44 @@ def audio_loader(n_batches: int, batch_size: int = 4, samples: int = 2048) -> Da
     return DataLoader(TensorDataset(x), batch_size=batch_size, shuffle=False)
 
 
+def demo_codec() -> pl.LightningModule:
+    """The demo's ``CodecModule`` (``lightning-stability demo``: SEANet width 8, one LSTM layer, 8 x 1024-code RVQ at
+    24 kHz, the demo's loss mix), the package's main model: about 0.3 s per step on one CPU thread."""
+    from lightning_stability.demo import DemoConfig, _codec
+
+    return _codec(DemoConfig())
+
+
+def codec_loader(n_batches: int) -> DataLoader:
+    """Batches of the demo's shape (8 x 0.5 s at 24 kHz): tones plus noise, so no speech synthesis is needed."""
+    from lightning_stability.demo import DemoConfig
+
+    cfg = DemoConfig()
+    samples = int(cfg.segment_seconds * cfg.sample_rate)
+    g = torch.Generator().manual_seed(0)
+    t = torch.arange(samples) / cfg.sample_rate
+    n = n_batches * cfg.batch_size
+    freqs = 100 + 900 * torch.rand(n, 1, 1, generator=g)
+    x = torch.sin(2 * torch.pi * freqs * t) * 0.1 + 0.01 * torch.randn(n, 1, samples, generator=g)
+    return DataLoader(TensorDataset(x), batch_size=cfg.batch_size, shuffle=False)
+
+
+# name -> (model factory, loader factory, the loss term AdaptiveLossWeight controls, batch shape, description)
+MODELS: dict[str, tuple[Callable[[], pl.LightningModule], Callable[[int], DataLoader], str, list[int], str]] = {
+    "conv": (ConvAudioModel, audio_loader, "l1", [4, 1, 2048], "ConvAudioModel: 25k-parameter conv autoencoder"),
+    "codec": (demo_codec, codec_loader, "mel", [8, 1, 12000], "the demo CodecModule (lightning-stability demo)"),
+}
+MODEL = "conv"  # set by main() from --model (and passed on to the memory child processes)
+
+
+def make_model() -> pl.LightningModule:
+    return MODELS[MODEL][0]()
+
+
+def make_loader(n_batches: int) -> DataLoader:
+    return MODELS[MODEL][1](n_batches)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # configurations (name -> factory of a callback list)
 
@@ -129,7 +167,7 @@ def full_stack() -> list[pl.Callback]:
     """The whole kit at its defaults; the report writes into a fresh temporary folder (at fit end, not timed)."""
     return [
         GradientGuard(),
-        AdaptiveLossWeight("l1", base_weight=None),
+        AdaptiveLossWeight(MODELS[MODEL][2], base_weight=None),
         ScaleFactorClamp(),
         SignalMonitor(),  # default interval: every 50 training steps
         StabilityReport(dirpath=tempfile.mkdtemp(prefix="overhead_report_"), log_to_wandb=False, print_summary=False),
@@ -196,7 +234,7 @@ def memory_child(name: str, steps: int) -> dict:
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(ConvAudioModel(), audio_loader(steps))
+        trainer.fit(make_model(), make_loader(steps))
     return {"peak_rss_mb": _proc_status_mb("VmHWM"), "rss_at_train_start_mb": before.mb}
 
 
@@ -206,6 +244,7 @@ def measure_memory(names: list[str], steps: int, reps: int, threads: int) -> dic
     for rep in range(reps):
         for name in names if rep % 2 == 0 else names[::-1]:
             cmd = [sys.executable, __file__, "--memory-child", name, "--steps", str(steps), "--threads", str(threads)]
+            cmd += ["--model", MODEL]
             out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=900)
             if out.returncode != 0:
                 raise RuntimeError(f"memory run of {name!r} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
@@ -230,7 +269,7 @@ def measure_memory(names: list[str], steps: int, reps: int, threads: int) -> dic
 
 def run_once(name: str, steps: int, device: str) -> list[float]:
     torch.manual_seed(0)
-    model = ConvAudioModel()
+    model = make_model()
     timer = StepTimer()
     trainer = pl.Trainer(
         accelerator=device,
@@ -248,7 +287,7 @@ def run_once(name: str, steps: int, device: str) -> list[float]:
         torch.cuda.reset_peak_memory_stats()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(model, audio_loader(steps + 1))
+        trainer.fit(model, make_loader(steps + 1))
     if device == "cuda":
         CUDA_PEAK_MB.setdefault(name, []).append(torch.cuda.max_memory_allocated() / 2**20)
     return timer.times
@@ -299,7 +338,7 @@ def guard_hook_time(steps: int, warmup: int, device: str) -> dict:
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(ConvAudioModel(), audio_loader(steps))
+        trainer.fit(make_model(), make_loader(steps))
     per_step = [guard.hook_seconds[s] for s in sorted(guard.hook_seconds) if s >= warmup]
     return {"median_us": 1e6 * statistics.median(per_step), "n": len(per_step)}
 
@@ -355,7 +394,7 @@ def stack_hook_times(steps: int, warmup: int, device: str) -> dict:
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(ConvAudioModel(), audio_loader(steps))
+        trainer.fit(make_model(), make_loader(steps))
     out = {}
     for name, d in per_step.items():
         values = [d.get(s, 0.0) for s in range(warmup, steps)]
@@ -425,6 +464,19 @@ def count_guard_syncs(steps: int, log_every: int) -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _describe_model() -> dict:
+    model = make_model()
+    return {
+        "key": MODEL,
+        "name": type(model).__name__,
+        "description": MODELS[MODEL][4],
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "buffers": sum(b.numel() for b in model.buffers()),
+        "batch": MODELS[MODEL][3],
+        "adaptive_loss_term": MODELS[MODEL][2],
+    }
+
+
 def _machine() -> dict:
     try:
         load = os.getloadavg()[0]
@@ -447,6 +499,9 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     parser = argparse.ArgumentParser(prog="benchmarks/overhead.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="few short repetitions (CI smoke run)")
+    parser.add_argument(
+        "--model", default="conv", choices=list(MODELS), help="conv: the 25k-parameter model; codec: the demo codec"
+    )
     parser.add_argument("--reps", type=int, default=None, help="repetitions per configuration")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=None, help="steps dropped at the start of every run")
@@ -456,6 +511,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--mem-reps", type=int, default=None, help="child-process runs per configuration for memory")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)  # internal: one memory run
     args = parser.parse_args(argv)
+    global MODEL
+    MODEL = args.model
     if args.memory_child is not None:
         torch.set_num_threads(args.threads)
         print(json.dumps(memory_child(args.memory_child, args.steps or 60)))
@@ -525,13 +582,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": machine,
         "config": {
             "device": device,
-            "model": {
-                "name": "ConvAudioModel",
-                "parameters": sum(p.numel() for p in ConvAudioModel().parameters()),
-                "buffers": sum(b.numel() for b in ConvAudioModel().buffers()),
-                "batch": [4, 1, 2048],
-                "optimizer": "Adam",
-            },
+            "model": _describe_model(),
             "configs": list(args.configs),
             "reps": reps,
             "memory_reps": mem_reps,
@@ -559,14 +610,15 @@ def main(argv: list[str] | None = None) -> dict:
         },
     }
     doc["wall_time_s"] = round(time.perf_counter() - started, 2)
-    out = args.out or RESULTS.with_name("overhead_quick.json" if args.quick else "overhead.json")
+    stem = "overhead" if MODEL == "conv" else f"overhead_{MODEL}"
+    out = args.out or RESULTS.with_name(f"{stem}_quick.json" if args.quick else f"{stem}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
     line = ", ".join(f"{n} {r:.3f}x" for n, r in ratios.items())
     mem_line = ", ".join(f"{n} {r:.3f}x" for n, r in mem_ratios.items()) or "not measured"
     rep_line = ", ".join(f"{c['name']} {c['median_of_per_rep_ratios']:.3f}x" for c in cases if c["name"] != "bare")
     print(
-        f"overhead ({device}, {reps} reps x {steps} steps): bare {1e3 * bare:.2f} ms/step; {line}"
+        f"overhead ({MODEL} model, {device}, {reps} reps x {steps} steps): bare {1e3 * bare:.2f} ms/step; {line}"
         f" (<= {TARGET_RATIO}: {'met' if doc['summary']['time_target_met'] else 'NOT met'}); peak RSS {mem_line}"
         f" (<= {TARGET_MEMORY_RATIO}: {'met' if doc['summary']['memory_target_met'] else 'NOT met'});"
         f" per-rep median ratio {rep_line}; guard hooks {hooks['median_us']:.0f} us/step"
