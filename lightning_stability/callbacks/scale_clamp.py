@@ -382,11 +382,21 @@ class ScaleFactorClamp(Callback):
         if t.last_warned_step is not None and step - t.last_warned_step < self.warn_every_n_steps:
             return
         t.last_warned_step = step
+        if t.kind == "layer":
+            why = (
+                "The output RMS is far below its target, so the layer amplifies it as far as it may: the path that "
+                "feeds it may be collapsing (DESIGN.md §1.3: a cascade stage with residual r = 0.1 left RMS 1.09 "
+                "against a target of 5.69); consider a stronger residual or check the stage that feeds this output."
+            )
+        else:
+            why = (
+                "The learnable scale keeps growing: the network under it produces too little amplitude and the scale "
+                "compensates (DESIGN.md §1.2); check the output level of the layers before it, or give amplitude its "
+                "own loss term (an RMS or waveform term) instead of relying on the scale."
+            )
         reason = (
             f"scale factor `{t.name}` stayed above warn_above={self.warn_above} for {peak} consecutive steps "
-            f"(mean {factor:.3f} over the last steps, clamp range [{self.min_scale}, {self.max_scale}]). The output "
-            "RMS is far below its target: the residual path may be collapsing (DESIGN.md §1.3: r = 0.1 left RMS 1.09 "
-            "against a target of 5.69); consider a stronger residual or check the stage that feeds this output."
+            f"(mean {factor:.3f} over the last steps, clamp range [{self.min_scale}, {self.max_scale}]). {why}"
         )
         rank_zero_warn(f"ScaleFactorClamp: {reason}")
         self.event_log.add(step, "scale_high", reason, name=t.name, factor=factor, steps=peak)

@@ -326,3 +326,48 @@ def test_window_statistics_do_not_depend_on_when_records_are_folded(fold_every):
     assert t.clamped_sum.item() == pytest.approx(clamped_sum, rel=1e-6)
     assert (int(t.streak), int(t.peak)) == (streak, peak)
     assert torch.all((param >= 0.7) & (param <= 1.5))  # projected every step
+
+
+def test_folding_between_log_steps_reads_nothing_on_the_host(tmp_path, monkeypatch):
+    from lightning_stability.callbacks import scale_clamp
+
+    monkeypatch.setattr(scale_clamp, "_FOLD_EVERY", 2)  # fold on non-log steps 2, 4, 6 (logs every 8)
+    folds = []
+
+    class Guarded(ScaleFactorClamp):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step % 8:
+                with NoHostReads():
+                    return super().on_train_batch_end(trainer, *args)
+            return super().on_train_batch_end(trainer, *args)
+
+    original = scale_clamp._Tracked.fold
+
+    def counted(self, *args):
+        folds.append(len(self.pending))
+        return original(self, *args)
+
+    monkeypatch.setattr(scale_clamp._Tracked, "fold", counted)
+    module = RMSScaleModule(gain=1e-3)
+    module.output_scale = nn.Parameter(torch.tensor([2.0, 0.1]))
+    cb = Guarded(warn_after_steps=2, log_every_n_steps=8, param_patterns="output_scale", init_warn_ratio=None)
+    with pytest.warns(UserWarning, match="stayed above warn_above"):
+        make_trainer(tmp_path, [cb], max_steps=8).fit(module)
+    assert 2 in folds  # records were folded between log steps, under NoHostReads
+    assert [s for s, _ in cb.event_log.traces["scale"]] == [8]
+    assert [round(f, 6) for s, f in cb.event_log.traces["scale"]] == [1.5]  # the layer sat at its ceiling throughout
+
+
+def test_warning_names_the_likely_cause_for_layers_and_for_learnable_scales(tmp_path):
+    layer_cb = ScaleFactorClamp(warn_after_steps=2, log_every_n_steps=2)
+    with pytest.warns(UserWarning, match=r"the path that feeds it may be collapsing"):
+        make_trainer(tmp_path / "layer", [layer_cb], max_steps=4).fit(RMSScaleModule(gain=1e-3))
+    module = RMSScaleModule(gain=None)
+    module.output_scale = nn.Parameter(torch.tensor([1.45]))  # starts (and, a few Adam steps on, stays) above 1.3
+    param_cb = ScaleFactorClamp(warn_after_steps=2, log_every_n_steps=2, param_patterns="output_scale")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path / "param", [param_cb], max_steps=4).fit(module)
+    texts = [str(w.message) for w in record if "stayed above" in str(w.message)]
+    assert any("`output_scale`" in t and "learnable scale keeps growing" in t for t in texts), texts
+    assert not any("`output_scale`" in t and "feeds it" in t for t in texts)
