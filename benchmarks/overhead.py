@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -41,13 +39,14 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
-import lightning
 import lightning.pytorch as pl
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import _common  # noqa: E402  (benchmarks/ is on sys.path when a script in it runs)
 
 from lightning_stability.callbacks import (  # noqa: E402
     AdaptiveLossWeight,
@@ -181,6 +180,25 @@ CONFIGS: dict[str, Callable[[], list[pl.Callback]]] = {
 }
 
 
+def _fit(device: str, steps: int, callbacks: list[pl.Callback], model: pl.LightningModule, loader: DataLoader) -> None:
+    """One quiet training run: no logger, checkpointing, progress bar, summary, sanity check or validation."""
+    trainer = pl.Trainer(
+        accelerator=device,
+        devices=1,
+        max_steps=steps,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, loader)
+
+
 class StepTimer(pl.Callback):
     """Wall time between consecutive ``on_train_batch_start`` calls (first in the callback list)."""
 
@@ -220,21 +238,7 @@ def memory_child(name: str, steps: int) -> dict:
     """One run of configuration ``name`` in this (fresh) process: its peak and pre-training resident set."""
     torch.manual_seed(0)
     before = RSSBeforeFit()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=steps,
-        callbacks=[before, *CONFIGS[name]()],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(make_model(), make_loader(steps))
+    _fit("cpu", steps, [before, *CONFIGS[name]()], make_model(), make_loader(steps))
     return {"peak_rss_mb": _proc_status_mb("VmHWM"), "rss_at_train_start_mb": before.mb}
 
 
@@ -271,23 +275,9 @@ def run_once(name: str, steps: int, device: str) -> list[float]:
     torch.manual_seed(0)
     model = make_model()
     timer = StepTimer()
-    trainer = pl.Trainer(
-        accelerator=device,
-        devices=1,
-        max_steps=steps + 1,
-        callbacks=[timer, *CONFIGS[name]()],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(model, make_loader(steps + 1))
+    _fit(device, steps + 1, [timer, *CONFIGS[name]()], model, make_loader(steps + 1))
     if device == "cuda":
         CUDA_PEAK_MB.setdefault(name, []).append(torch.cuda.max_memory_allocated() / 2**20)
     return timer.times
@@ -326,19 +316,7 @@ def guard_hook_time(steps: int, warmup: int, device: str) -> dict:
     """Median time per step spent inside ``GradientGuard``'s hooks (less sensitive to machine load than the ratio)."""
     torch.manual_seed(0)
     guard = HookTimedGuard()
-    trainer = pl.Trainer(
-        accelerator=device,
-        devices=1,
-        max_steps=steps,
-        callbacks=[guard],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(make_model(), make_loader(steps))
+    _fit(device, steps, [guard], make_model(), make_loader(steps))
     per_step = [guard.hook_seconds[s] for s in sorted(guard.hook_seconds) if s >= warmup]
     return {"median_us": 1e6 * statistics.median(per_step), "n": len(per_step)}
 
@@ -382,19 +360,7 @@ def stack_hook_times(steps: int, warmup: int, device: str) -> dict:
                     d[step[0]] = d.get(step[0], 0.0) + time.perf_counter() - t0
 
             setattr(cb, hook, timed)
-    trainer = pl.Trainer(
-        accelerator=device,
-        devices=1,
-        max_steps=steps,
-        callbacks=[Counter(), *callbacks],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(make_model(), make_loader(steps))
+    _fit(device, steps, [Counter(), *callbacks], make_model(), make_loader(steps))
     out = {}
     for name, d in per_step.items():
         values = [d.get(s, 0.0) for s in range(warmup, steps)]
@@ -435,19 +401,7 @@ def count_guard_syncs(steps: int, log_every: int) -> dict:
     torch.manual_seed(0)
     model = ConvAudioModel(fused=True)
     guard = SyncCountingGuard(sync_free=True, log_every_n_steps=log_every)
-    trainer = pl.Trainer(
-        accelerator="cuda",
-        devices=1,
-        max_steps=steps,
-        callbacks=[guard],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(model, audio_loader(steps))
+    _fit("cuda", steps, [guard], model, audio_loader(steps))
     read_steps = {s for s in guard.syncs_per_step if (s + 1) % log_every == 0}
     other = {s: n for s, n in guard.syncs_per_step.items() if s not in read_steps and s != 0}
     return {
@@ -474,24 +428,6 @@ def _describe_model() -> dict:
         "buffers": sum(b.numel() for b in model.buffers()),
         "batch": MODELS[MODEL][3],
         "adaptive_loss_term": MODELS[MODEL][2],
-    }
-
-
-def _machine() -> dict:
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = None
-    return {
-        "cpu_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "lightning": lightning.__version__,
-        "cuda_available": torch.cuda.is_available(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "load_average_1min_at_start": load,
     }
 
 
@@ -527,7 +463,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"`--threads` must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    machine = _machine()
+    machine = _common.machine_info()
 
     times: dict[str, list[float]] = {name: [] for name in args.configs}
     per_rep: dict[str, list[float]] = {name: [] for name in args.configs}
