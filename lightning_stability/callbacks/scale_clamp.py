@@ -87,7 +87,7 @@ class _Tracked:
         if self.kind == "layer":
             factors, clamped = stacked[:, 0], stacked[:, 1]
         else:
-            values = stacked.flatten(1).float()
+            values = stacked.reshape(stacked.shape[0], -1).float()  # one row per step; 0-dim scales too
             factors = values.clamp(min_scale, max_scale).mean(dim=1)
             clamped = ((values < min_scale) | (values > max_scale)).float().mean(dim=1)
         self.factor_sum += factors.sum()

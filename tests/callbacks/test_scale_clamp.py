@@ -292,21 +292,23 @@ def test_ddp_ranks_agree(tmp_path):
     assert r0["events"]["traces"]["scale"] == [[2, pytest.approx(1.25, abs=1e-3)], [4, pytest.approx(1.25, abs=1e-3)]]
 
 
+@pytest.mark.parametrize("shape", [(), (1,), (2,)], ids=["0-dim", "1", "2"])
 @pytest.mark.parametrize("fold_every", [1, 3, 7, 100])
-def test_window_statistics_do_not_depend_on_when_records_are_folded(fold_every):
+def test_window_statistics_do_not_depend_on_when_records_are_folded(fold_every, shape):
     # a parameter's per-step values drift in and out of [0.7, 1.5] and above warn_above=1.3; the sums, the streak and
     # the longest streak must equal a plain per-step loop whatever the fold points
     from lightning_stability.callbacks.scale_clamp import _Tracked
 
     g = torch.Generator().manual_seed(3)
-    values = (0.5 + 1.3 * torch.rand(40, 2, generator=g)).tolist()
-    param = nn.Parameter(torch.zeros(2))
+    n = math.prod(shape)
+    values = (0.5 + 1.3 * torch.rand(40, n, generator=g)).tolist()
+    param = nn.Parameter(torch.zeros(shape))
     t = _Tracked("p", "param", param)
     t.init(torch.device("cpu"))
     t.streak.fill_(2)  # a streak carried in from the previous window
     for i, v in enumerate(values):
         with torch.no_grad():
-            param.copy_(torch.tensor(v))
+            param.copy_(torch.tensor(v).reshape(shape))
         t.record(0.7, 1.5)
         if (i + 1) % fold_every == 0:
             t.fold(0.7, 1.5, 1.3)
@@ -315,9 +317,9 @@ def test_window_statistics_do_not_depend_on_when_records_are_folded(fold_every):
     streak, peak = 2, 0
     for v in values:
         clipped = [min(max(x, 0.7), 1.5) for x in v]
-        factor = sum(clipped) / 2
+        factor = sum(clipped) / n
         factor_sum += factor
-        clamped_sum += sum(x < 0.7 or x > 1.5 for x in v) / 2
+        clamped_sum += sum(x < 0.7 or x > 1.5 for x in v) / n
         streak = streak + 1 if factor > 1.3 else 0
         peak = max(peak, streak)
     assert t.steps == 40
