@@ -19,6 +19,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_stability.callbacks._events import EventLog
+from lightning_stability.callbacks._logging import logger_step
 from lightning_stability.callbacks._state_key import cached_state_key
 from lightning_stability.losses.weights import LossWeights, SpikeDamping
 
@@ -687,8 +688,7 @@ class AdaptiveLossWeight(Callback):
             prefix + "variance": self.last_variance,
             prefix + "decision": float(int(decision)),
         }
-        # the step Lightning's logger connector and LearningRateMonitor use, so W&B steps stay monotonic
-        step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
+        step = logger_step(trainer)  # Lightning's own logging step, so W&B steps stay monotonic
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
 
