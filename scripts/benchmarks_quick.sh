@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every benchmark's --quick mode (CI: called by .ci/run when executable). Quick results go to a temporary
-# folder (or $BENCH_QUICK_OUT), never into the repository; the full-mode numbers README quotes come from the commands
+# folder (or $BENCH_QUICK_OUT), never into the repository; the full-mode numbers the docs quote come from the commands
 # in benchmarks/README.md. A benchmark exits non-zero only when it crashes (a missed target is recorded in its JSON).
 set -euo pipefail
 cd "$(dirname "$0")/.."

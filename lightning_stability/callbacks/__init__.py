@@ -1,5 +1,7 @@
 """Lightning callbacks (one per file). Names are imported lazily on first use."""
 
+from typing import TYPE_CHECKING
+
 from lightning_stability._lazy import lazy_getattr
 
 _NAMES = {
@@ -12,3 +14,11 @@ _NAMES = {
 }
 __all__ = list(_NAMES)
 __getattr__ = lazy_getattr(__name__, _NAMES)
+
+if TYPE_CHECKING:  # the static view of the lazy names (type checkers, the API reference)
+    from lightning_stability.callbacks.adaptive_weights import AdaptiveLossWeight as AdaptiveLossWeight
+    from lightning_stability.callbacks.gradient_guard import GradientGuard as GradientGuard
+    from lightning_stability.callbacks.scale_clamp import ScaleFactorClamp as ScaleFactorClamp
+    from lightning_stability.callbacks.signal_monitor import SignalMonitor as SignalMonitor
+    from lightning_stability.callbacks.spectral_norm import SpectralNormInjection as SpectralNormInjection
+    from lightning_stability.callbacks.stability_report import StabilityReport as StabilityReport

@@ -1,5 +1,7 @@
 """Lightning DataModules: audio folders, the eSpeak NG speech corpus, latent pairs. Imported lazily."""
 
+from typing import TYPE_CHECKING
+
 from lightning_stability._lazy import lazy_getattr
 
 _NAMES = {
@@ -11,3 +13,10 @@ _NAMES = {
 }
 __all__ = list(_NAMES)
 __getattr__ = lazy_getattr(__name__, _NAMES)
+
+if TYPE_CHECKING:  # the static view of the lazy names (type checkers, the API reference)
+    from lightning_stability.data._audio import AudioFileError as AudioFileError
+    from lightning_stability.data._audio import ResumableDataLoader as ResumableDataLoader
+    from lightning_stability.data.audio_folder import AudioFolderDataModule as AudioFolderDataModule
+    from lightning_stability.data.latents import LatentPairDataModule as LatentPairDataModule
+    from lightning_stability.data.speech_corpus import SpeechCorpusDataModule as SpeechCorpusDataModule

@@ -1,5 +1,7 @@
 """torchmetrics Metric classes for signal health; functional forms are in ``metrics.functional``."""
 
+from typing import TYPE_CHECKING
+
 from lightning_stability._lazy import lazy_getattr
 
 _NAMES = {
@@ -10,3 +12,9 @@ _NAMES = {
 }
 __all__ = list(_NAMES)
 __getattr__ = lazy_getattr(__name__, _NAMES)
+
+if TYPE_CHECKING:  # the static view of the lazy names (type checkers, the API reference)
+    from lightning_stability.metrics.codebook import CodebookUsage as CodebookUsage
+    from lightning_stability.metrics.signal import DCOffset as DCOffset
+    from lightning_stability.metrics.signal import PeakAmplitude as PeakAmplitude
+    from lightning_stability.metrics.signal import RMSRatio as RMSRatio

@@ -12,7 +12,7 @@ Used by every file of the reliability suite (issue 9):
   (the batch, the loss, the gradient, or a parameter overwritten with NaN), the places the package's own tests, which
   use a toy ``FaultyModule``, did not look;
 - ``record_fault()``: the session tally of faults injected / survived / lost that ``conftest.py`` writes to
-  ``benchmarks/results/reliability.json`` (the numbers README's "Reliability" section quotes).
+  ``benchmarks/results/reliability.json`` (the numbers ``docs/reliability.md`` quotes).
 """
 
 from __future__ import annotations
