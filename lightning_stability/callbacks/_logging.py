@@ -21,17 +21,19 @@ def logger_step(trainer: pl.Trainer) -> int:
     return getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
 
 
-def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float | Tensor]) -> None:
+def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float | Tensor], step: int | None = None) -> None:
     """Write ``metrics`` (Python numbers or 0-dim tensors) to every logger and into ``trainer.callback_metrics``.
 
-    Loggers write on global rank zero only (Lightning's loggers are ``rank_zero_only``); every rank gets the
-    ``callback_metrics`` entries, so a monitor that reads them decides alike on every rank when the values agree.
+    ``step`` is the logger step (default: ``logger_step(trainer)``). Loggers write on global rank zero only
+    (Lightning's loggers are ``rank_zero_only``); every rank gets the ``callback_metrics`` entries, so a monitor that
+    reads them decides alike on every rank when the values agree. Every callback logs its scalars through here, so
+    each of them can be monitored like a ``LightningModule.log`` value.
     """
     if not metrics:
         return
     host = {k: float(v) for k, v in metrics.items()}
     if trainer.loggers:
-        step = logger_step(trainer)
+        step = logger_step(trainer) if step is None else step
         for logger in trainer.loggers:
             logger.log_metrics(host, step=step)
     published = trainer.callback_metrics

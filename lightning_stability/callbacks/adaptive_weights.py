@@ -19,7 +19,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_stability.callbacks._events import EventLog
-from lightning_stability.callbacks._logging import logger_step
+from lightning_stability.callbacks._logging import log_scalars
 from lightning_stability.callbacks._state_key import cached_state_key
 from lightning_stability.losses.weights import LossWeights, SpikeDamping
 
@@ -155,8 +155,11 @@ class AdaptiveLossWeight(Callback):
     ``.../decision`` (the :class:`Decision` code: -1 decrease, 0 hold, 1 increase, 2 spike, 3 rejected, 4 warm-up,
     5 cooling, 6 high variance, 7 frozen, 8 invalid weight) straight to the trainer's loggers, at Lightning's own
     logging step (as ``LearningRateMonitor`` does; ``self.log`` of a Python float would copy it to the device with a
-    synchronising copy every step). ``event_log`` keeps the weight/ratio/variance traces and a bounded list of events
-    (changes, spikes, rejections, invalid proposals, rollbacks and manual actions), each with the step and a reason.
+    synchronising copy every step), and into ``trainer.callback_metrics`` (monitorable like a ``self.log`` value).
+    The decision about step t is read one step later (the loss average is all-reduced asynchronously), so the values
+    published at the end of step t + 1 describe step t. ``event_log`` keeps the weight/ratio/variance traces and a
+    bounded list of events (changes, spikes, rejections, invalid proposals, rollbacks and manual actions), each with
+    the step and a reason.
 
     Every rank takes the same decisions: they depend only on the rank-averaged statistics. Manual calls
     (:meth:`set_weight`, :meth:`rollback`, :meth:`freeze`, :meth:`unfreeze`) must be made on every rank.
@@ -679,8 +682,6 @@ class AdaptiveLossWeight(Callback):
         self._log(trainer, decision)
 
     def _log(self, trainer: pl.Trainer, decision: Decision) -> None:
-        if not trainer.loggers:
-            return
         prefix = f"adaptive/{self.loss}/"
         metrics = {
             prefix + "weight": float(self.weight),
@@ -688,9 +689,7 @@ class AdaptiveLossWeight(Callback):
             prefix + "variance": self.last_variance,
             prefix + "decision": float(int(decision)),
         }
-        step = logger_step(trainer)  # Lightning's own logging step, so W&B steps stay monotonic
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+        log_scalars(trainer, metrics)  # at Lightning's own logging step (W&B steps stay monotonic); monitorable
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -16,6 +16,7 @@ from torchmetrics.audio import ScaleInvariantSignalNoiseRatio, SignalNoiseRatio
 from typing_extensions import override
 
 from lightning_stability.callbacks._events import EventLog
+from lightning_stability.callbacks._logging import log_scalars
 from lightning_stability.callbacks._state_key import cached_state_key
 from lightning_stability.metrics.signal import DCOffset, PeakAmplitude, RMSRatio
 
@@ -55,7 +56,9 @@ class SignalMonitor(Callback):
     one batch, computed on a detached float32 copy under ``no_grad`` and reduced across ranks (all ranks compute at
     the same step). Other steps cost nothing (no host sync). The values are written straight to the trainer's loggers
     at that step (the axis Lightning's own step logging uses), not through ``pl_module.log``, whose step logging is
-    gated by the Trainer's own ``log_every_n_steps``, so the training values land on the step they describe.
+    gated by the Trainer's own ``log_every_n_steps``, so the training values land on the step they describe; they
+    are also put into ``trainer.callback_metrics`` at that step, so ``ModelCheckpoint(monitor="signal/train/si_snr")``
+    and ``EarlyStopping`` can use them.
 
     **Validation**: epoch aggregates over every validation batch of every rank (the metrics' states are reduced
     across ranks before ``compute``), logged with ``pl_module.log`` at epoch end, so they are in
@@ -275,9 +278,7 @@ class SignalMonitor(Callback):
         self._update(self._metrics["train"], preds, target, mask)
         values = self._compute(self._metrics["train"])
         self._record("train", step, values)
-        metrics = {f"{self.prefix}train/{k}": v for k, v in values.items()}
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+        log_scalars(trainer, {f"{self.prefix}train/{k}": v for k, v in values.items()}, step=step)
 
     # -------------------------------------------------------------------------------------------- validation
     @override

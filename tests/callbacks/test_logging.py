@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 
+import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
@@ -52,3 +53,98 @@ def test_nothing_to_log_is_a_no_op(tmp_path):
     before = dict(trainer.callback_metrics)
     log_scalars(trainer, {})
     assert dict(trainer.callback_metrics) == before
+
+
+class Snapshots(Callback):
+    """After every training batch (last in the callback list): what the loggers got so far, and callback_metrics."""
+
+    def __init__(self, logger) -> None:
+        self.logger = logger
+        self.rows_seen = 0
+        self.batches: list[tuple[list[dict], dict[str, float]]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        new = [row for _, row in self.logger.rows[self.rows_seen :] if "hparams" not in row]
+        self.rows_seen = len(self.logger.rows)
+        published = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        self.batches.append((new, published))
+
+
+def test_every_callback_scalar_is_in_callback_metrics_at_the_step_it_is_logged(tmp_path):
+    from torch import nn
+
+    from lightning_stability.callbacks import (
+        AdaptiveLossWeight,
+        ScaleFactorClamp,
+        SignalMonitor,
+        SpectralNormInjection,
+    )
+    from lightning_stability.modules import CodecModule
+    from tests._helpers_codec import TINY, loader
+    from tests._helpers_signal import RecordingLogger
+
+    logger = RecordingLogger()
+    snaps = Snapshots(logger)
+    callbacks = [
+        GradientGuard(log_every_n_steps=2),
+        AdaptiveLossWeight("mel", warmup_steps=2, cooling_steps=1),
+        ScaleFactorClamp(log_every_n_steps=2),
+        SpectralNormInjection(types=(nn.ConvTranspose1d,), log_every_n_steps=2),
+        SignalMonitor(train_every_n_steps=2, log_media=False),
+        snaps,
+    ]
+    trainer = make_trainer(tmp_path, callbacks, max_steps=6, logger=logger)
+    trainer.fit(CodecModule(**TINY, output_rms_clamp=(0.7, 1.5)), train_dataloaders=loader(16))
+    prefixes = ("guard/", "adaptive/", "scale/", "specnorm/", "signal/")
+    seen = set()
+    for rows, published in snaps.batches:
+        for row in rows:
+            for key, value in row.items():
+                if key.startswith(prefixes):
+                    seen.add(key.split("/")[0])
+                    assert key in published, f"{key} reached the loggers but not callback_metrics"
+                    assert published[key] == pytest.approx(value, nan_ok=True), key
+    assert seen == {p.rstrip("/") for p in prefixes}
+
+
+def _monitor_module():
+    return FaultyModule()  # returns "preds"/"target": SignalMonitor measures them as latents [B, T]
+
+
+def test_model_checkpoint_and_early_stopping_on_a_signal_key(tmp_path):
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from lightning_stability.callbacks import SignalMonitor
+    from tests._helpers_signal import RecordingLogger
+
+    logger = RecordingLogger()
+    key = "signal/train/si_snr"
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor=key, mode="max", save_top_k=1, every_n_train_steps=2)
+    # stop once SI-SNR reaches -1000 dB: true at the first check, so the run ends after epoch 0 of 5
+    stop = EarlyStopping(monitor=key, mode="max", stopping_threshold=-1000.0, check_on_train_epoch_end=True)
+    trainer = make_trainer(tmp_path, [SignalMonitor(train_every_n_steps=2), ckpt, stop], max_steps=-1, max_epochs=5,
+                           enable_checkpointing=True, logger=logger)
+    trainer.fit(_monitor_module())
+    logged = logger.values(key)
+    assert len(logged) == 4  # 8 batches in one epoch, measured every 2 steps
+    assert trainer.current_epoch == 1  # stopped after the first epoch
+    assert stop.stopped_epoch == 0
+    # ModelCheckpoint fires after steps 2, 4, 6, 8; the value published then is the one measured at steps 0, 2, 4, 6
+    assert ckpt.best_model_score.item() == pytest.approx(max(logged.values()))
+    assert ckpt.best_model_path
+
+
+def test_model_checkpoint_and_early_stopping_on_a_guard_key(tmp_path):
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    guard = GradientGuard(log_every_n_steps=1)
+    key = "guard/skipped"
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor=key, mode="min", save_top_k=1, every_n_train_steps=1)
+    # stop once the guard has skipped more than 1.5 steps: the NaN losses at steps 3 and 10 (epoch 1, batch 2)
+    stop = EarlyStopping(monitor=key, mode="max", stopping_threshold=1.5, check_on_train_epoch_end=True)
+    trainer = make_trainer(tmp_path, [guard, ckpt, stop], max_steps=-1, max_epochs=5, enable_checkpointing=True)
+    trainer.fit(FaultyModule(nan_loss_steps=(3, 10)))
+    assert guard.num_skipped == 2
+    assert trainer.current_epoch == 2  # epoch 1 ended with 2 skips: stopped there
+    assert stop.stopped_epoch == 1
+    assert ckpt.best_model_score.item() == 0.0  # the first checkpoints, before any skip
