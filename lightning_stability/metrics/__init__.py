@@ -1,4 +1,8 @@
-"""torchmetrics Metric classes for signal health; functional forms are in ``metrics.functional``."""
+"""torchmetrics Metric classes for signal health and speech quality.
+
+Functional forms: ``metrics.functional`` (signal health, codebooks) and ``metrics.perceptual`` (wide-band PESQ, STOI,
+loudness error).
+"""
 
 from typing import TYPE_CHECKING
 
@@ -9,6 +13,9 @@ _NAMES = {
     "DCOffset": ".signal",
     "PeakAmplitude": ".signal",
     "CodebookUsage": ".codebook",
+    "WidebandPESQ": ".quality",
+    "STOI": ".quality",
+    "LoudnessError": ".quality",
 }
 __all__ = list(_NAMES)
 __getattr__ = lazy_getattr(__name__, _NAMES)
