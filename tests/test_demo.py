@@ -1,5 +1,6 @@
 import json
 import math
+import re
 
 import pytest
 import soundfile as sf
@@ -36,3 +37,127 @@ def test_quick_demo_trains_reports_and_reconstructs(tmp_path, capsys):
 def test_demo_rejects_bad_arguments(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path), "--max-steps", "0"]) == 2
     assert "`--max-steps`" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- --data DIR
+METRIC_KEYS = (
+    "num_utterances",
+    "seconds",
+    "si_snr_db",
+    "mel_distance",
+    "rms_ratio",
+    "pesq",
+    "stoi",
+    "loudness_error_lu",
+    "loudness_diff_lu",
+    "skipped",
+    "metric_notes",
+    "num_capped",
+    "eval_max_seconds",
+    "eval_chunk_seconds",
+    "bitrate_kbps",
+    "example_name",
+    "original_wav",
+    "reconstruction_wav",
+    "data",
+    "steps",
+    "train_seconds",
+    "checkpoint",
+    "report_json",
+    "config",
+)
+
+
+def _recordings(folder, n=6, seconds=1.5, rate=16000):
+    """``n`` speech-like wav files (a gliding harmonic voice with syllables) at ``rate``, in two sub-folders."""
+    from tests.metrics.test_perceptual import voiced
+
+    for i in range(n):
+        path = folder / ("a" if i % 2 else "b") / f"rec{i}.wav"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sf.write(path, voiced(seconds + 0.25 * i, rate, seed=i).numpy(), rate, subtype="PCM_16")
+    return folder
+
+
+@pytest.mark.timeout(300)
+def test_quick_demo_on_a_folder_of_recordings_writes_every_metric(tmp_path, capsys):
+    data = _recordings(tmp_path / "recordings")
+    (data / "broken.wav").write_bytes(b"RIFF but not really a wav file")
+    out = tmp_path / "demo"
+    with pytest.warns(UserWarning, match="skipping .*broken.wav"):
+        code = main(["demo", "--quick", "--data", str(data), "--val-fraction", "0.34", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    for line in ("held-out files", "PESQ (wide-band)", "STOI", "loudness error", "unusable skipped"):
+        assert line in printed, line
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    missing = [k for k in METRIC_KEYS if k not in metrics]
+    assert not missing, missing
+    assert metrics["data"]["kind"] == "folder"
+    assert (metrics["data"]["train_files"], metrics["data"]["val_files"]) == (3, 3)  # ceil(0.34 * 6) held out
+    assert metrics["data"]["skipped_files"] == [str(data / "broken.wav")]
+    assert metrics["data"]["sample_rates"] == [16000]
+    assert metrics["num_utterances"] == 3
+    for key in ("si_snr_db", "mel_distance", "rms_ratio", "pesq", "stoi", "loudness_error_lu", "loudness_diff_lu"):
+        assert math.isfinite(metrics[key]), key
+    assert 1.0 <= metrics["pesq"] <= 4.65
+    assert metrics["loudness_error_lu"] >= abs(metrics["loudness_diff_lu"])
+    assert metrics["skipped"] == {"pesq": 0, "stoi": 0, "loudness": 0}
+    assert "resampled from 24000 Hz to 16 kHz" in metrics["metric_notes"]["pesq"]
+    # the held-out files are evaluated whole, at the model's rate
+    held = [p for p in data.rglob("rec*.wav") if p.relative_to(data).as_posix() in {metrics["example_name"]}]
+    assert len(held) == 1
+    original, sr = sf.read(metrics["original_wav"])
+    assert sr == 24000
+    assert len(original) == pytest.approx(sf.info(held[0]).duration * 24000, abs=2)
+    assert (out / "stability_report.json").is_file()
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    assert not (out / "speech_corpus").exists()  # no corpus was generated
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda d: d / "missing", r"`--data` '.*missing' does not exist"),
+        (lambda d: (d / "f.txt").write_text("x") and d / "f.txt", r"`--data` '.*f.txt' is not a folder"),
+        (lambda d: d, r"no audio files under `root` '.*'"),
+        (lambda d: _recordings(d, n=1), r"cannot hold out .* it needs at least 2 usable files"),
+        (lambda d: (d / "x.wav").write_bytes(b"junk") and d, r"every file was skipped"),
+    ],
+    ids=["missing", "not-a-folder", "no-audio", "one-file", "all-corrupt"],
+)
+def test_demo_data_bad_input_gets_a_message_naming_the_path_not_a_traceback(tmp_path, capsys, make, match):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    path = make(folder)
+    assert main(["demo", "--quick", "--data", str(path), "--out", str(tmp_path / "out")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # the message, not an exception, ends the output
+    assert last.startswith("lightning-stability demo: `--data` "), last
+    assert re.search(match, last), last
+
+
+def test_demo_rejects_a_val_fraction_without_held_out_files(tmp_path, capsys):
+    assert main(["demo", "--quick", "--data", str(tmp_path), "--val-fraction", "0"]) == 2
+    assert "`--val-fraction` must be in (0, 1)" in capsys.readouterr().err
+
+
+def test_long_recordings_are_reconstructed_in_chunks_and_capped(tmp_path):
+    import torch
+
+    from lightning_stability.demo import DemoConfig, _codec, reconstruct
+
+    codec = _codec(DemoConfig.quick_config()).eval()
+    audio = 0.1 * torch.randn(1, 1, 24000 * 3 + 123)
+    calls = []
+    encode = codec.encode
+    codec.encode = lambda x, *a, **k: calls.append(x.shape[-1]) or encode(x, *a, **k)
+    whole = reconstruct(codec, audio, None)
+    assert calls == [audio.shape[-1]]
+    calls.clear()
+    chunked = reconstruct(codec, audio, 24000)
+    assert chunked.shape == whole.shape == audio.shape
+    assert len(calls) == 4  # ceil(72123 / 24000) near-equal chunks, no tiny tail
+    assert all(c % codec.hop_length == 0 for c in calls[:-1])
+    assert max(calls) <= 24000
+    assert min(calls) > 24000 // 2
+    assert torch.isfinite(chunked).all()
