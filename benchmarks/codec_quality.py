@@ -25,7 +25,11 @@ same SEANet width ``n_filters``, LSTM depth, batch, crop, steps and learning rat
 Metrics on the held-out utterances: SI-SNR (dB, Le Roux et al. 2019 with zero-mean signals, torchmetrics
 ``scale_invariant_signal_noise_ratio``, mean over utterances), mel distance (DAC's definition,
 ``lightning_stability.losses.spectral.mel_distance``, mean over utterances), RMS ratio (output RMS / input RMS over all
-held-out samples), DC offset (mean of the output over all held-out samples), codebook usage per stage (perplexity of
+held-out samples), wide-band PESQ (ITU-T P.862.2 by the ``pesq`` package, both signals resampled from 24 kHz to the
+16 kHz the standard requires), STOI (``pystoi``, which resamples to its native 10 kHz), the loudness error
+``|L(recon) - L(original)|`` and its signed mean (LU; BS.1770-4 integrated loudness by ``pyloudnorm``) (all three from
+``lightning_stability.metrics.perceptual``, means over the utterances each can score, ``quality_skipped`` counting the
+rest), DC offset (mean of the output over all held-out samples), codebook usage per stage (perplexity of
 the code histogram over all held-out frames, out of 1024, and the fraction of codes never used), bitrate
 (n_q x log2(codebook_size) x frame rate). Training wall time and steps are recorded. Published references
 (DESIGN.md §2; trained for days on GPUs): EnCodec 6 kbps SI-SDR 5.99 dB, mel distance 1.83; DAC 5.33 kbps SI-SDR
@@ -40,7 +44,8 @@ JSON (``benchmarks/results/codec_quality.json``; common layout in ``benchmarks/_
 
     cases: [{"recipe": "kit"|"no_kit"|"peer_encodec", "description", "skipped": null | "<why>",
              "params": int, "steps": int, "train_wall_s": float, "final_train_loss": float, "finite": bool,
-             "eval": {"si_snr_db", "mel_distance", "rms_ratio", "dc_offset", "perplexity": [8], "dead_fraction": [8],
+             "eval": {"si_snr_db", "mel_distance", "rms_ratio", "pesq", "stoi", "loudness_error_lu", "loudness_diff_lu",
+                      "quality_skipped", "dc_offset", "perplexity": [8], "dead_fraction": [8],
                       "mean_perplexity", "mean_dead_fraction", "bitrate_kbps", "num_utterances", "seconds"},
              "kit_stats": {...} (kit only)}]
     summary: {"target", "target_met", "kit_vs_peer": {"si_snr_db": kit - peer, "mel_distance": kit - peer},
@@ -224,7 +229,14 @@ def evaluate(model: pl.LightningModule, clips: list[Tensor]) -> dict[str, Any]:
 
     from lightning_stability.losses.spectral import mel_distance
     from lightning_stability.metrics.functional import codebook_histogram, codebook_perplexity, dead_code_fraction
+    from lightning_stability.metrics.perceptual import loudness_error, stoi, wideband_pesq
 
+    quality_fns = {
+        "pesq": lambda y, x: wideband_pesq(y, x, SAMPLE_RATE, on_error="nan"),  # resampled to 16 kHz (P.862.2)
+        "stoi": lambda y, x: stoi(y, x, SAMPLE_RATE, on_error="nan"),  # pystoi resamples to its 10 kHz
+        "loudness_diff_lu": lambda y, x: loudness_error(y, x, SAMPLE_RATE, signed=True, on_error="nan"),
+    }
+    quality: dict[str, list[float]] = {k: [] for k in quality_fns}
     model.eval()
     si_snr, mel, sq_pred, sq_target, seconds, dc_sum, n_samples = [], [], 0.0, 0.0, 0.0, 0.0, 0
     hist = torch.zeros(N_Q, CODEBOOK_SIZE, dtype=torch.long)
@@ -236,6 +248,8 @@ def evaluate(model: pl.LightningModule, clips: list[Tensor]) -> dict[str, Any]:
         si_snr.append(float(scale_invariant_signal_noise_ratio(y, audio).mean()))
         dc_sum += float(y.double().sum())
         mel.append(float(mel_distance(y, audio, SAMPLE_RATE)))
+        for key, fn in quality_fns.items():
+            quality[key].append(float(fn(y.float(), audio)))
         sq_pred += float(y.double().pow(2).sum())
         sq_target += float(audio.double().pow(2).sum())
         seconds += audio.shape[-1] / SAMPLE_RATE
@@ -243,6 +257,11 @@ def evaluate(model: pl.LightningModule, clips: list[Tensor]) -> dict[str, Any]:
         hist += codebook_histogram(codes.long().cpu(), CODEBOOK_SIZE, N_Q)
     perplexity = codebook_perplexity(hist)
     dead = dead_code_fraction(hist)
+
+    def mean(values: list[float]) -> float | None:
+        finite = [v for v in values if math.isfinite(v)]
+        return sum(finite) / len(finite) if finite else None
+
     return {
         "si_snr_db": sum(si_snr) / len(si_snr),
         "mel_distance": sum(mel) / len(mel),
@@ -252,6 +271,11 @@ def evaluate(model: pl.LightningModule, clips: list[Tensor]) -> dict[str, Any]:
         "dead_fraction": [round(float(v), 4) for v in dead],
         "mean_perplexity": float(perplexity.mean()),
         "mean_dead_fraction": float(dead.mean()),
+        "pesq": mean(quality["pesq"]),
+        "stoi": mean(quality["stoi"]),
+        "loudness_error_lu": mean([abs(v) for v in quality["loudness_diff_lu"]]),
+        "loudness_diff_lu": mean(quality["loudness_diff_lu"]),
+        "quality_skipped": {k: sum(1 for v in vals if not math.isfinite(v)) for k, vals in quality.items()},
         "bitrate_kbps": BITRATE_KBPS,
         "num_utterances": len(clips),
         "seconds": round(seconds, 2),
@@ -315,6 +339,22 @@ DESCRIPTIONS = {
     "peer_encodec": "encodec package SEANet + RVQ (random init), EnCodec losses (0.1 L1 + mel L1+L2 + commitment), "
     "Adam betas (0.5, 0.9)",
 }
+
+
+def _fmt(value: float | None, spec: str = ".3f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _package_versions(*names: str) -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {}
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def main() -> int:
@@ -398,7 +438,8 @@ def main() -> int:
             ev = case["eval"]
             print(
                 f"[codec_quality] {recipe}: SI-SNR {ev['si_snr_db']:.2f} dB, mel distance {ev['mel_distance']:.3f}, "
-                f"RMS ratio {ev['rms_ratio']:.3f}, perplexity {ev['mean_perplexity']:.1f}, "
+                f"RMS ratio {ev['rms_ratio']:.3f}, PESQ {_fmt(ev['pesq'])}, STOI {_fmt(ev['stoi'])}, "
+                f"loudness error {_fmt(ev['loudness_error_lu'], '.2f')} LU, perplexity {ev['mean_perplexity']:.1f}, "
                 f"{info['train_wall_s']:.0f} s for {info['steps']} steps",
                 flush=True,
             )
@@ -408,7 +449,12 @@ def main() -> int:
     def diff(a: str, b: str) -> dict[str, float] | None:
         if a not in by or b not in by:
             return None
-        return {k: by[a]["eval"][k] - by[b]["eval"][k] for k in ("si_snr_db", "mel_distance", "rms_ratio")}
+        keys = ("si_snr_db", "mel_distance", "rms_ratio", "pesq", "stoi", "loudness_error_lu")
+        return {
+            k: by[a]["eval"][k] - by[b]["eval"][k]
+            for k in keys
+            if by[a]["eval"].get(k) is not None and by[b]["eval"].get(k) is not None
+        }
 
     kit_vs_peer = diff("kit", "peer_encodec")
     target_met = bool(
@@ -438,6 +484,7 @@ def main() -> int:
         "frame_rate_hz": FRAME_RATE,
         "corpus": "SpeechCorpusDataModule(language='te', loudness_lufs=-16), val split held out",
         "corpus_prepare_s": round(corpus_s, 1),
+        "quality_packages": _package_versions("pesq", "pystoi", "pyloudnorm"),
     }
     out = _common.write_result(
         "codec_quality", args, config=config, cases=cases, summary=summary, started=started, machine=machine

@@ -301,7 +301,7 @@ CODEC_COLUMNS = [
     ("mean_dead_fraction", "dead codes", "%", True),
     ("pesq", "PESQ", ".2f", False),
     ("stoi", "STOI", ".3f", False),
-    ("loudness_error_db", "loudness error (dB)", ".2f", False),
+    ("loudness_error_lu", "loudness error (LU)", ".2f", False),
 ]
 CODEC_LABELS = {
     "kit": "`CodecModule` + kit callbacks",
