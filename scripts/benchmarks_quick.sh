@@ -22,4 +22,5 @@ run() {
 run rescue
 run lr_sensitivity
 run codec_quality
+run quality_cost
 echo "== quick benchmarks finished in $(( $(date +%s) - start )) s"
