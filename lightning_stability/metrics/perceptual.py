@@ -77,8 +77,8 @@ def _check_inputs(preds: Tensor, target: Tensor, sample_rate: int, on_error: str
             raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
         if x.ndim == 0:
             raise ValueError(f"`{name}` must have a time dimension (shape `(..., time)`), got a 0-dim tensor")
-        if x.is_complex() or not (x.is_floating_point() or x.dtype in (torch.int16, torch.int32)):
-            raise TypeError(f"`{name}` must be real audio samples, got dtype {x.dtype}")
+        if not x.is_floating_point():
+            raise TypeError(f"`{name}` must hold float audio samples (e.g. float32 in [-1, 1]), got dtype {x.dtype}")
     if preds.shape != target.shape:
         raise ValueError(
             f"`preds` and `target` must have the same shape, got preds {tuple(preds.shape)} and target "

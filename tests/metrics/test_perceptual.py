@@ -149,3 +149,9 @@ def test_loudness_error_floors_a_silent_reconstruction_at_the_absolute_gate():
         loudness_error(x, torch.zeros_like(x), 16000)
     with pytest.raises(SpeechQualityError, match="shorter than one BS.1770 block"):
         loudness_error(x[:1000], x[:1000], 16000)
+
+
+def test_integer_samples_are_refused_by_name():
+    x = voiced(1.0, 16000)
+    with pytest.raises(TypeError, match="`target` must hold float audio samples"):
+        stoi(x, (x * 32767).to(torch.int16), 16000)

@@ -25,7 +25,15 @@ from lightning_stability.callbacks import (
 from lightning_stability.data import AudioFolderDataModule, LatentPairDataModule, SpeechCorpusDataModule
 from lightning_stability.losses import LossBalancer, LossWeights, MultiResolutionMelLoss
 from lightning_stability.losses.spectral import MultiResolutionSTFTLoss, RMSMatchingLoss
-from lightning_stability.metrics import CodebookUsage, DCOffset, PeakAmplitude, RMSRatio
+from lightning_stability.metrics import (
+    STOI,
+    CodebookUsage,
+    DCOffset,
+    LoudnessError,
+    PeakAmplitude,
+    RMSRatio,
+    WidebandPESQ,
+)
 from lightning_stability.modules import CascadeTransformerModule, CodecModule
 from lightning_stability.nn.scale import ClampedRMSScale
 from tests.helpers import make_trainer
@@ -111,6 +119,11 @@ CASES = [
     (CodecModule, (), {"ratios": ()}, "ratios", None),
     (CodecModule, (), {"channels": 0}, "channels", None),
     (CodecModule, (), {"quantizer_dropout": 1.5}, "quantizer_dropout", None),
+    (CodecModule, (), {"quality_metrics": "pesq"}, "quality_metrics", None),
+    (CodecModule, (), {"quality_metrics": ["pesq", "mos"]}, "quality_metrics", None),
+    (WidebandPESQ, (0,), {}, "sample_rate", None),
+    (STOI, (16000.0,), {}, "sample_rate", None),
+    (LoudnessError, (), {"sample_rate": -1}, "sample_rate", None),
     (CodecModule, (), {"gradient_clip_val": 0.0}, "gradient_clip_val", None),
     (CascadeTransformerModule, (), {"loss": "huber"}, "loss", None),
     (CascadeTransformerModule, (), {"stage_weights": [1.0, 1.0]}, "stage_weights", None),
