@@ -176,8 +176,8 @@ class CodecModule(pl.LightningModule):
             on each validation clip on the CPU: ``"auto"`` (default: each of ``"pesq"``, ``"stoi"``, ``"loudness"``
             whose package, ``pesq`` / ``pystoi`` / ``pyloudnorm``, is installed: ``pip install
             lightning-stability[metrics]``), ``None`` (off), or a list of those names (a missing package then raises).
-            Cost per second of validation audio, measured on 2 busy CPU cores: PESQ 60-70 ms, STOI 30-40 ms,
-            loudness under 10 ms (the demo's 24 one-second clips: about 2.5 s per validation). Clips a measure
+            CPU cost per second of validation audio (``benchmarks/quality_cost.py``): PESQ about 18 ms, STOI 6 ms,
+            loudness 2 ms (the demo's 24 one-second clips: about 0.6 s of CPU per validation). Clips a measure
             cannot score (silent, shorter than PESQ's 0.25 s or one 400 ms loudness block, NaN output) are skipped,
             counted in ``val/<name>_skipped`` and named in a warning; the epoch never fails on them. Exact under DDP
             (summed scores and counts).
