@@ -97,6 +97,7 @@ def test_quick_demo_on_a_folder_of_recordings_writes_every_metric(tmp_path, caps
     assert (metrics["data"]["train_files"], metrics["data"]["val_files"]) == (3, 3)  # ceil(0.34 * 6) held out
     assert metrics["data"]["skipped_files"] == [str(data / "broken.wav")]
     assert metrics["data"]["sample_rates"] == [16000]
+    assert metrics["data"]["cached_in_memory"] is True  # 10 s of audio: far under CACHE_MAX_SECONDS
     assert metrics["num_utterances"] == 3
     for key in ("si_snr_db", "mel_distance", "rms_ratio", "pesq", "stoi", "loudness_error_lu", "loudness_diff_lu"):
         assert math.isfinite(metrics[key]), key
@@ -161,3 +162,23 @@ def test_long_recordings_are_reconstructed_in_chunks_and_capped(tmp_path):
     assert max(calls) <= 24000
     assert min(calls) > 24000 // 2
     assert torch.isfinite(chunked).all()
+
+
+def test_held_out_files_longer_than_the_cap_are_cut_and_counted(tmp_path, monkeypatch):
+    import lightning_stability.demo as demo
+
+    config = demo.DemoConfig.quick_config(data=str(_recordings(tmp_path / "rec", n=4)), val_fraction=0.5)
+    datamodule = demo._datamodule(config)
+    monkeypatch.setattr(demo, "CACHE_MAX_SECONDS", 1.0)  # a "long" collection: read crop by crop, not cached
+    info = demo.prepare_folder(datamodule)
+    assert info["cached_in_memory"] is False
+    assert (info["train_files"], info["val_files"]) == (2, 2)
+    durations = [c.duration for c in datamodule.clips("val")]
+    assert all(d > 1.5 for d in durations)
+    results = demo.evaluate_held_out(demo._codec(config), datamodule, tmp_path, max_seconds=1.5, chunk_seconds=0.5)
+    assert results["num_capped"] == 2
+    assert results["seconds"] == pytest.approx(3.0)
+    assert sf.info(results["original_wav"]).duration == pytest.approx(1.5)
+    whole = demo.evaluate_held_out(demo._codec(config), datamodule, tmp_path, max_seconds=None)
+    assert whole["num_capped"] == 0
+    assert whole["seconds"] == pytest.approx(sum(durations), abs=1e-3)
