@@ -269,20 +269,23 @@ def _mean(values: list[float]) -> float | None:
     return sum(finite) / len(finite) if finite else None
 
 
-def _quality(recon, audio, sample_rate: int) -> dict[str, float | str]:
-    """Per-item PESQ, STOI, signed loudness error: NaN where undefined, the reason where a package is missing."""
-    from lightning_stability.metrics.perceptual import loudness_error, stoi, wideband_pesq
+def _quality(recon, audio, sample_rate: int) -> dict[str, tuple[float, str | None]]:
+    """One item's PESQ, STOI and signed loudness error as ``(value, why not)``: ``(nan, reason)`` where the measure has
+    no score for it, ``(nan, "missing: ...")`` where its package is not installed."""
+    from lightning_stability.metrics.perceptual import SpeechQualityError, loudness_error, stoi, wideband_pesq
 
-    scores: dict[str, float | str] = {}
+    scores: dict[str, tuple[float, str | None]] = {}
     for key, fn in (
-        ("pesq", lambda: wideband_pesq(recon, audio, sample_rate, on_error="nan")),
-        ("stoi", lambda: stoi(recon, audio, sample_rate, on_error="nan")),
-        ("loudness", lambda: loudness_error(recon, audio, sample_rate, signed=True, on_error="nan")),
+        ("pesq", lambda: wideband_pesq(recon, audio, sample_rate)),
+        ("stoi", lambda: stoi(recon, audio, sample_rate)),
+        ("loudness", lambda: loudness_error(recon, audio, sample_rate, signed=True)),
     ):
         try:
-            scores[key] = float(fn().mean())
+            scores[key] = (float(fn().mean()), None)
+        except SpeechQualityError as err:
+            scores[key] = (math.nan, err.reason)
         except ModuleNotFoundError as err:
-            scores[key] = str(err)
+            scores[key] = (math.nan, f"missing: {err}")
     return scores
 
 
@@ -301,8 +304,9 @@ def evaluate_held_out(
     ``chunk_seconds`` chunks (see :func:`reconstruct`). Metrics: mean SI-SNR (dB), mean DAC mel distance, the global RMS
     ratio (all held-out samples), mean wide-band PESQ (P.862.2 after resampling to 16 kHz), mean STOI (pystoi at its
     10 kHz), mean loudness error ``|L(recon) - L(original)|`` and mean signed difference (LU, BS.1770 via
-    pyloudnorm). A measure that cannot score an item (e.g. PESQ on under 0.25 s) skips it and counts it in
-    ``skipped``; a missing package leaves the value ``None`` with the reason in ``metric_notes``.
+    pyloudnorm). A measure that cannot score an item (e.g. PESQ on under 0.25 s) skips it, counts it in ``skipped``
+    and names it with the reason in ``skipped_items``; a missing package leaves the value ``None`` with the reason in
+    ``metric_notes``.
     """
     import soundfile as sf
     import torch
@@ -321,6 +325,7 @@ def evaluate_held_out(
     chunk = None if chunk_seconds is None else round(chunk_seconds * rate)
     si_snr, mel, sq_pred, sq_target, seconds, capped = [], [], 0.0, 0.0, 0.0, 0
     quality: dict[str, list[float]] = {"pesq": [], "stoi": [], "loudness": []}
+    skipped_items: dict[str, list[str]] = {"pesq": [], "stoi": [], "loudness": []}
     notes: dict[str, str] = {}
     example = None
     with torch.no_grad():
@@ -331,11 +336,13 @@ def evaluate_held_out(
             recon = reconstruct(codec, audio, chunk)
             si_snr.append(float(scale_invariant_signal_noise_ratio(recon, audio).mean()))
             mel.append(float(mel_distance(recon, audio, rate)))
-            for key, value in _quality(recon, audio, rate).items():
-                if isinstance(value, str):
-                    notes[key] = value
-                else:
-                    quality[key].append(value)
+            for key, (value, why) in _quality(recon, audio, rate).items():
+                if why is not None and why.startswith("missing: "):
+                    notes[key] = why.removeprefix("missing: ")
+                    continue
+                quality[key].append(value)
+                if why is not None:
+                    skipped_items[key].append(f"{item.name}: {why}")
             sq_pred += float(recon.pow(2).sum())
             sq_target += float(audio.pow(2).sum())
             seconds += audio.shape[-1] / rate
@@ -363,6 +370,7 @@ def evaluate_held_out(
         "loudness_error_lu": _mean([abs(v) for v in loudness]),
         "loudness_diff_lu": _mean(loudness),
         "skipped": skipped,
+        "skipped_items": {k: v for k, v in skipped_items.items() if k in skipped},
         "metric_notes": notes,
         "num_capped": capped,
         "eval_max_seconds": max_seconds,

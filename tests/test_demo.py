@@ -51,6 +51,7 @@ METRIC_KEYS = (
     "loudness_error_lu",
     "loudness_diff_lu",
     "skipped",
+    "skipped_items",
     "metric_notes",
     "num_capped",
     "eval_max_seconds",
@@ -104,6 +105,7 @@ def test_quick_demo_on_a_folder_of_recordings_writes_every_metric(tmp_path, caps
     assert 1.0 <= metrics["pesq"] <= 4.65
     assert metrics["loudness_error_lu"] >= abs(metrics["loudness_diff_lu"])
     assert metrics["skipped"] == {"pesq": 0, "stoi": 0, "loudness": 0}
+    assert metrics["skipped_items"] == {"pesq": [], "stoi": [], "loudness": []}
     assert "resampled from 24000 Hz to 16 kHz" in metrics["metric_notes"]["pesq"]
     # the held-out files are evaluated whole, at the model's rate
     held = [p for p in data.rglob("rec*.wav") if p.relative_to(data).as_posix() in {metrics["example_name"]}]
@@ -173,12 +175,29 @@ def test_held_out_files_longer_than_the_cap_are_cut_and_counted(tmp_path, monkey
     info = demo.prepare_folder(datamodule)
     assert info["cached_in_memory"] is False
     assert (info["train_files"], info["val_files"]) == (2, 2)
-    durations = [c.duration for c in datamodule.clips("val")]
-    assert all(d > 1.5 for d in durations)
-    results = demo.evaluate_held_out(demo._codec(config), datamodule, tmp_path, max_seconds=1.5, chunk_seconds=0.5)
+    durations = [c.duration for c in datamodule.clips("val")]  # 1.5 to 2.25 s
+    cap = min(durations) - 0.25
+    results = demo.evaluate_held_out(demo._codec(config), datamodule, tmp_path, max_seconds=cap, chunk_seconds=0.5)
     assert results["num_capped"] == 2
-    assert results["seconds"] == pytest.approx(3.0)
-    assert sf.info(results["original_wav"]).duration == pytest.approx(1.5)
+    assert results["seconds"] == pytest.approx(2 * cap, abs=1e-3)
+    assert sf.info(results["original_wav"]).duration == pytest.approx(cap, abs=1e-4)
     whole = demo.evaluate_held_out(demo._codec(config), datamodule, tmp_path, max_seconds=None)
     assert whole["num_capped"] == 0
     assert whole["seconds"] == pytest.approx(sum(durations), abs=1e-3)
+
+
+def test_an_item_a_measure_cannot_score_is_named_with_the_reason():
+    import torch
+
+    from lightning_stability.demo import _quality
+    from tests.metrics.test_perceptual import voiced
+
+    short = voiced(0.2, 24000)[None, None]  # under PESQ's 0.25 s and one 400 ms BS.1770 block
+    scores = _quality(short, short, 24000)
+    assert math.isnan(scores["pesq"][0])
+    assert scores["pesq"][1].startswith("shorter than PESQ's minimum of 0.25 s")
+    assert scores["loudness"][1].startswith("shorter than one BS.1770 block")
+    value, why = _quality(voiced(1.0, 24000)[None, None], voiced(1.0, 24000)[None, None], 24000)["pesq"]
+    assert why is None
+    assert value == pytest.approx(4.644, abs=1e-3)
+    assert torch.is_tensor(short)

@@ -325,5 +325,5 @@ def _quality_update(
     """``(sum of scores, scored series, skipped series, first skip reason)`` of a batch, for the Metric classes."""
     values = _scores(metric, preds, target, score)
     scored = [v for v in values if not isinstance(v, str)]
-    reasons = [f"series {i}: {v}" for i, v in enumerate(values) if isinstance(v, str)]
+    reasons = [f"clip {i} of its batch: {v}" for i, v in enumerate(values) if isinstance(v, str)]
     return float(np.sum(scored)) if scored else 0.0, len(scored), len(reasons), reasons[0] if reasons else None

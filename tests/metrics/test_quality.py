@@ -51,7 +51,7 @@ def test_unscorable_clips_are_counted_and_skipped_not_raised():
     metric.update(preds3, silent_target)  # the third clip's reference is silent
     assert (int(metric.count), int(metric.skipped)) == (2, 1)
     assert metric.compute().item() == pytest.approx(wideband_pesq(preds, target, RATE).mean().item(), rel=1e-5)
-    assert metric.last_skip_reason == "series 2: the target is silent (PESQ needs speech in the reference)"
+    assert metric.last_skip_reason == "clip 2 of its batch: the target is silent (PESQ needs speech in the reference)"
     nan_preds = torch.full_like(preds, math.nan)
     for m in (STOI(RATE), LoudnessError(RATE)):
         m.update(nan_preds, target)
