@@ -14,18 +14,33 @@ The rule, for the total gradient norm ``g`` of one optimizer (most severe first)
 2. a forced skip (the batches right after a rollback): ``FORCED``.
 3. ``max_norm`` set and ``g > max_norm``: ``OVER_MAX``.
 4. ``zscore`` set, warm-up over and ``g > mean + zscore * std``: ``SPIKE`` (skip) or ``CLIP`` (scale the gradients
-   down to the threshold and step).
+   down to the threshold and step); ``REBASE`` (step) when it is the ``rebase_after``-th outlier in a row (below).
 5. otherwise ``ACCEPT``.
 
-Running statistics of *accepted* norms (ZClip, Kumar et al. 2025, "ZClip: Adaptive Spike Mitigation for LLM
-Pre-Training"): during the first ``warmup`` accepted steps the mean and (population) variance are exact (Welford);
-afterwards they are exponential moving averages with the incremental form of Finch (2009, "Incremental calculation of
-weighted mean and variance"):
+Running statistics (ZClip, Kumar et al. 2025, "ZClip: Adaptive Spike Mitigation for LLM Pre-Training"): during the
+first ``warmup`` accepted steps the mean and (population) variance are exact (Welford); afterwards they are exponential
+moving averages with the incremental form of Finch (2009, "Incremental calculation of weighted mean and variance"):
 
     delta = v - mean;  mean <- mean + (1 - alpha) * delta;  var <- alpha * (var + (1 - alpha) * delta**2)
 
-where ``v = g`` for an accepted step and ``v = threshold`` for a clipped one (as ZClip does). Skipped steps never enter
-the statistics, so a burst of spikes cannot raise the threshold that is meant to catch it.
+where ``v = g`` for an accepted step and ``v = threshold`` for a clipped one (as ZClip does).
+
+Spikes and level shifts. A norm above the threshold (a z-score outlier) does not enter the running statistics, so a
+burst of spikes cannot raise the threshold that is meant to catch it. But a healthy run's gradient scale can change
+for good (a loss weight switched from 1 to 4, the end of a learning-rate warm-up): every later norm is then an outlier
+of the old statistics, and a guard that never lets outliers in skips every step until persistent trouble ends the run.
+The rule that tells the two apart is the length of the run of outliers: the guard keeps a second, exact (Welford)
+mean/variance of the current *streak* of consecutive finite outliers. An accepted step clears the streak; a step that
+says nothing about the level (non-finite, ``max_norm``, AMP overflow, forced) leaves it as it is. When a streak reaches
+``rebase_after`` outliers the level is taken to have moved: that step is accepted (``REBASE``) and the statistics
+restart from the streak, ``mean = streak mean`` and ``var = max(streak var, var * (streak mean / mean)**2)`` (the old
+relative spread, carried to the new level, is a floor: a few similar norms alone would give a too-tight threshold).
+So a lasting shift costs ``rebase_after - 1`` skipped (or clipped) steps before the new level is the baseline, and a
+burst of fewer outliers leaves the threshold exactly where it was. The trade-off: a burst of ``rebase_after`` or more
+consecutive finite spikes is indistinguishable from a level shift and becomes the new baseline (OLMo-core and MaxText
+keep every value in their window for the same reason, "so spikes can become the new baseline"); non-finite norms never
+enter any statistics and are always skipped, and ``max_norm`` still bounds every step. ``rebase_after=None`` restores
+the strict rule (outliers never enter; a lasting shift ends in persistent trouble).
 """
 
 from __future__ import annotations
@@ -42,23 +57,27 @@ class Action(IntEnum):
     """Outcome of one step, ordered by severity (so ranks can agree with a MAX all-reduce)."""
 
     ACCEPT = 0
-    CLIP = 1
-    FORCED = 2
-    SPIKE = 3
-    OVER_MAX = 4
-    AMP_OVERFLOW = 5
-    NONFINITE = 6
+    REBASE = 1  # the outlier that completes a streak of ``rebase_after``: accepted, statistics restart from the streak
+    CLIP = 2
+    FORCED = 3
+    SPIKE = 4
+    OVER_MAX = 5
+    AMP_OVERFLOW = 6
+    NONFINITE = 7
 
 
 #: actions after which the optimizer does not move (``CLIP`` and ``ACCEPT`` step).
 NOT_STEPPED = frozenset({Action.FORCED, Action.SPIKE, Action.OVER_MAX, Action.AMP_OVERFLOW, Action.NONFINITE})
 #: actions the guard itself is responsible for, counted in ``num_skipped``.
 GUARD_SKIPS = frozenset({Action.FORCED, Action.SPIKE, Action.OVER_MAX, Action.NONFINITE})
+#: actions after which the optimizer steps.
+STEPPED = frozenset({Action.ACCEPT, Action.REBASE, Action.CLIP})
 #: actions that count towards ``max_consecutive_skips`` (forced skips after a rollback do not).
 TROUBLE = frozenset({Action.SPIKE, Action.OVER_MAX, Action.NONFINITE})
 
 REASONS = {
     Action.ACCEPT: "accepted",
+    Action.REBASE: "level shift: a streak of z-score outliers became the new baseline",
     Action.CLIP: "gradient-norm spike clipped to the z-score threshold",
     Action.FORCED: "skipping batches after a rollback",
     Action.SPIKE: "gradient-norm spike above the z-score threshold",
@@ -75,18 +94,35 @@ class PolicyConfig:
     alpha: float = 0.97
     warmup: int = 25
     clip: bool = False  # spike_action == "clip"
+    rebase_after: int | None = None  # consecutive outliers after which the statistics restart from them (None: never)
 
 
 @dataclass
 class NormStats:
-    """Running mean/variance of accepted norms; ``count`` stops at the warm-up length."""
+    """Running mean/variance of accepted norms (``count`` stops at the warm-up length), and the exact mean/variance of
+    the current streak of consecutive finite z-score outliers."""
 
     mean: float = 0.0
     var: float = 0.0
     count: int = 0
+    streak_mean: float = 0.0
+    streak_var: float = 0.0
+    streak_count: int = 0
+
+    #: number of values in :meth:`as_list` (and in the device tensor of sync-free mode)
+    SIZE = 6
 
     def as_list(self) -> list[float]:
-        return [float(self.mean), float(self.var), float(self.count)]
+        return [float(self.mean), float(self.var), float(self.count), float(self.streak_mean), float(self.streak_var),
+                float(self.streak_count)]  # fmt: skip
+
+    @classmethod
+    def from_list(cls, values: list[float]) -> NormStats:
+        """Inverse of :meth:`as_list`; a 3-value list (``[mean, var, count]``, version 0.1.0) has an empty streak."""
+        if len(values) not in (3, cls.SIZE):
+            raise ValueError(f"guard statistics must have 3 or {cls.SIZE} values, got {len(values)}: {values!r}")
+        v = [float(x) for x in values] + [0.0] * (cls.SIZE - len(values))
+        return cls(v[0], v[1], int(v[2]), v[3], v[4], int(v[5]))
 
 
 @dataclass(frozen=True)
@@ -127,29 +163,48 @@ def evaluate(
     if cfg.max_norm is not None and norm > cfg.max_norm:
         return Decision(Action.OVER_MAX, thr)
     if thr is not None and norm > thr:
+        if cfg.rebase_after is not None and stats.streak_count + 1 >= cfg.rebase_after:
+            return Decision(Action.REBASE, thr)
         return Decision(Action.CLIP if cfg.clip else Action.SPIKE, thr)
     return Decision(Action.ACCEPT, thr)
 
 
+def _welford(mean: float, var: float, count: int, value: float) -> tuple[float, float, int]:
+    """Exact mean and population variance after adding ``value``."""
+    n1 = count + 1
+    delta = value - mean
+    new_mean = mean + delta / n1
+    return new_mean, (count * var + delta * (value - new_mean)) / n1, n1
+
+
 def update_stats(stats: NormStats, decision: Decision, norm: float, cfg: PolicyConfig) -> NormStats:
-    """Statistics after ``decision`` (unchanged unless the step was accepted or clipped)."""
-    if decision.action not in (Action.ACCEPT, Action.CLIP):
+    """Statistics after ``decision`` (see the module docstring: accepted and clipped norms enter the running
+    statistics, outliers the streak, a ``REBASE`` restarts them from the streak, anything else changes nothing)."""
+    action = decision.action
+    if action not in STEPPED and action is not Action.SPIKE:
         return stats
-    value = decision.threshold if decision.action is Action.CLIP else norm
+    streak = (stats.streak_mean, stats.streak_var, stats.streak_count)
+    if action is not Action.ACCEPT:  # an outlier: its raw norm extends the streak
+        streak = _welford(*streak, norm)
+    if action is Action.REBASE:
+        s_mean, s_var, _ = streak
+        carried = stats.var * (s_mean / stats.mean) ** 2 if stats.mean > 0 else 0.0
+        return NormStats(s_mean, max(s_var, carried), stats.count)
+    if action is Action.SPIKE:
+        return NormStats(stats.mean, stats.var, stats.count, *streak)
+    if action is Action.ACCEPT:
+        streak = (0.0, 0.0, 0)
+    value = decision.threshold if action is Action.CLIP else norm
     if stats.count < cfg.warmup:  # Welford, population variance
-        n1 = stats.count + 1
-        delta = value - stats.mean
-        mean = stats.mean + delta / n1
-        var = (stats.count * stats.var + delta * (value - mean)) / n1
-        return NormStats(mean, var, n1)
+        return NormStats(*_welford(stats.mean, stats.var, stats.count, value), *streak)
     delta = value - stats.mean
     mean = stats.mean + (1.0 - cfg.alpha) * delta
     var = cfg.alpha * (stats.var + (1.0 - cfg.alpha) * delta * delta)
-    return NormStats(mean, var, stats.count)
+    return NormStats(mean, var, stats.count, *streak)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Device versions: ``stats`` is a float32 tensor ``[mean, var, count]``; nothing is read back to the host.
+# Device versions: ``stats`` is a float32 tensor ``NormStats.as_list()``; nothing is read back to the host.
 
 
 def threshold_on_device(stats: Tensor, cfg: PolicyConfig) -> Tensor:
@@ -173,7 +228,10 @@ def evaluate_on_device(
     thr = threshold_on_device(stats, cfg)
     code = torch.zeros((), dtype=torch.int32, device=norm.device)
     if cfg.zscore is not None:
-        code = torch.where(norm > thr, int(Action.CLIP if cfg.clip else Action.SPIKE), code)
+        outlier = norm > thr  # False during warm-up (thr = inf) and for NaN
+        code = torch.where(outlier, int(Action.CLIP if cfg.clip else Action.SPIKE), code)
+        if cfg.rebase_after is not None:
+            code = torch.where(outlier & (stats[5] + 1 >= cfg.rebase_after), int(Action.REBASE), code)
     if cfg.max_norm is not None:
         code = torch.where(norm > cfg.max_norm, int(Action.OVER_MAX), code)
     if forced:
@@ -188,18 +246,34 @@ def evaluate_on_device(
 
 
 def update_stats_on_device(stats: Tensor, code: Tensor, norm: Tensor, thr: Tensor, cfg: PolicyConfig) -> Tensor:
-    """Statistics after a step with action ``code`` (a new tensor; ``stats`` is not modified)."""
-    accepted = code <= int(Action.CLIP)
+    """Statistics after a step with action ``code`` (a new tensor; ``stats`` is not modified); the same rule as
+    :func:`update_stats`, every branch computed and the right one selected with ``torch.where``."""
+    mean, var, count, s_mean, s_var, s_count = stats.unbind()
     value = torch.where(code == int(Action.CLIP), thr, norm)
-    mean, var, count = stats[0], stats[1], stats[2]
-    n1 = count + 1
+    w_mean, w_var, w_count = _welford_t(mean, var, count, value)
     delta = value - mean
-    w_mean = mean + delta / n1
-    w_var = (count * var + delta * (value - w_mean)) / n1
     e_mean = mean + (1.0 - cfg.alpha) * delta
     e_var = cfg.alpha * (var + (1.0 - cfg.alpha) * delta * delta)
     warm = count < cfg.warmup
-    new = torch.stack(
-        [torch.where(warm, w_mean, e_mean), torch.where(warm, w_var, e_var), torch.where(warm, n1, count)]
-    )
-    return torch.where(accepted, new, stats)
+    main = [torch.where(warm, w_mean, e_mean), torch.where(warm, w_var, e_var), torch.where(warm, w_count, count)]
+    sm, sv, sc = _welford_t(s_mean, s_var, s_count, norm)  # the streak with this outlier
+    zero = torch.zeros_like(mean)
+    ratio = sm / torch.where(mean > 0, mean, 1.0)
+    carried = torch.where(mean > 0, var * ratio * ratio, zero)
+    candidates = {
+        Action.ACCEPT: torch.stack([*main, zero, zero, zero]),
+        Action.CLIP: torch.stack([*main, sm, sv, sc]),
+        Action.SPIKE: torch.stack([mean, var, count, sm, sv, sc]),
+        Action.REBASE: torch.stack([sm, torch.maximum(sv, carried), count, zero, zero, zero]),
+    }
+    out = stats
+    for action, new in candidates.items():
+        out = torch.where(code == int(action), new, out)
+    return out
+
+
+def _welford_t(mean: Tensor, var: Tensor, count: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    n1 = count + 1
+    delta = value - mean
+    new_mean = mean + delta / n1
+    return new_mean, (count * var + delta * (value - new_mean)) / n1, n1

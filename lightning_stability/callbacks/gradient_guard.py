@@ -27,6 +27,7 @@ from lightning_stability.callbacks._guard_policy import (
     GUARD_SKIPS,
     NOT_STEPPED,
     REASONS,
+    STEPPED,
     TROUBLE,
     Action,
     Decision,
@@ -50,7 +51,11 @@ _ON_PERSISTENT = ("rollback", "stop", "raise")
 _SPIKE_ACTIONS = ("skip", "clip")
 _SNAPSHOT_DEVICES = ("cpu", "same")
 # counters kept per optimizer, in this order in the device vector of sync-free mode
-_COUNTERS = ("num_skipped", "num_amp_overflows", "num_clipped", "consecutive", "consecutive_amp", "last_skip_step")
+_COUNTERS = ("num_skipped", "num_amp_overflows", "num_clipped", "consecutive", "consecutive_amp", "last_skip_step",
+             "num_rebased")  # fmt: skip
+#: ``state_dict()["version"]``: 1 in 0.1.0 (no streak statistics, no ``num_rebased``; still loads), 2 since
+_STATE_VERSION = 2
+_STATS_KEYS = ("mean", "var", "count", "streak_mean", "streak_var", "streak_count")
 
 
 @dataclass
@@ -64,8 +69,9 @@ class _OptimizerState:
     consecutive: int = 0
     consecutive_amp: int = 0
     last_skip_step: int = -1
+    num_rebased: int = 0
     # sync-free mode only
-    stats_t: Tensor | None = None  # float32 [mean, var, count]
+    stats_t: Tensor | None = None  # float32, NormStats.as_list()
     counters_t: Tensor | None = None  # int64, see _COUNTERS
     last_code_t: Tensor | None = None
     last_skip_code_t: Tensor | None = None
@@ -74,7 +80,7 @@ class _OptimizerState:
 
     def host_counters(self) -> list[int]:
         return [self.num_skipped, self.num_amp_overflows, self.num_clipped, self.consecutive, self.consecutive_amp,
-                self.last_skip_step]  # fmt: skip
+                self.last_skip_step, self.num_rebased]  # fmt: skip
 
 
 def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
@@ -125,6 +131,17 @@ class GradientGuard(Callback):
       accepted steps, is a spike; ``spike_action="skip"`` skips it, ``"clip"`` scales the gradients down to the
       threshold. Statistics: exact mean/variance during the warm-up, then EMA with ``zscore_alpha`` (ZClip: 0.97, 2.5,
       25). They live in ``state_dict`` so a resumed run makes the same decisions (ZClip itself re-warms).
+    - level shifts (``zscore_rebase_after``, default 8): spikes never enter the statistics, so a burst of them cannot
+      raise its own threshold; but when ``zscore_rebase_after`` finite spikes come *in a row*, the gradient scale has
+      moved for good (a loss weight switched from 1 to 4, the end of a learning-rate warm-up): that step is taken
+      (``guard/rebases``, a ``"rebase"`` event) and the statistics restart from the streak (its mean, and the larger
+      of its variance and the old relative spread carried to the new level). A healthy level shift therefore costs
+      ``zscore_rebase_after - 1`` skipped steps instead of stalling the run into ``on_persistent``; the price is that
+      a burst of that many consecutive finite spikes becomes the baseline too (OLMo-core's window makes the same
+      trade). Non-finite norms never enter any statistics and are always skipped; ``max_norm`` bounds every step;
+      an accepted step ends a streak, non-finite / ``max_norm`` / forced steps neither end nor extend it. With
+      ``max_consecutive_skips <= zscore_rebase_after - 1`` persistent trouble fires first. ``None``: outliers never
+      enter (the 0.1.0 rule, which stalls on a level shift). The rule is in ``_guard_policy``.
 
     **Skip.** A skip sets every gradient of the optimizer to ``None``: torch optimizers then leave those parameters
     entirely alone (no moment update, no step count, no weight decay). Zeroing gradients would not be a skip (Adam's
@@ -189,13 +206,15 @@ class GradientGuard(Callback):
 
     **Logs** (every ``log_every_n_steps`` optimizer steps, default: the Trainer's): ``guard/grad_norm``,
     ``guard/skipped`` (cumulative), ``guard/consecutive_skips``, ``guard/rollbacks``, ``guard/amp_overflows`` and,
-    with ``zscore``, ``guard/threshold``.
+    with ``zscore``, ``guard/threshold`` and ``guard/rebases`` (cumulative).
 
     Args:
         max_norm: skip steps whose total gradient norm exceeds this (``None``: no fixed bound).
         zscore: spike threshold in standard deviations above the running mean (``None``: off; ZClip uses 2.5).
         zscore_alpha: EMA factor of the running statistics after the warm-up, in (0, 1).
         zscore_warmup: accepted steps before spikes are detected (>= 1).
+        zscore_rebase_after: consecutive finite spikes after which the statistics restart from them (>= 2; ``None``:
+            never), see above.
         spike_action: ``"skip"`` or ``"clip"`` (to the threshold).
         max_consecutive_skips: guard skips in a row that count as persistent trouble (``None``: never).
         max_consecutive_amp_overflows: fp16 overflows in a row that count as persistent trouble (``None``: never).
@@ -225,6 +244,7 @@ class GradientGuard(Callback):
         zscore: float | None = None,
         zscore_alpha: float = 0.97,
         zscore_warmup: int = 25,
+        zscore_rebase_after: int | None = 8,
         spike_action: Literal["skip", "clip"] = "skip",
         max_consecutive_skips: int | None = 10,
         max_consecutive_amp_overflows: int | None = 30,
@@ -247,6 +267,7 @@ class GradientGuard(Callback):
         if not 0.0 < zscore_alpha < 1.0:
             raise ValueError(f"`zscore_alpha` must be in (0, 1), got {zscore_alpha!r}")
         _check_int("zscore_warmup", zscore_warmup, 1)
+        _check_int("zscore_rebase_after", zscore_rebase_after, 2, allow_none=True)
         if spike_action not in _SPIKE_ACTIONS:
             raise ValueError(f"`spike_action` must be one of {_SPIKE_ACTIONS}, got {spike_action!r}")
         if spike_action == "clip" and zscore is None:
@@ -281,6 +302,7 @@ class GradientGuard(Callback):
         self.zscore = None if zscore is None else float(zscore)
         self.zscore_alpha = float(zscore_alpha)
         self.zscore_warmup = zscore_warmup
+        self.zscore_rebase_after = zscore_rebase_after
         self.spike_action = spike_action
         self.max_consecutive_skips = max_consecutive_skips
         self.max_consecutive_amp_overflows = max_consecutive_amp_overflows
@@ -295,7 +317,9 @@ class GradientGuard(Callback):
         self.warn_every_n_steps = warn_every_n_steps
         self.diagnose_top_k = diagnose_top_k
         self.agree_across_ranks = agree_across_ranks
-        self._cfg = PolicyConfig(self.max_norm, self.zscore, self.zscore_alpha, zscore_warmup, spike_action == "clip")
+        self._cfg = PolicyConfig(
+            self.max_norm, self.zscore, self.zscore_alpha, zscore_warmup, spike_action == "clip", zscore_rebase_after
+        )
 
         self.event_log = EventLog(source=self.state_key)
         self.num_rollbacks = 0
@@ -346,6 +370,11 @@ class GradientGuard(Callback):
         return sum(self._read(s)[2] for s in self._opt_states.values())
 
     @property
+    def num_rebased(self) -> int:
+        """Level shifts: steps at which a streak of ``zscore_rebase_after`` spikes became the new baseline."""
+        return sum(self._read(s)[6] for s in self._opt_states.values())
+
+    @property
     def consecutive_skips(self) -> int:
         return max((self._read(s)[3] for s in self._opt_states.values()), default=0)
 
@@ -359,14 +388,13 @@ class GradientGuard(Callback):
     def state_dict(self) -> dict[str, Any]:
         optimizers = {}
         for idx, st in self._opt_states.items():
-            if st.stats_t is not None:
-                mean, var, count = st.stats_t.tolist()
-                stats = {"mean": mean, "var": var, "count": int(count)}
-            else:
-                stats = {"mean": st.stats.mean, "var": st.stats.var, "count": st.stats.count}
+            values = st.stats_t.tolist() if st.stats_t is not None else st.stats.as_list()
+            stats = dict(zip(_STATS_KEYS, values))
+            for key in ("count", "streak_count"):
+                stats[key] = int(stats[key])
             optimizers[idx] = {"stats": stats, "counters": dict(zip(_COUNTERS, self._read(st)))}
         return {
-            "version": 1,
+            "version": _STATE_VERSION,
             "optimizers": optimizers,
             "num_rollbacks": self.num_rollbacks,
             "skip_remaining": self._skip_remaining,
@@ -377,13 +405,20 @@ class GradientGuard(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        version = state_dict.get("version")
+        if version not in (1, _STATE_VERSION):
+            raise ValueError(
+                f"`GradientGuard` state has version {version!r}; this release reads versions 1 (0.1.0) and"
+                f" {_STATE_VERSION}. Was the checkpoint written by a newer lightning_stability?"
+            )
         self._opt_states = {}
         for idx, saved in state_dict["optimizers"].items():
             st = _OptimizerState()
             s = saved["stats"]
-            st.stats = NormStats(float(s["mean"]), float(s["var"]), int(s["count"]))
+            # version 1 has no streak and no rebase counter: an empty streak, no rebases so far
+            st.stats = NormStats.from_list([s.get(k, 0.0) for k in _STATS_KEYS])
             for name in _COUNTERS:
-                setattr(st, name, int(saved["counters"][name]))
+                setattr(st, name, int(saved["counters"].get(name, 0)))
             self._opt_states[int(idx)] = st
         self.num_rollbacks = int(state_dict["num_rollbacks"])
         self._skip_remaining = int(state_dict["skip_remaining"])
@@ -563,7 +598,9 @@ class GradientGuard(Callback):
             st.num_amp_overflows += 1
         if action is Action.CLIP:
             st.num_clipped += 1
-        if action in (Action.ACCEPT, Action.CLIP):
+        if action is Action.REBASE:
+            st.num_rebased += 1
+        if action in STEPPED:
             st.consecutive = 0
             st.consecutive_amp = 0
         else:
@@ -575,15 +612,22 @@ class GradientGuard(Callback):
         self.event_log.trace("grad_norm", step, norm)
         if action is not Action.ACCEPT:
             data = self._diagnose(params, norms.per_tensor.tolist(), action, norm, decision.threshold)
-            kind = {Action.AMP_OVERFLOW: "amp_overflow", Action.CLIP: "clip"}.get(action, "skip")
+            kinds = {Action.AMP_OVERFLOW: "amp_overflow", Action.CLIP: "clip", Action.REBASE: "rebase"}
+            kind = kinds.get(action, "skip")
             self.event_log.add(step, kind, decision.reason, **data)
             if action in GUARD_SKIPS:
                 self._warn(step, f"GradientGuard skipped step {step}: {decision.reason}. {self._describe(data)}")
+            elif action is Action.REBASE:
+                self._warn(
+                    step,
+                    f"GradientGuard: {self.zscore_rebase_after} gradient-norm spikes in a row at step {step}: taken"
+                    f" as a level shift; the z-score statistics restart from them (mean {st.stats.mean:.4g}).",
+                )
 
         # a non-finite step may come from weights that are themselves corrupted (a stray in-place write, an update
         # that overflowed): skipping cannot repair them, and every checkpoint written from now on would hold them
         corrupted = action is Action.NONFINITE and not self._state_is_finite(trainer, pl_module)
-        accepted = action in (Action.ACCEPT, Action.CLIP)
+        accepted = action in STEPPED
         self._after_decision(trainer, pl_module, st, accepted=accepted, corrupted=corrupted)
         if (step + 1) % self._log_every == 0:
             thr = decision.threshold if decision.threshold is not None else None
@@ -621,6 +665,7 @@ class GradientGuard(Callback):
                 torch.where(accepted, 0, c[3] + trouble),
                 torch.where(accepted, 0, c[4] + amp),
                 torch.where(guard_skip, trainer.global_step, c[5]),
+                c[6] + (code == int(Action.REBASE)),
             ]
         )
         st.last_code_t = code
@@ -651,15 +696,19 @@ class GradientGuard(Callback):
                 st.last_skip_code_t.reshape(1).to(torch.float64),
             ]
         ).tolist()
-        counters = [int(v) for v in values[:6]]
-        norm, thr = values[9], values[10]
-        code, last_skip_code = Action(int(values[11])), Action(int(values[12]))
-        before = self._last_read.get(id(st), [0] * 6)
+        nc, ns = len(_COUNTERS), NormStats.SIZE
+        counters = [int(v) for v in values[:nc]]
+        norm, thr = values[nc + ns], values[nc + ns + 1]
+        code, last_skip_code = Action(int(values[nc + ns + 2])), Action(int(values[nc + ns + 3]))
+        before = self._last_read.get(id(st), [0] * nc)
         self._last_read[id(st)] = counters
         new_skips = counters[0] - before[0]
         new_amp = counters[1] - before[1]
+        new_rebases = counters[6] - before[6]
         step = trainer.global_step
         self.event_log.trace("grad_norm", step, norm)
+        if new_rebases > 0:
+            self.event_log.add(step, "rebase", f"{new_rebases} level shift(s) since the last read", norm=norm)
         if new_skips > 0 or new_amp > 0:
             per_tensor = st.last_skip_norms_t.tolist()
             last_norm = math.sqrt(sum(v * v for v in per_tensor))  # the last skipped step's total norm
@@ -674,7 +723,7 @@ class GradientGuard(Callback):
                 self._warn(step, f"GradientGuard: {reason}. {self._describe(data)}")
         # mirror the host numbers so persistent trouble and snapshots use the same code as the host path
         st.consecutive, st.consecutive_amp = counters[3], counters[4]
-        accepted = code in (Action.ACCEPT, Action.CLIP)
+        accepted = code in STEPPED
         if self._check_persistent(trainer, pl_module, st):
             self._set_found_inf(optimizer, torch.ones((), dtype=torch.float32, device=norms.total.device))
         elif accepted and self.on_persistent == "rollback":
@@ -746,7 +795,7 @@ class GradientGuard(Callback):
         extra = snap.restore(pl_module, trainer.optimizers)
         for idx, saved in extra.items():
             st = self._opt_states.setdefault(idx, _OptimizerState())
-            st.stats = NormStats(*saved[:2], int(saved[2]))
+            st.stats = NormStats.from_list(saved)
             if st.stats_t is not None:
                 st.stats_t = _filled(st.stats.as_list(), torch.float32, st.stats_t.device)
         for st in self._opt_states.values():
@@ -959,6 +1008,8 @@ class GradientGuard(Callback):
             "guard/rollbacks": float(self.num_rollbacks),
             "guard/amp_overflows": float(sum(c[1] for c in totals)),
         }
+        if self.zscore is not None and self.zscore_rebase_after is not None:
+            metrics["guard/rebases"] = float(sum(c[6] for c in totals))
         if self.zscore is not None and thr is not None:
             metrics["guard/threshold"] = thr
         log_scalars(pl_module.trainer, metrics)

@@ -231,10 +231,17 @@ def test_state_dict_round_trip_and_state_key():
     assert guard.state_key == "GradientGuard{'max_norm': 10.0, 'zscore': 2.5, 'spike_action': 'skip'}"
     assert GradientGuard().state_key != guard.state_key
     state = {
-        "version": 1,
+        "version": 2,
         "optimizers": {
             0: {
-                "stats": {"mean": 1.5, "var": 0.25, "count": 25},
+                "stats": {
+                    "mean": 1.5,
+                    "var": 0.25,
+                    "count": 25,
+                    "streak_mean": 6.0,
+                    "streak_var": 0.5,
+                    "streak_count": 2,
+                },
                 "counters": {
                     "num_skipped": 3,
                     "num_amp_overflows": 2,
@@ -242,6 +249,7 @@ def test_state_dict_round_trip_and_state_key():
                     "consecutive": 1,
                     "consecutive_amp": 0,
                     "last_skip_step": 41,
+                    "num_rebased": 1,
                 },
             }
         },
@@ -256,6 +264,42 @@ def test_state_dict_round_trip_and_state_key():
     assert guard.num_skipped == 3
     assert guard.num_amp_overflows == 2
     assert guard.num_rollbacks == 1
+    assert guard.num_rebased == 1
+
+
+def test_a_0_1_0_guard_state_still_loads_with_an_empty_streak():
+    guard = GradientGuard(zscore=2.5)
+    old = {  # what 0.1.0 wrote: version 1, three statistics, six counters
+        "version": 1,
+        "optimizers": {
+            0: {
+                "stats": {"mean": 1.5, "var": 0.25, "count": 25},
+                "counters": {
+                    "num_skipped": 3,
+                    "num_amp_overflows": 0,
+                    "num_clipped": 0,
+                    "consecutive": 0,
+                    "consecutive_amp": 0,
+                    "last_skip_step": 41,
+                },  # fmt: skip
+            }
+        },
+        "num_rollbacks": 0,
+        "skip_remaining": 0,
+        "good_since_snapshot": 0,
+        "last_warn_step": None,
+        "event_log": guard.event_log.state_dict(),
+    }
+    guard.load_state_dict(old)
+    new = guard.state_dict()
+    assert new["version"] == 2
+    assert new["optimizers"][0]["stats"] == {
+        "mean": 1.5, "var": 0.25, "count": 25, "streak_mean": 0.0, "streak_var": 0.0, "streak_count": 0
+    }  # fmt: skip
+    assert new["optimizers"][0]["counters"]["num_rebased"] == 0
+    assert guard.num_skipped == 3
+    with pytest.raises(ValueError, match="`GradientGuard` state has version 3"):
+        guard.load_state_dict({**old, "version": 3})
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -342,6 +386,7 @@ def test_logs_under_the_guard_prefix(tmp_path):
         ({"zscore": 0}, r"`zscore` must be a finite number > 0, got 0"),
         ({"zscore_alpha": 1.0}, r"`zscore_alpha` must be in \(0, 1\), got 1.0"),
         ({"zscore_warmup": 0}, r"`zscore_warmup` must be >= 1, got 0"),
+        ({"zscore_rebase_after": 1}, r"`zscore_rebase_after` must be >= 2, got 1"),
         ({"spike_action": "zero"}, r"`spike_action` must be one of .*got 'zero'"),
         ({"spike_action": "clip"}, "needs `zscore`"),
         ({"max_consecutive_skips": 0}, r"`max_consecutive_skips` must be >= 1, got 0"),
@@ -362,6 +407,7 @@ def test_bad_arguments_raise_value_error_naming_them(kwargs, match):
     [
         ({"max_norm": "10"}, "`max_norm`"),
         ({"zscore_warmup": 2.5}, "`zscore_warmup` must be an int"),
+        ({"zscore_rebase_after": 8.0}, "`zscore_rebase_after` must be an int or None"),
         ({"sync_free": 1}, "`sync_free` must be a bool"),
         ({"protect_buffers": 3}, "`protect_buffers`"),
     ],

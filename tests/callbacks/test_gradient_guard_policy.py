@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from lightning_stability.callbacks._guard_norm import grad_norms, layer_norms
@@ -45,7 +45,81 @@ def test_after_warm_up_statistics_are_an_ema_and_spikes_do_not_enter_them():
     assert new.var == pytest.approx(0.99)
     spike = evaluate(7.6, stats, CFG)
     assert spike.action is Action.SPIKE
-    assert update_stats(stats, spike, 7.6, CFG) == stats
+    after = update_stats(stats, spike, 7.6, CFG)
+    assert (after.mean, after.var, after.count) == (stats.mean, stats.var, stats.count)  # the threshold did not move
+    assert (after.streak_mean, after.streak_count) == (7.6, 1)
+
+
+SHIFT = PolicyConfig(zscore=2.5, alpha=0.97, warmup=4, rebase_after=5)
+
+
+def _run(norms, stats, cfg):
+    actions = []
+    for n in norms:
+        d = evaluate(n, stats, cfg)
+        actions.append(d.action)
+        stats = update_stats(stats, d, n, cfg)
+    return actions, stats
+
+
+def test_a_burst_shorter_than_rebase_after_leaves_the_threshold_where_it_was():
+    stats = NormStats(mean=1.0, var=0.01, count=4)
+    actions, after = _run([4.0, 4.2, 3.9, 4.1], stats, SHIFT)  # 4 spikes in a row, one fewer than rebase_after
+    assert actions == [Action.SPIKE] * 4
+    assert (after.mean, after.var, after.count) == (1.0, 0.01, 4)
+    assert after.streak_count == 4
+    assert after.streak_mean == pytest.approx(4.05)
+    # an accepted step ends the streak: the next burst starts from zero again
+    actions, after = _run([1.05, 4.0, 4.0, 4.0, 4.0], after, SHIFT)
+    assert actions == [Action.ACCEPT] + [Action.SPIKE] * 4
+    assert after.streak_count == 4
+
+
+def test_a_lasting_level_shift_becomes_the_baseline_after_rebase_after_outliers():
+    stats = NormStats(mean=1.0, var=0.01, count=4)  # relative spread 10 %
+    shifted = [4.0, 4.4, 3.6, 4.2, 3.8]
+    actions, after = _run(shifted, stats, SHIFT)
+    assert actions == [Action.SPIKE] * 4 + [Action.REBASE]
+    assert after.mean == pytest.approx(np.mean(shifted))
+    # the streak's own variance (0.08) is below the old relative spread carried to the new level (0.01 * 4**2)
+    assert np.var(shifted) < 0.01 * 16
+    assert after.var == pytest.approx(0.01 * 16)
+    assert after.streak_count == 0
+    assert after.count == 4
+    # the new level is now ordinary: the next norms are accepted
+    actions, _ = _run([4.1, 3.9, 4.3, 3.7], after, SHIFT)
+    assert actions == [Action.ACCEPT] * 4
+
+
+def test_non_finite_and_over_max_steps_neither_end_nor_extend_a_streak():
+    cfg = PolicyConfig(max_norm=100.0, zscore=2.5, alpha=0.97, warmup=4, rebase_after=3)
+    stats = NormStats(mean=1.0, var=0.01, count=4)
+    actions, after = _run([4.0, math.nan, 4.0, math.inf, 500.0, 4.0], stats, cfg)
+    assert actions == [Action.SPIKE, Action.NONFINITE, Action.SPIKE, Action.NONFINITE, Action.OVER_MAX, Action.REBASE]
+    assert after.mean == pytest.approx(4.0)
+    assert all(math.isfinite(v) for v in after.as_list())  # nothing non-finite entered
+
+
+def test_rebase_after_none_is_the_strict_rule():
+    cfg = PolicyConfig(zscore=2.5, alpha=0.97, warmup=4)
+    actions, after = _run([4.0] * 50, NormStats(mean=1.0, var=0.01, count=4), cfg)
+    assert actions == [Action.SPIKE] * 50
+    assert (after.mean, after.var) == (1.0, 0.01)
+
+
+def test_clipped_streak_rebases_too():
+    cfg = PolicyConfig(zscore=2.0, alpha=0.5, warmup=1, clip=True, rebase_after=3)
+    actions, after = _run([10.0, 10.0, 10.0], NormStats(mean=1.0, var=0.25, count=1), cfg)
+    assert actions == [Action.CLIP, Action.CLIP, Action.REBASE]
+    assert after.mean == pytest.approx(10.0)
+
+
+def test_norm_stats_from_list_reads_the_0_1_0_layout_and_rejects_others():
+    assert NormStats.from_list([1.5, 0.25, 25]) == NormStats(1.5, 0.25, 25)
+    stats = NormStats(1.0, 2.0, 3, 4.0, 5.0, 6)
+    assert NormStats.from_list(stats.as_list()) == stats
+    with pytest.raises(ValueError, match="3 or 6 values"):
+        NormStats.from_list([1.0, 2.0])
 
 
 def test_clip_enters_the_statistics_at_the_threshold():
@@ -84,10 +158,13 @@ finite_or_not = st.one_of(
     clip=st.booleans(),
     overflow=st.lists(st.booleans(), min_size=40, max_size=40),
 )
+@example(  # a level shift with a NaN inside the streak: spikes, a rebase, then the new level is ordinary
+    norms=[1.0, 1.2, 0.9, 5.0, 5.2, math.nan, 4.8, 5.1, 4.9, 5.3], clip=False, overflow=[False] * 40
+)
 def test_device_rule_matches_host_rule(norms, clip, overflow):
-    cfg = PolicyConfig(max_norm=150.0, zscore=2.0, alpha=0.8, warmup=3, clip=clip)
+    cfg = PolicyConfig(max_norm=150.0, zscore=2.0, alpha=0.8, warmup=3, clip=clip, rebase_after=3)
     host = NormStats()
-    dev = torch.zeros(3)
+    dev = torch.zeros(NormStats.SIZE)
     for i, n in enumerate(norms):
         amp = overflow[i] and not math.isfinite(n)
         d = evaluate(n, host, cfg, amp_overflow=amp)
@@ -97,6 +174,8 @@ def test_device_rule_matches_host_rule(norms, clip, overflow):
         host = update_stats(host, d, n, cfg)
         dev = update_stats_on_device(dev, code, t, thr, cfg)
         assert dev.tolist() == pytest.approx(host.as_list(), rel=1e-4, abs=1e-4)
+    if norms[:4] == [1.0, 1.2, 0.9, 5.0]:
+        assert host.mean > 4  # the example above rebased (a guard on the example itself)
 
 
 def test_foreach_norm_matches_a_float64_reference_for_mixed_dtypes():
