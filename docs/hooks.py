@@ -214,6 +214,7 @@ def benchmark_summary(r: Results) -> str:
         ("lr_sensitivity", "lr_sensitivity.json", _lr_summary, "kit <= 0.5 x plain"),
         ("codec_quality", "codec_quality.json", _codec_summary, "kit >= peer on SI-SNR and <= peer on mel distance"),
         ("overhead", "overhead.json", _overhead_summary, "time <= 1.03, peak memory <= 1.05"),
+        ("peers", "peers.json", _peers_summary, "guard best or tied on every failure case, no skips on the clean run"),
     ]
     rows = []
     for name, f, result, target in specs:
@@ -395,22 +396,106 @@ def reliability_by_kind(r: Results) -> str:
                            "actions"], rows)
 
 
+PEER_LABELS = {
+    "plain": "plain",
+    "clip": "clip 1.0",
+    "spike_detection": "SpikeDetection",
+    "zclip": "ZClip",
+    "zclip_skip": "ZClip skip",
+    "olmo_skip_step": "OLMo SkipStepAdamW",
+    "spam": "SPAM",
+    "stable_spam": "StableSPAM",
+    "adagc": "AdaGC",
+    "guard": "guard",
+    "guard_z": "guard z 2.5",
+    "guard_z_strict": "guard z 2.5, 0.1.0 rule",
+}
+
+
+def _peer_cell(run: dict | None, bold: bool = False) -> str:
+    if run is None:
+        return "-"
+    if run.get("stopped_at") is not None:
+        text = f"stopped at {run['stopped_at']}"
+    elif not run.get("finished_finite"):
+        step = run.get("failure_step")
+        step = step if step is not None else run.get("first_nonfinite_loss_step")
+        text = f"NaN at {step}" if step is not None else "non-finite"
+    else:
+        text = fmt(run.get("relative_to_clean"), "%")
+        text = f"**{text}**" if bold else text
+    if run.get("skipped_steps"):
+        text += f" ({run['skipped_steps']} skips)"
+    return text
+
+
 @table
 def peers(r: Results) -> str:
-    """GradientGuard against the peers' step-skipping and clipping methods (``benchmarks/peers.py``).
-
-    Until the benchmark ships its own table function, each case's scalar fields are shown as written.
-    """
+    """Final held-out loss of every case x method relative to the clean run, skipped steps in brackets
+    (``benchmarks/peers.py``); the best finished run of a case in bold."""
     cases = r.get("peers.json", "cases")
-    keys: list[str] = []
+    methods = list(cases[0]["runs"])
+    rows = []
     for case in cases:
-        keys += [k for k, v in case.items() if k not in keys and (v is None or isinstance(v, (int, float, bool))
-                                                                     or (isinstance(v, str) and len(v) <= 40))]
-    if not keys:
-        raise NotMeasured("`benchmarks/results/peers.json` has no cases with scalar fields")
-    rows = [[fmt(case.get(k, NOT_MEASURED), ".4g" if isinstance(case.get(k), float) else "") for k in keys]
-            for case in cases]
-    return markdown_table(keys, rows)
+        runs_ = case["runs"]
+        scores = {m: run["relative_to_clean"] for m, run in runs_.items()
+                  if run.get("finished_finite") and _finite(run.get("relative_to_clean"))}
+        best = min(scores.values()) if scores and case["kind"] != "healthy" else None
+        label = RESCUE_LABELS.get(case["name"], case["name"].replace("_", " "))
+        rows.append([f"{label} ({case['kind']})"]
+                    + [_peer_cell(runs_.get(m), best is not None and scores.get(m) == best) for m in methods])
+    return markdown_table(["case"] + [PEER_LABELS.get(m, m) for m in methods], rows)
+
+
+def _median(values: list[float]) -> float | None:
+    values = sorted(v for v in values if _finite(v))
+    if not values:
+        return None
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+@table
+def peers_methods(r: Results) -> str:
+    """Per method: failure cases rescued, false-positive skips and disturbed healthy runs, recovery after the
+    switches, lead time on the slow divergence, and cost (median over cases of the step-time ratio against plain and
+    of the host reads per step beyond plain)."""
+    cases = r.get("peers.json", "cases")
+    summary = r.get("peers.json", "summary")
+    methods = list(cases[0]["runs"])
+    div = next((c for c in cases if c["kind"] == "divergence"), None)
+    switches = [c for c in cases if c.get("switch_step") is not None]
+    rows = []
+    for m in methods:
+        recovery = ", ".join(f"{c['name'].removeprefix('healthy_')}: {fmt(c['runs'][m].get('recovery_steps'))}"
+                             for c in switches if m in c["runs"])
+        lead = div["runs"][m].get("lead_time") if div is not None and m in div["runs"] else None
+        ratio = _median([c["runs"][m].get("step_time_ratio") for c in cases if m in c["runs"]])
+        reads = _median([c["runs"][m].get("host_reads_per_step") for c in cases if m in c["runs"]])
+        rows.append([
+            PEER_LABELS.get(m, m),
+            summary["rescued_within_tolerance"].get(m, "-"),
+            summary["false_positive_skips"].get(m, "-"),
+            ", ".join(n.removeprefix("healthy_") for n in summary["healthy_runs_disturbed"].get(m, [])) or "none",
+            recovery or "-",
+            fmt(lead),
+            fmt(ratio, ".3f"),
+            fmt(reads, ".2g"),
+        ])
+    return markdown_table(["method", "failure cases within 10 % of clean", "skips on healthy runs",
+                           "healthy runs disturbed", "steps until normal after the switch",
+                           "lead time (steps)", "step time vs plain", "host reads per step vs plain"], rows)
+
+
+def _peers_summary(r: Results) -> str:
+    s = r.get("peers.json", "summary")
+    rescued = s["rescued_within_tolerance"]
+    best_peer = max((m for m in rescued if not m.startswith("guard") and m != "plain"),
+                    key=lambda m: int(rescued[m].split("/")[0]))
+    return (f"`GradientGuard(zscore=2.5)` best or tied on {s['guard_z_best_or_tied']} failure cases, within 10 % of "
+            f"clean on {rescued.get('guard_z')} (best peer: {PEER_LABELS.get(best_peer, best_peer)} "
+            f"{rescued[best_peer]}); skips on the healthy runs {s['false_positive_skips'].get('guard_z')}; "
+            f"{len(s['peer_wins'])} case(s) where a peer beats it")
 
 
 # ------------------------------------------------------------------------------------------------------- hooks

@@ -23,4 +23,5 @@ run rescue
 run lr_sensitivity
 run codec_quality
 run quality_cost
+run peers
 echo "== quick benchmarks finished in $(( $(date +%s) - start )) s"

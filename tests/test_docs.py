@@ -30,7 +30,7 @@ def test_every_table_renders_from_the_committed_results():
     results = hooks.Results()
     for name in hooks.TABLES:
         text = hooks.render_table(name, results)
-        if name == "peers" and not results.has("peers.json"):
+        if name.startswith("peers") and not results.has("peers.json"):
             assert hooks.NOT_MEASURED in text
             continue
         assert text.startswith("| "), f"table {name!r}: {text[:200]}"
