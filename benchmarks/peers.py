@@ -36,9 +36,10 @@ that must not be disturbed, and a slow divergence:
 - ``healthy_codec_gan``: the package's ``CodecModule`` with adversarial training (manual optimization, two
   optimizers; GAN gradients are noisy);
 - ``slow_divergence``: the MLP on a Gaussian negative log-likelihood (it predicts a log-variance) with a learning
-  rate that grows 2 % per step: the loss climbs for a few hundred steps, then ``exp`` overflows and the plain run's
-  loss is non-finite. Reference: the same model at a constant lr. Lead time = the plain run's first non-finite loss
-  step minus a method's first warning (skip, clip or detection).
+  rate that starts growing 3 % per step at step 200 (the onset): the loss climbs, then ``exp`` overflows and the plain
+  run's loss is non-finite. Reference: the same model at a constant lr. Lead time = the plain run's first non-finite
+  loss step minus a method's first warning (skip, clip or detection) at or after the onset; warnings before it are
+  counted as ``false_alarms_before_onset``.
 
 Per run: ``finished_finite``, ``failure_step``/``stopped_at``, ``final_eval_loss``, ``relative_to_clean`` (healthy
 cases: relative to their ``plain`` run), ``skipped_steps`` (optimizer updates not taken), ``interventions`` (steps the
@@ -55,7 +56,7 @@ JSON (``benchmarks/results/peers.json``; common layout in ``benchmarks/_common.p
 
     config: {"methods": {name: description}, "packages": {dist: version | "not installed: ..."}, ...}
     cases: [{"name", "kind": "failure" | "healthy" | "divergence", "description", "max_steps", "fault_step",
-             "switch_step", "clean_final_eval_loss", "runs": {method: {...per-run fields above...}}}]
+             "switch_step", "onset_step", "clean_final_eval_loss", "runs": {method: {...per-run fields above...}}}]
     summary: {"target", "target_met", "guard_best_or_tied": {case: bool}, "false_positive_skips": {method: n},
               "peer_wins": [...], ...}
 
@@ -484,8 +485,9 @@ def _warmup(end: int, start_factor: float) -> Callable[[int], float]:
     return lambda s: start_factor + (1.0 - start_factor) * min(s / end, 1.0)
 
 
-def _growth(rate: float) -> Callable[[int], float]:
-    return lambda s: rate**s
+def _growth(rate: float, start: int = 0) -> Callable[[int], float]:
+    """Constant until ``start``, then ``rate`` times larger every step."""
+    return lambda s: rate ** max(s - start, 0)
 
 
 class GanCodec:
@@ -538,6 +540,7 @@ class PeerCase:
     eval_batch: Any
     fault_step: int | None = None
     switch_step: int | None = None
+    onset_step: int | None = None  # divergence: the step from which the lr grows (earlier warnings are false alarms)
     trainer_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -601,17 +604,18 @@ def make_cases(quick: bool, seed: int) -> list[PeerCase]:
         )
     )
     div_steps = 300 if quick else 600
-    rate = 1.04 if quick else 1.02
+    rate, grow_from = (1.05, 100) if quick else (1.03, 200)
     cases.append(
         PeerCase(
             "slow_divergence",
             "divergence",
-            f"the MLP on a Gaussian NLL (predicted log-variance), Adam from 3e-3 with the lr growing x{rate} per step "
-            "(clean: constant lr)",
+            f"the MLP on a Gaussian NLL (predicted log-variance), Adam 3e-3, the lr growing x{rate} per step from step "
+            f"{grow_from} (clean: constant lr)",
             div_steps,
-            mlp(GaussianMLP, lr_at=_growth(rate)),
+            mlp(GaussianMLP, lr_at=_growth(rate, grow_from)),
             _none,
             eval_mlp,
+            onset_step=grow_from,
         )
     )
     return cases
@@ -720,9 +724,15 @@ def analyse(case: PeerCase, runs: dict[str, dict[str, Any]], clean: float, recov
             reference = plain["first_nonfinite_loss_step"]
             if reference is None:
                 reference = plain["failure_step"]
-            warn = r["first_warning"]
-            if r["interventions"] is None and r["stopped_at"] is not None:
-                warn = r["stopped_at"]  # SpikeDetection: the run stops at its detection
+            onset = case.onset_step or 0
+            steps = r["intervention_steps"]
+            if steps is None:  # no signal exposed; SpikeDetection: the run stops at its detection
+                warn = r["stopped_at"] if r["stopped_at"] is not None and r["stopped_at"] >= onset else None
+                r["false_alarms_before_onset"] = None
+            else:
+                warn = next((s for s in steps if s >= onset), None)
+                r["false_alarms_before_onset"] = sum(s < onset for s in steps)
+            r["first_warning_after_onset"] = warn
             r["lead_time"] = reference - warn if reference is not None and warn is not None else None
         if case.switch_step is not None:
             steps = r["intervention_steps"]
@@ -785,6 +795,7 @@ def main() -> int:
                     "max_steps": case.max_steps,
                     "fault_step": case.fault_step,
                     "switch_step": case.switch_step,
+                    "onset_step": case.onset_step,
                     "clean_final_eval_loss": clean,
                     "clean_reference": "rescue clean run" if clean_run is not None else "this case's plain run",
                     "runs": runs,

@@ -117,7 +117,7 @@ def _finite(x: Any) -> bool:
 # ------------------------------------------------------------------------------------------------------- tables
 
 BENCHMARKS = ("rescue.json", "lr_sensitivity.json", "codec_quality.json", "overhead.json", "overhead_codec.json",
-              "peers.json")
+              "peers.json", "lead_time.json")
 
 
 @table
@@ -485,6 +485,17 @@ def peers_methods(r: Results) -> str:
     return markdown_table(["method", "failure cases within 10 % of clean", "skips on healthy runs",
                            "healthy runs disturbed", "steps until normal after the switch",
                            "lead time (steps)", "step time vs plain", "host reads per step vs plain"], rows)
+
+
+@table
+def lead_time(r: Results) -> str:
+    """Replayed z-score warnings of each signal on the slow divergence (``benchmarks/lead_time.py``)."""
+    case = r.get("lead_time.json", "cases.0")
+    labels = case.get("signals", {})
+    rows = [[labels.get(x["signal"], x["signal"]), fmt(x["zscore"], "g"), fmt(x["first_warning_after_onset"]),
+             fmt(x["lead_time"]), fmt(x["false_alarms_before_onset"])] for x in case["replayed"]]
+    return markdown_table(["signal", "z-score", "first warning after the onset (step)", "lead time (steps)",
+                           "false alarms before the onset"], rows)
 
 
 def _peers_summary(r: Results) -> str:

@@ -61,19 +61,24 @@ class Action(IntEnum):
     CLIP = 2
     FORCED = 3
     SPIKE = 4
-    OVER_MAX = 5
-    AMP_OVERFLOW = 6
-    NONFINITE = 7
+    MOMENT_SPIKE = 5  # the first-moment norm spiked while the gradient-norm rule would have stepped
+    OVER_MAX = 6
+    AMP_OVERFLOW = 7
+    NONFINITE = 8
 
 
 #: actions after which the optimizer does not move (``CLIP`` and ``ACCEPT`` step).
-NOT_STEPPED = frozenset({Action.FORCED, Action.SPIKE, Action.OVER_MAX, Action.AMP_OVERFLOW, Action.NONFINITE})
+NOT_STEPPED = frozenset(
+    {Action.FORCED, Action.SPIKE, Action.MOMENT_SPIKE, Action.OVER_MAX, Action.AMP_OVERFLOW, Action.NONFINITE}
+)
 #: actions the guard itself is responsible for, counted in ``num_skipped``.
-GUARD_SKIPS = frozenset({Action.FORCED, Action.SPIKE, Action.OVER_MAX, Action.NONFINITE})
+GUARD_SKIPS = frozenset({Action.FORCED, Action.SPIKE, Action.MOMENT_SPIKE, Action.OVER_MAX, Action.NONFINITE})
 #: actions after which the optimizer steps.
 STEPPED = frozenset({Action.ACCEPT, Action.REBASE, Action.CLIP})
 #: actions that count towards ``max_consecutive_skips`` (forced skips after a rollback do not).
-TROUBLE = frozenset({Action.SPIKE, Action.OVER_MAX, Action.NONFINITE})
+TROUBLE = frozenset({Action.SPIKE, Action.MOMENT_SPIKE, Action.OVER_MAX, Action.NONFINITE})
+#: gradient-norm outcomes after which the first-moment norm is judged (finite, within ``max_norm``, not forced).
+MOMENT_JUDGED = frozenset({Action.ACCEPT, Action.REBASE, Action.CLIP, Action.SPIKE})
 
 REASONS = {
     Action.ACCEPT: "accepted",
@@ -81,6 +86,7 @@ REASONS = {
     Action.CLIP: "gradient-norm spike clipped to the z-score threshold",
     Action.FORCED: "skipping batches after a rollback",
     Action.SPIKE: "gradient-norm spike above the z-score threshold",
+    Action.MOMENT_SPIKE: "first-moment-norm spike above its z-score threshold",
     Action.OVER_MAX: "gradient norm above `max_norm`",
     Action.AMP_OVERFLOW: "fp16 GradScaler overflow (the scaler skips the step and lowers its scale)",
     Action.NONFINITE: "non-finite gradient norm",
@@ -167,6 +173,15 @@ def evaluate(
             return Decision(Action.REBASE, thr)
         return Decision(Action.CLIP if cfg.clip else Action.SPIKE, thr)
     return Decision(Action.ACCEPT, thr)
+
+
+def combine(decision: Decision, moment: Decision | None) -> Decision:
+    """The step's action when the first-moment norm is watched too (``moment``: its own decision, from its own
+    statistics, or ``None`` when it was not judged): a first-moment spike skips a step the gradient-norm rule would
+    take. Each signal's statistics follow its own decision (two independent detectors, the more severe one acts)."""
+    if moment is None or moment.action is not Action.SPIKE or decision.action not in STEPPED:
+        return decision
+    return Decision(Action.MOMENT_SPIKE, decision.threshold)
 
 
 def _welford(mean: float, var: float, count: int, value: float) -> tuple[float, float, int]:
@@ -270,6 +285,17 @@ def update_stats_on_device(stats: Tensor, code: Tensor, norm: Tensor, thr: Tenso
     for action, new in candidates.items():
         out = torch.where(code == int(action), new, out)
     return out
+
+
+def combine_on_device(code: Tensor, moment_code: Tensor) -> Tensor:
+    """:func:`combine` on action codes (``moment_code`` only matters where ``code`` is in ``MOMENT_JUDGED``)."""
+    stepped = code <= int(Action.CLIP)
+    return torch.where(stepped & (moment_code == int(Action.SPIKE)), int(Action.MOMENT_SPIKE), code)
+
+
+def judged_on_device(code: Tensor) -> Tensor:
+    """Where the first-moment norm is judged and enters its statistics (``MOMENT_JUDGED``)."""
+    return (code <= int(Action.SPIKE)) & (code != int(Action.FORCED))
 
 
 def _welford_t(mean: Tensor, var: Tensor, count: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:

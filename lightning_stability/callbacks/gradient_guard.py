@@ -22,9 +22,11 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_stability.callbacks._events import EventLog
+from lightning_stability.callbacks._guard_moments import first_moment_norm, has_first_moment
 from lightning_stability.callbacks._guard_norm import collect_grads, grad_norms, layer_norms
 from lightning_stability.callbacks._guard_policy import (
     GUARD_SKIPS,
+    MOMENT_JUDGED,
     NOT_STEPPED,
     REASONS,
     STEPPED,
@@ -33,8 +35,11 @@ from lightning_stability.callbacks._guard_policy import (
     Decision,
     NormStats,
     PolicyConfig,
+    combine,
+    combine_on_device,
     evaluate,
     evaluate_on_device,
+    judged_on_device,
     update_stats,
     update_stats_on_device,
 )
@@ -77,6 +82,10 @@ class _OptimizerState:
     last_skip_code_t: Tensor | None = None
     last_skip_norms_t: Tensor | None = None  # per-tensor norms of the last skipped step, for a deferred diagnosis
     last_thr_t: Tensor | None = None
+    # first-moment signal (track_first_moment / first_moment_zscore)
+    mstats: NormStats = field(default_factory=NormStats)
+    mstats_t: Tensor | None = None
+    moment_t: Tensor | None = None  # this step's first-moment norm (0-dim, device)
 
     def host_counters(self) -> list[int]:
         return [self.num_skipped, self.num_amp_overflows, self.num_clipped, self.consecutive, self.consecutive_amp,
@@ -204,6 +213,18 @@ class GradientGuard(Callback):
     the state of new parameters even on a skipped step (torch's fused SGD even leaves an uninitialised momentum
     buffer), which the guard then removes.
 
+    **First moment** (``track_first_moment``, ``first_moment_zscore``; Adam-family optimizers). Marin's 32B runs saw
+    Adam update-norm spikes (the first moment doubling, the second moment flat) before loss spikes. With
+    ``track_first_moment=True`` the guard computes, on the device and before the step, the norm of the first moment
+    this step would write, ``||beta1 * exp_avg + (1 - beta1) * grad||``, logs it as ``guard/first_moment_norm`` and
+    traces it in ``event_log`` (host mode: read in the same transfer as the gradient norm, no extra host read;
+    sync-free mode: read at the ``log_every_n_steps`` sync point). Cost: a foreach lerp into temporaries the size of
+    the gradients and a foreach norm per step. ``first_moment_zscore`` acts on it: a second, independent z-score
+    detector with its own statistics (same ``zscore_alpha``, ``zscore_warmup`` and ``zscore_rebase_after`` rule), and
+    a step it flags is skipped (``"moment_spike"``) even when the gradient-norm rule would take it. It is judged only
+    on steps whose gradient norm is finite, within ``max_norm`` and not forced. An optimizer without ``betas`` /
+    ``exp_avg`` (SGD) has no first moment: a warning says so once and the signal is off for it.
+
     **Logs** (every ``log_every_n_steps`` optimizer steps, default: the Trainer's): ``guard/grad_norm``,
     ``guard/skipped`` (cumulative), ``guard/consecutive_skips``, ``guard/rollbacks``, ``guard/amp_overflows`` and,
     with ``zscore``, ``guard/threshold`` and ``guard/rebases`` (cumulative).
@@ -215,6 +236,9 @@ class GradientGuard(Callback):
         zscore_warmup: accepted steps before spikes are detected (>= 1).
         zscore_rebase_after: consecutive finite spikes after which the statistics restart from them (>= 2; ``None``:
             never), see above.
+        track_first_moment: compute and log the first-moment norm, see above.
+        first_moment_zscore: also skip a step whose first-moment norm spikes this many standard deviations above its
+            own running statistics (``None``: off; implies ``track_first_moment``).
         spike_action: ``"skip"`` or ``"clip"`` (to the threshold).
         max_consecutive_skips: guard skips in a row that count as persistent trouble (``None``: never).
         max_consecutive_amp_overflows: fp16 overflows in a row that count as persistent trouble (``None``: never).
@@ -245,6 +269,8 @@ class GradientGuard(Callback):
         zscore_alpha: float = 0.97,
         zscore_warmup: int = 25,
         zscore_rebase_after: int | None = 8,
+        track_first_moment: bool = False,
+        first_moment_zscore: float | None = None,
         spike_action: Literal["skip", "clip"] = "skip",
         max_consecutive_skips: int | None = 10,
         max_consecutive_amp_overflows: int | None = 30,
@@ -268,6 +294,9 @@ class GradientGuard(Callback):
             raise ValueError(f"`zscore_alpha` must be in (0, 1), got {zscore_alpha!r}")
         _check_int("zscore_warmup", zscore_warmup, 1)
         _check_int("zscore_rebase_after", zscore_rebase_after, 2, allow_none=True)
+        if not isinstance(track_first_moment, bool):
+            raise TypeError(f"`track_first_moment` must be a bool, got {track_first_moment!r}")
+        _check_positive("first_moment_zscore", first_moment_zscore)
         if spike_action not in _SPIKE_ACTIONS:
             raise ValueError(f"`spike_action` must be one of {_SPIKE_ACTIONS}, got {spike_action!r}")
         if spike_action == "clip" and zscore is None:
@@ -303,6 +332,8 @@ class GradientGuard(Callback):
         self.zscore_alpha = float(zscore_alpha)
         self.zscore_warmup = zscore_warmup
         self.zscore_rebase_after = zscore_rebase_after
+        self.first_moment_zscore = None if first_moment_zscore is None else float(first_moment_zscore)
+        self.track_first_moment = track_first_moment or first_moment_zscore is not None
         self.spike_action = spike_action
         self.max_consecutive_skips = max_consecutive_skips
         self.max_consecutive_amp_overflows = max_consecutive_amp_overflows
@@ -320,6 +351,12 @@ class GradientGuard(Callback):
         self._cfg = PolicyConfig(
             self.max_norm, self.zscore, self.zscore_alpha, zscore_warmup, spike_action == "clip", zscore_rebase_after
         )
+        self._cfg_m = None  # the first-moment detector: its own z-score, the same EMA, warm-up and rebase rule
+        if self.first_moment_zscore is not None:
+            self._cfg_m = PolicyConfig(
+                None, self.first_moment_zscore, self.zscore_alpha, zscore_warmup, False, zscore_rebase_after
+            )
+        self._no_moment: set[int] = set()  # optimizers without a first moment (warned once)
 
         self.event_log = EventLog(source=self.state_key)
         self.num_rollbacks = 0
@@ -393,6 +430,9 @@ class GradientGuard(Callback):
             for key in ("count", "streak_count"):
                 stats[key] = int(stats[key])
             optimizers[idx] = {"stats": stats, "counters": dict(zip(_COUNTERS, self._read(st)))}
+            if self._cfg_m is not None:
+                values = st.mstats_t.tolist() if st.mstats_t is not None else st.mstats.as_list()
+                optimizers[idx]["first_moment_stats"] = dict(zip(_STATS_KEYS, values))
         return {
             "version": _STATE_VERSION,
             "optimizers": optimizers,
@@ -419,6 +459,8 @@ class GradientGuard(Callback):
             st.stats = NormStats.from_list([s.get(k, 0.0) for k in _STATS_KEYS])
             for name in _COUNTERS:
                 setattr(st, name, int(saved["counters"].get(name, 0)))
+            if "first_moment_stats" in saved:
+                st.mstats = NormStats.from_list([saved["first_moment_stats"][k] for k in _STATS_KEYS])
             self._opt_states[int(idx)] = st
         self.num_rollbacks = int(state_dict["num_rollbacks"])
         self._skip_remaining = int(state_dict["skip_remaining"])
@@ -524,6 +566,7 @@ class GradientGuard(Callback):
                     flag = loss_bad.to(torch.int32)
                     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
                     loss_bad = flag > 0
+        st.moment_t = self._moment_norm(optimizer, inv_scale) if self.track_first_moment else None
         forced = self._skip_remaining > 0
         device_mode = self.sync_free and fused and not self._has_fresh_params(optimizer)
         if self.sync_free and not fused and not self._warned_fallback:
@@ -545,7 +588,7 @@ class GradientGuard(Callback):
             handle.remove()
         self._hook_handles.clear()
         # keyed by id(optimizer): a later fit may create new optimizers at the same addresses
-        for per_optimizer in (self._hooked, self._initialized, self._fresh, self._pending_found_inf):
+        for per_optimizer in (self._hooked, self._initialized, self._fresh, self._pending_found_inf, self._no_moment):
             per_optimizer.clear()
         self._we_set_found_inf.clear()
         self._host_skipped.clear()
@@ -557,7 +600,8 @@ class GradientGuard(Callback):
 
     def _host_step(self, trainer, pl_module, optimizer, idx, st, params, grads, norms, amp_found, loss_bad, forced):
         device = norms.total.device
-        if amp_found is None and loss_bad is None:
+        moment = None
+        if amp_found is None and loss_bad is None and st.moment_t is None:
             norm, amp, lossbad = norms.total.item(), False, False  # the one host read of this step
         else:
             false = torch.zeros((), dtype=torch.bool, device=device)
@@ -566,12 +610,21 @@ class GradientGuard(Callback):
                     norms.total,
                     (amp_found if amp_found is not None else false).to(torch.float32),
                     (loss_bad if loss_bad is not None else false).to(torch.float32),
+                    st.moment_t.to(device) if st.moment_t is not None else false.to(torch.float32),
                 ]
             ).tolist()  # the one host read of this step
             norm, amp, lossbad = packed[0], bool(packed[1]), bool(packed[2])
+            moment = packed[3] if st.moment_t is not None else None
         decision = evaluate(
             norm, st.stats, self._cfg, amp_overflow=amp and amp_found is not None, nonfinite_loss=lossbad, forced=forced
         )
+        g_decision = decision
+        moment_thr = None
+        if moment is not None and self._cfg_m is not None and decision.action in MOMENT_JUDGED:
+            m_decision = evaluate(moment, st.mstats, self._cfg_m)
+            st.mstats = update_stats(st.mstats, m_decision, moment, self._cfg_m)
+            moment_thr = m_decision.threshold
+            decision = combine(decision, m_decision)
         if self.agree_across_ranks and trainer.world_size > 1 and torch.distributed.is_initialized():
             code = torch.tensor(int(decision.action), device=device)
             torch.distributed.all_reduce(code, op=torch.distributed.ReduceOp.MAX)
@@ -590,7 +643,8 @@ class GradientGuard(Callback):
                 self._buffers.restore()
         self._host_skipped[id(optimizer)] = skipped
 
-        st.stats = update_stats(st.stats, decision, norm, self._cfg)
+        # the gradient-norm statistics follow the gradient-norm rule's own decision (see `combine`)
+        st.stats = update_stats(st.stats, g_decision if action is Action.MOMENT_SPIKE else decision, norm, self._cfg)
         if action in GUARD_SKIPS:
             st.num_skipped += 1
             st.last_skip_step = step
@@ -610,8 +664,14 @@ class GradientGuard(Callback):
             st.consecutive_amp += action is Action.AMP_OVERFLOW
 
         self.event_log.trace("grad_norm", step, norm)
+        if moment is not None:
+            self.event_log.trace("first_moment_norm", step, moment)
         if action is not Action.ACCEPT:
             data = self._diagnose(params, norms.per_tensor.tolist(), action, norm, decision.threshold)
+            if moment is not None:
+                data["first_moment_norm"] = moment
+                if moment_thr is not None:
+                    data["first_moment_threshold"] = moment_thr
             kinds = {Action.AMP_OVERFLOW: "amp_overflow", Action.CLIP: "clip", Action.REBASE: "rebase"}
             kind = kinds.get(action, "skip")
             self.event_log.add(step, kind, decision.reason, **data)
@@ -631,7 +691,7 @@ class GradientGuard(Callback):
         self._after_decision(trainer, pl_module, st, accepted=accepted, corrupted=corrupted)
         if (step + 1) % self._log_every == 0:
             thr = decision.threshold if decision.threshold is not None else None
-            self._log(pl_module, norm, thr)
+            self._log(pl_module, norm, thr, moment)
 
     # ------------------------------------------------------------------------------------------------------------------
     # device-decided step (sync_free=True with a fused optimizer)
@@ -642,6 +702,14 @@ class GradientGuard(Callback):
         code, thr = evaluate_on_device(
             norms.total, st.stats_t, self._cfg, amp_overflow=amp_found, nonfinite_loss=loss_bad, forced=forced
         )
+        if st.moment_t is not None and self._cfg_m is not None:
+            moment = st.moment_t.to(device)
+            m_code, m_thr = evaluate_on_device(moment, st.mstats_t, self._cfg_m)
+            m_new = update_stats_on_device(st.mstats_t, m_code, moment, m_thr, self._cfg_m)
+            st.mstats_t = torch.where(judged_on_device(code), m_new, st.mstats_t)
+            g_code, code = code, combine_on_device(code, m_code)
+        else:
+            g_code = code
         if self.agree_across_ranks and trainer.world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.all_reduce(code, op=torch.distributed.ReduceOp.MAX)
         if self._cfg.clip:
@@ -651,7 +719,8 @@ class GradientGuard(Callback):
         self._set_found_inf(optimizer, not_stepped.to(torch.float32))
         if self._buffers is not None and self._buffers_armed:
             self._buffers.restore_where(not_stepped)
-        st.stats_t = update_stats_on_device(st.stats_t, code, norms.total, thr, self._cfg)
+        stats_code = torch.where(code == int(Action.MOMENT_SPIKE), g_code, code)  # see `combine`
+        st.stats_t = update_stats_on_device(st.stats_t, stats_code, norms.total, thr, self._cfg)
         guard_skip = not_stepped & (code != int(Action.AMP_OVERFLOW))
         amp = code == int(Action.AMP_OVERFLOW)
         trouble = guard_skip & (code != int(Action.FORCED)) & (not forced)  # see _host_step
@@ -683,6 +752,7 @@ class GradientGuard(Callback):
             st.stats_t = _filled(st.stats.as_list(), torch.float32, device)
             st.counters_t = _filled(st.host_counters(), torch.int64, device)
             st.last_skip_code_t = torch.zeros((), dtype=torch.int32, device=device)
+            st.mstats_t = _filled(st.mstats.as_list(), torch.float32, device)
             self._last_read[id(st)] = st.host_counters()
 
     def _sync_point(self, trainer, pl_module, optimizer, idx, st, params, norms) -> None:
@@ -694,8 +764,10 @@ class GradientGuard(Callback):
                 torch.stack([norms.total, st.last_thr_t]).to(torch.float64),
                 st.last_code_t.reshape(1).to(torch.float64),
                 st.last_skip_code_t.reshape(1).to(torch.float64),
+                (st.moment_t if st.moment_t is not None else st.last_thr_t).reshape(1).to(torch.float64),
             ]
         ).tolist()
+        moment = values[-1] if st.moment_t is not None else None
         nc, ns = len(_COUNTERS), NormStats.SIZE
         counters = [int(v) for v in values[:nc]]
         norm, thr = values[nc + ns], values[nc + ns + 1]
@@ -707,6 +779,8 @@ class GradientGuard(Callback):
         new_rebases = counters[6] - before[6]
         step = trainer.global_step
         self.event_log.trace("grad_norm", step, norm)
+        if moment is not None:
+            self.event_log.trace("first_moment_norm", step, moment)
         if new_rebases > 0:
             self.event_log.add(step, "rebase", f"{new_rebases} level shift(s) since the last read", norm=norm)
         if new_skips > 0 or new_amp > 0:
@@ -731,7 +805,7 @@ class GradientGuard(Callback):
             self._good_since_snapshot += max(self._log_every - new_skips - new_amp, 0)
             if self._good_since_snapshot >= self.snapshot_every:
                 self._snapshot_due = True
-        self._log(pl_module, norm, thr if math.isfinite(thr) else None)
+        self._log(pl_module, norm, thr if math.isfinite(thr) else None, moment)
 
     # ------------------------------------------------------------------------------------------------------------------
     # shared pieces
@@ -795,9 +869,11 @@ class GradientGuard(Callback):
         extra = snap.restore(pl_module, trainer.optimizers)
         for idx, saved in extra.items():
             st = self._opt_states.setdefault(idx, _OptimizerState())
-            st.stats = NormStats.from_list(saved)
+            st.stats = NormStats.from_list(saved[: NormStats.SIZE])
+            st.mstats = NormStats.from_list(saved[NormStats.SIZE :])
             if st.stats_t is not None:
                 st.stats_t = _filled(st.stats.as_list(), torch.float32, st.stats_t.device)
+                st.mstats_t = _filled(st.mstats.as_list(), torch.float32, st.stats_t.device)
         for st in self._opt_states.values():
             st.consecutive = 0
             st.consecutive_amp = 0
@@ -844,6 +920,7 @@ class GradientGuard(Callback):
         extra = {}
         for idx, st in self._opt_states.items():
             extra[idx] = st.stats_t.tolist() if st.stats_t is not None else st.stats.as_list()
+            extra[idx] += st.mstats_t.tolist() if st.mstats_t is not None else st.mstats.as_list()
         device = "cpu" if self.snapshot_device == "cpu" else None
         self._snapshot = TrainingSnapshot(trainer.global_step, pl_module, trainer.optimizers, device, extra)
         self._snapshot_due = False
@@ -869,6 +946,18 @@ class GradientGuard(Callback):
         if trainer.world_size > 1:
             finite = bool(trainer.strategy.reduce_boolean_decision(finite, all=True))
         return finite
+
+    def _moment_norm(self, optimizer: torch.optim.Optimizer, inv_scale: Tensor | None) -> Tensor | None:
+        if id(optimizer) in self._no_moment:
+            return None
+        if not has_first_moment(optimizer):
+            self._no_moment.add(id(optimizer))
+            rank_zero_warn(
+                f"`GradientGuard(track_first_moment=True)`: `{type(optimizer).__name__}` keeps no Adam first moment"
+                " (`betas` / `exp_avg`): the first-moment signal is off for it."
+            )
+            return None
+        return first_moment_norm(optimizer, inv_scale=inv_scale, process_group=self._process_group)
 
     def _skip_optimizer(self, optimizer: torch.optim.Optimizer, params: list[Tensor], fused: bool) -> None:
         if fused:  # the kernel skips on the device; p.grad = None would break GradScaler.update() (no inf checks)
@@ -999,7 +1088,7 @@ class GradientGuard(Callback):
         self._last_warn_step = step
         rank_zero_warn(message)
 
-    def _log(self, pl_module: pl.LightningModule, norm: float, thr: float | None) -> None:
+    def _log(self, pl_module: pl.LightningModule, norm: float, thr: float | None, moment: float | None = None) -> None:
         totals = [self._read(s) for s in self._opt_states.values()]
         metrics = {
             "guard/grad_norm": norm,
@@ -1010,6 +1099,8 @@ class GradientGuard(Callback):
         }
         if self.zscore is not None and self.zscore_rebase_after is not None:
             metrics["guard/rebases"] = float(sum(c[6] for c in totals))
+        if moment is not None:
+            metrics["guard/first_moment_norm"] = moment
         if self.zscore is not None and thr is not None:
             metrics["guard/threshold"] = thr
         log_scalars(pl_module.trainer, metrics)
