@@ -817,6 +817,7 @@ def main() -> int:
         "eval_tail_steps": tail,
         "eval_every": eval_every,
         "recovery_window": recovery_window,
+        "cases_not_run": [n for n in known if n not in wanted],
         "methods": {m.name: m.description for m in METHODS},
         "methods_run": [m.name for m in methods],
         "methods_unavailable": unavailable,

@@ -271,11 +271,13 @@ def rescue_cases(r: Results) -> str:
 
 @table
 def lr_sensitivity(r: Results) -> str:
-    """Final loss per learning rate, plain vs kit, and the Wortsman sensitivity."""
+    """Final loss per learning rate for every variant (plain, kit, the spike-guard peers), the largest stable lr
+    and the Wortsman sensitivity."""
     f = "lr_sensitivity.json"
     cases = {c["variant"]: c for c in r.get(f, "cases")}
     grid = r.get(f, "config.lr_grid")
-    header = ["variant", *(f"lr {lr:g}" for lr in grid), "min final loss (best lr)", "LR sensitivity"]
+    header = ["variant", *(f"lr {lr:g}" for lr in grid), "min final loss (best lr)", "largest stable lr (its loss)",
+              "LR sensitivity"]
     rows = []
     for variant, case in cases.items():
         by_lr = {run["lr"]: run for run in case["runs"]}
@@ -288,8 +290,10 @@ def lr_sensitivity(r: Results) -> str:
                 cells.append(f"NaN at step {run.get('failure_step')}")
             else:
                 cells.append(f"{run['final_loss']:.3f}")
+        top = case.get("largest_stable_lr")
+        stable = "-" if top is None else f"{top:g} ({case['loss_at_largest_stable_lr']:.3f})"
         rows.append([f"{variant}: {case.get('description', '')}", *cells,
-                     f"{case['min_final_loss']:.3f} ({case['best_lr']:g})", f"**{case['sensitivity']:.2f}**"])
+                     f"{case['min_final_loss']:.3f} ({case['best_lr']:g})", stable, f"**{case['sensitivity']:.2f}**"])
     return markdown_table(header, rows)
 
 
