@@ -10,7 +10,8 @@ rate grows every step until the loss overflows):
    ``update_stats``, the defaults ``alpha=0.97``, ``warmup=25``, ``rebase_after=8``) is replayed on each trace for
    several thresholds: the first step it flags at or after the onset (the step the lr starts growing) is that
    signal's warning, earlier flags are false alarms; lead time = the plain run's first non-finite loss step minus the
-   warning step.
+   warning step (``peers.divergence_step``: the plain run's first non-finite loss, or its first held-out loss above
+   10x the value at the onset).
 2. Live runs that act on each signal: ``GradientGuard(zscore=2.5)`` (gradient norm),
    ``GradientGuard(first_moment_zscore=2.5)`` (first moment), and both; their first skip, skips and outcome.
 
@@ -91,7 +92,7 @@ def main() -> int:
         runs.update({m.name: peers.run_one(case, m, tail=tail, eval_every=eval_every) for m in live})
     clean = peers.run_one(case, peers.METHODS[0], tail=tail, eval_every=eval_every, way="clean")["final_eval_loss"]
     peers.analyse(case, runs, clean, recovery_window=0)
-    reference = plain["first_nonfinite_loss_step"]
+    reference, reference_kind = peers.divergence_step(plain, case.onset_step)
     traces = holder["guard"].event_log.traces
     replayed = []
     for signal in SIGNALS:
@@ -114,7 +115,9 @@ def main() -> int:
         "description": case.description,
         "max_steps": case.max_steps,
         "onset_step": case.onset_step,
-        "plain_first_nonfinite_loss_step": reference,
+        "plain_first_nonfinite_loss_step": plain["first_nonfinite_loss_step"],
+        "reference_step": reference,
+        "reference": reference_kind,
         "clean_final_eval_loss": clean,
         "replayed": replayed,
         "signals": SIGNALS,
@@ -126,8 +129,8 @@ def main() -> int:
     out = _common.write_result(
         "lead_time", args, config=config, cases=cases, summary=summary, started=started, machine=machine
     )
-    print(f"lead_time: plain non-finite at step {reference}; warning lead (z 2.5): gradient norm {g}, first moment {m}"
-          f" -> {out}")  # fmt: skip
+    print(f"lead_time: plain failed at step {reference} ({reference_kind}); warning lead (z 2.5): gradient norm {g},"
+          f" first moment {m} -> {out}")  # fmt: skip
     return 0
 
 

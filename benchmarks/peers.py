@@ -36,10 +36,11 @@ that must not be disturbed, and a slow divergence:
 - ``healthy_codec_gan``: the package's ``CodecModule`` with adversarial training (manual optimization, two
   optimizers; GAN gradients are noisy);
 - ``slow_divergence``: the MLP on a Gaussian negative log-likelihood (it predicts a log-variance) with a learning
-  rate that starts growing 3 % per step at step 200 (the onset): the loss climbs, then ``exp`` overflows and the plain
-  run's loss is non-finite. Reference: the same model at a constant lr. Lead time = the plain run's first non-finite
-  loss step minus a method's first warning (skip, clip or detection) at or after the onset; warnings before it are
-  counted as ``false_alarms_before_onset``.
+  rate that starts growing 5 % per step at step 200 (the onset): the loss climbs, then ``exp`` overflows and the plain
+  run's loss is huge or non-finite. Reference: the same model at a constant lr. Lead time = the plain run's failure
+  step (its first non-finite training loss or, if it stays finite, the first evaluation whose held-out loss is above
+  10x its value at the onset: ``lead_reference``) minus a method's first warning (skip, clip or detection) at or
+  after the onset; warnings before it are counted as ``false_alarms_before_onset``.
 
 Per run: ``finished_finite``, ``failure_step``/``stopped_at``, ``final_eval_loss``, ``relative_to_clean`` (healthy
 cases: relative to their ``plain`` run), ``skipped_steps`` (optimizer updates not taken), ``interventions`` (steps the
@@ -604,7 +605,7 @@ def make_cases(quick: bool, seed: int) -> list[PeerCase]:
         )
     )
     div_steps = 300 if quick else 600
-    rate, grow_from = (1.05, 100) if quick else (1.03, 200)
+    rate, grow_from = (1.05, 100) if quick else (1.05, 200)
     cases.append(
         PeerCase(
             "slow_divergence",
@@ -696,7 +697,7 @@ def run_one(case: PeerCase, method: Method, *, tail: int, eval_every: int, way: 
         "relative_to_clean": None,
         "skipped_steps": skipped,
         "interventions": len(obs.interventions) if obs.exposes_interventions else None,
-        "intervention_steps": obs.interventions[:50] if obs.exposes_interventions else None,
+        "intervention_steps": list(obs.interventions) if obs.exposes_interventions else None,
         "first_warning": (obs.interventions[0] if obs.interventions else None) if obs.exposes_interventions else None,
         "first_nonfinite_loss_step": first_nonfinite,
         "median_step_ms": 1e3 * _common.median(timer.times[5:] or timer.times),
@@ -706,6 +707,25 @@ def run_one(case: PeerCase, method: Method, *, tail: int, eval_every: int, way: 
         "wall_s": round(wall, 2),
         "eval_curve": [[s, v] for s, v in probe.eval_curve],
     }
+
+
+def divergence_step(plain: dict[str, Any], onset: int | None) -> tuple[int | None, str]:
+    """The plain run's failure step that lead times count to: its first non-finite training loss or, when it never
+    went non-finite (a divergence can also end in a huge finite loss), the first held-out evaluation after the onset
+    whose loss is non-finite or above 10x the last evaluation before the onset (evaluations every ``eval_every``
+    steps)."""
+    if plain["first_nonfinite_loss_step"] is not None:
+        return plain["first_nonfinite_loss_step"], "first non-finite training loss of the plain run"
+    if plain["failure_step"] is not None:
+        return plain["failure_step"], "failure step of the plain run"
+    onset = onset or 0
+    curve = plain.get("eval_curve") or []
+    before = [v for s, v in curve if s <= onset and _common.finite(v)]
+    if not before:
+        return None, "no evaluation before the onset"
+    base = before[-1]
+    step = next((s for s, v in curve if s > onset and (not _common.finite(v) or v > 10 * base)), None)
+    return step, "first held-out loss of the plain run above 10x its value at the onset"
 
 
 def analyse(case: PeerCase, runs: dict[str, dict[str, Any]], clean: float, recovery_window: int) -> None:
@@ -721,9 +741,8 @@ def analyse(case: PeerCase, runs: dict[str, dict[str, Any]], clean: float, recov
                 r["step_time_ratio"] = r["median_step_ms"] / plain["median_step_ms"]
             r["host_reads_per_step"] = r["host_reads_total_per_step"] - base_reads
         if case.kind == "divergence" and plain is not None:
-            reference = plain["first_nonfinite_loss_step"]
-            if reference is None:
-                reference = plain["failure_step"]
+            reference, r["lead_reference"] = divergence_step(plain, case.onset_step)
+            r["lead_reference_step"] = reference
             onset = case.onset_step or 0
             steps = r["intervention_steps"]
             if steps is None:  # no signal exposed; SpikeDetection: the run stops at its detection
