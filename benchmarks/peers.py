@@ -72,11 +72,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import json
 import math
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import _common
@@ -769,7 +771,16 @@ def main() -> int:
     p.add_argument("--cases", default=None, help="comma-separated case names (default: all; --quick: a subset)")
     p.add_argument("--methods", default=None, help="comma-separated method names (default: all)")
     p.add_argument("--tolerance", type=float, default=0.10, help="finished within this of clean counts as rescued")
+    p.add_argument(
+        "--reanalyse",
+        type=Path,
+        default=None,
+        help="recompute the derived fields (relative losses, ratios, lead times, recovery, summary) of a results JSON "
+        "from its recorded runs, in place; trains nothing",
+    )
     args = p.parse_args()
+    if args.reanalyse is not None:
+        return reanalyse(args.reanalyse, args.tolerance)
     _common.setup_run(args)
     started = time.perf_counter()
     machine = _common.machine_info()
@@ -851,6 +862,29 @@ def main() -> int:
         f"healthy runs {summary['false_positive_skips'].get('guard_z')} (guard_z) -> {out}"
     )
     return 0
+
+
+def reanalyse(path: Path, tolerance: float) -> int:
+    """``--reanalyse``: :func:`analyse` and :func:`summarise` again over the runs recorded in ``path`` (after a change
+    to the analysis only; the runs, their command and their machine stay as measured)."""
+    doc = json.loads(path.read_text())
+    recovery_window = doc["config"]["recovery_window"]
+    for c in doc["cases"]:
+        case = PeerCase(c["name"], c["kind"], c["description"], c["max_steps"], _no_build, _none, None,
+                        fault_step=c.get("fault_step"), switch_step=c.get("switch_step"),
+                        onset_step=c.get("onset_step"))  # fmt: skip
+        clean = c["clean_final_eval_loss"]
+        analyse(case, c["runs"], clean if _common.finite(clean) else math.nan, recovery_window)
+    doc["summary"] = summarise(doc["cases"], doc["config"]["methods_run"], tolerance)
+    doc["reanalysed"] = {"command": _common.command_line(),
+                         "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
+    path.write_text(json.dumps(_common.json_safe(doc), indent=2, allow_nan=False) + "\n")
+    print(f"peers: reanalysed {path}")
+    return 0
+
+
+def _no_build(way: str) -> pl.LightningModule:
+    raise RuntimeError("a reanalysed case trains nothing")
 
 
 def _score(r: dict[str, Any]) -> float:
