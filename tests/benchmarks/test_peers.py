@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import math
 
 import pytest
@@ -96,3 +97,33 @@ def test_summary_counts_false_positives_and_names_peer_wins():
     assert s["rescued_within_tolerance"] == {"plain": "0/2", "clip": "1/2", "guard_z": "1/2"}
     assert s["target_met"] is False
     assert math.isinf(peers._score(_run(finished_finite=False)))
+
+
+def test_divergence_step_falls_back_to_the_held_out_loss_when_plain_stays_finite():
+    plain = _run(eval_curve=[[190, 0.01], [200, 0.02], [210, 0.05], [220, 0.3], [230, "nan"]])
+    assert peers.divergence_step(plain, 200) == (220, "first held-out loss of the plain run above 10x its value at "
+                                                      "the onset")  # fmt: skip
+    assert peers.divergence_step(_run(first_nonfinite_loss_step=215, eval_curve=[]), 200)[0] == 215
+
+
+def test_reanalyse_recomputes_the_derived_fields_in_place(tmp_path):
+    doc = {
+        "command": "python benchmarks/peers.py --cases slow_divergence",
+        "config": {"recovery_window": 100, "methods_run": ["plain", "guard_z"]},
+        "cases": [{
+            "name": "slow_divergence", "kind": "divergence", "description": "", "max_steps": 300, "fault_step": None,
+            "switch_step": None, "onset_step": 100, "clean_final_eval_loss": 0.01,
+            "runs": {
+                "plain": _run(interventions=None, intervention_steps=None, eval_curve=[[100, 0.01], [150, 0.5]]),
+                "guard_z": _run(intervention_steps=[40, 120, 130], first_warning=40),
+            },
+        }],
+    }  # fmt: skip
+    path = tmp_path / "peers.json"
+    path.write_text(json.dumps(doc))
+    assert peers.reanalyse(path, 0.1) == 0
+    out = json.loads(path.read_text())
+    guard = out["cases"][0]["runs"]["guard_z"]
+    assert (guard["first_warning_after_onset"], guard["false_alarms_before_onset"], guard["lead_time"]) == (120, 1, 30)
+    assert out["command"] == doc["command"]  # the measurement's own command stays; the reanalysis is noted apart
+    assert "reanalysed" in out
