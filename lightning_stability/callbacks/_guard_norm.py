@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from lightning_stability.callbacks._sharding import ShardLayout, local_tensor
 
 
 @dataclass
@@ -28,21 +31,38 @@ def collect_grads(optimizer: torch.optim.Optimizer) -> tuple[list[Tensor], list[
                 continue
             if g.is_sparse:
                 g = g.coalesce()._values()
-            elif hasattr(g, "to_local"):  # DTensor (FSDP2 / tensor parallel): this rank's shard
-                g = g.to_local()
+            else:  # DTensor (FSDP2 / tensor parallel): this rank's shard, possibly empty
+                g = local_tensor(g)
             params.append(p)
             grads.append(g)
     return params, grads
 
 
-def grad_norms(grads: list[Tensor], *, inv_scale: Tensor | None = None, process_group=None) -> GradNorms:
+def grad_norms(
+    grads: list[Tensor],
+    *,
+    inv_scale: Tensor | None = None,
+    shards: ShardLayout | None = None,
+    shard_index: Tensor | None = None,
+) -> GradNorms:
     """Per-tensor and total L2 norms with one ``torch._foreach_norm`` per (device, dtype) group.
 
     Norms are computed with ``dtype=torch.float32`` so fp16/bf16 gradients cannot overflow the sum of squares.
     ``inv_scale`` multiplies the result (fp16 AMP with a fused optimizer: gradients are still scaled in the hook).
-    ``process_group`` (sharded strategies): the squared total is all-reduced (SUM) so every rank sees the norm of the
-    whole model; per-tensor norms stay local.
+
+    ``shards`` (sharded strategies, see :mod:`lightning_stability.callbacks._sharding`): ``grads`` are this rank's local
+    shards (possibly empty), at positions ``shard_index`` of the layout. The local squared norms are all-reduced as one
+    vector, so ``per_tensor`` holds the norms of the *whole* gradients and ``total`` the norm of the whole model, the
+    same on every rank; a NaN or inf in any rank's shard makes that tensor's norm (and the total) non-finite on every
+    rank. No host synchronisation.
     """
+    if not grads:  # a rank that holds no part of any gradient still takes part in the reduction
+        device = shards.device if shards is not None else torch.device("cpu")
+        per_tensor = torch.zeros(0, dtype=torch.float32, device=device)
+        if shards is None:
+            return GradNorms(per_tensor, per_tensor.sum())
+        whole = shards.reduce(per_tensor, shard_index)
+        return GradNorms(per_tensor, whole.sum().sqrt())
     device = grads[0].device
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
     for i, g in enumerate(grads):
@@ -58,13 +78,31 @@ def grad_norms(grads: list[Tensor], *, inv_scale: Tensor | None = None, process_
         per_tensor = torch.stack(ordered)  # type: ignore[arg-type]
     if inv_scale is not None:
         per_tensor = per_tensor * inv_scale.to(device=device, dtype=torch.float32)
-    if process_group is not None:
-        total_sq = per_tensor.square().sum()
-        torch.distributed.all_reduce(total_sq, group=process_group)
-        total = total_sq.sqrt()
+    if shards is not None:
+        whole = shards.reduce(per_tensor.square(), shard_index)  # squared norms of the whole tensors
+        per_tensor = (whole if shard_index is None else whole[shard_index]).sqrt().to(device)
+        total = whole.sum().sqrt().to(device)
     else:
         total = torch.linalg.vector_norm(per_tensor)
     return GradNorms(per_tensor, total)
+
+
+@torch.no_grad()
+def all_finite(tensors: list[Tensor]) -> Tensor:
+    """A 0-dim bool tensor: every element of every tensor (local shards of DTensors, empty ones skipped) is finite.
+
+    One max-abs reduction (``_foreach_norm(inf)``: it cannot overflow the way a sum of squares can, NaN propagates)
+    per (device, dtype) group. Ranks are not combined here (callers reduce the flag across ranks).
+    """
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
+    for t in tensors:
+        t = local_tensor(t)
+        if t.numel():  # the inf-norm of an empty shard is undefined (FSDP2: a layer smaller than the world)
+            groups[(t.device, t.dtype)].append(t)
+    if not groups:
+        return torch.ones((), dtype=torch.bool)
+    flags = [torch.stack(torch._foreach_norm(ts, math.inf)).isfinite().all() for ts in groups.values()]
+    return torch.stack([f.cpu() for f in flags]).all() if len(flags) > 1 else flags[0]
 
 
 def layer_norms(names: list[str], per_tensor: list[float], top_k: int) -> list[tuple[str, float]]:

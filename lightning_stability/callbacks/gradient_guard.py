@@ -16,14 +16,13 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_stability.callbacks._events import EventLog
 from lightning_stability.callbacks._guard_moments import first_moment_norm, has_first_moment
-from lightning_stability.callbacks._guard_norm import collect_grads, grad_norms, layer_norms
+from lightning_stability.callbacks._guard_norm import all_finite, collect_grads, grad_norms, layer_norms
 from lightning_stability.callbacks._guard_policy import (
     GUARD_SKIPS,
     MOMENT_JUDGED,
@@ -50,6 +49,7 @@ from lightning_stability.callbacks._guard_state import (
     select_buffers,
 )
 from lightning_stability.callbacks._logging import log_scalars
+from lightning_stability.callbacks._sharding import ShardReducer
 from lightning_stability.callbacks._state_key import cached_state_key
 
 _ON_PERSISTENT = ("rollback", "stop", "raise")
@@ -384,7 +384,7 @@ class GradientGuard(Callback):
         self._log_every = 50
         self._last_read: dict[int, list[int]] = {}
         self._active_scaler: torch.amp.GradScaler | None = None
-        self._process_group: Any = None
+        self._shards: ShardReducer | None = None
 
     # ------------------------------------------------------------------------------------------------------------------
     # identity and state
@@ -486,7 +486,7 @@ class GradientGuard(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the precision plugin and the strategy are fixed from here on: look them up once, not every step
         self._active_scaler = self._scaler(trainer)
-        self._process_group = self._shard_group(trainer)
+        self._shards = ShardReducer.for_trainer(trainer)  # None unless parameters are sharded (FSDP, DTensor)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -541,7 +541,7 @@ class GradientGuard(Callback):
         params, grads = collect_grads(optimizer)
         loss_bad, self._loss_bad = self._loss_bad, None
         self._stepped_this_batch = True
-        if not grads:
+        if not grads and self._shards is None:  # sharded: a rank without local gradients still joins the reduction
             return
         fused = _is_fused(optimizer)
         if fused:
@@ -551,7 +551,11 @@ class GradientGuard(Callback):
         inv_scale = None
         if scaler is not None and amp_state is not None and amp_state.get("stage_ready", False):
             inv_scale = scaler._get_scale_async().double().reciprocal().float()  # grads still scaled (fused optimizer)
-        norms = grad_norms(grads, inv_scale=inv_scale, process_group=self._process_group)
+        shards, shard_index = None, None
+        if self._shards is not None:
+            everything = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+            shards, shard_index = self._shards.layout(optimizer, everything, params)
+        norms = grad_norms(grads, inv_scale=inv_scale, shards=shards, shard_index=shard_index)
         self.last_grad_norm = norms.total
         amp_found = None
         if scaler is not None:
@@ -594,6 +598,7 @@ class GradientGuard(Callback):
         self._host_skipped.clear()
         self._snapshot = None
         self._buffers = None
+        self._shards = None
 
     # ------------------------------------------------------------------------------------------------------------------
     # host-decided step (default)
@@ -935,14 +940,8 @@ class GradientGuard(Callback):
         for opt in trainer.optimizers:
             for state in opt.state.values():
                 tensors += [v for v in state.values() if isinstance(v, Tensor) and v.is_floating_point()]
-        finite = True
-        if tensors:
-            groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-            for t in tensors:
-                groups.setdefault((t.device, t.dtype), []).append(t)
-            # max |x| (the inf-norm cannot overflow the way a sum of squares can; NaN propagates)
-            flags = [torch.stack(torch._foreach_norm(ts, math.inf)).isfinite().all() for ts in groups.values()]
-            finite = bool(torch.stack([f.cpu() for f in flags]).all())  # one host read per snapshot
+        # sharded: each rank checks its own shards (some may be empty), the flag is combined below
+        finite = bool(all_finite(tensors))  # one host read per snapshot
         if trainer.world_size > 1:
             finite = bool(trainer.strategy.reduce_boolean_decision(finite, all=True))
         return finite
@@ -1053,13 +1052,6 @@ class GradientGuard(Callback):
         if found:
             return {"found_inf": sum(v.to(next(iter(found.values())).device) for v in found.values())}
         return {"stage_ready": _is_fused(optimizer)}
-
-    @staticmethod
-    def _shard_group(trainer: pl.Trainer):
-        sharded = isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
-        if sharded and trainer.world_size > 1 and torch.distributed.is_initialized():
-            return torch.distributed.group.WORLD
-        return None
 
     def _diagnose(self, params, per_tensor: list[float], action: Action, norm: float, thr: float | None) -> dict:
         names = [self._param_names.get(id(p), f"param[{i}]") for i, p in enumerate(params)]
