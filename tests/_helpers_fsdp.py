@@ -94,9 +94,15 @@ class ShardedFaultyModule(FaultyModule):
     (nothing happens without a device mesh, so the same module is the single-device reference). ``batch_size`` is
     per rank: two ranks at 8 see the samples one device sees at 16, in the same order."""
 
-    def __init__(self, *args, batch_size: int = 8, out_dim: int = 4, **kwargs) -> None:
+    def __init__(self, *args, batch_size: int = 8, out_dim: int = 4, fused: bool = False, **kwargs) -> None:
         super().__init__(*args, out_dim=out_dim, **kwargs)
-        self.batch_size, self.out_dim = batch_size, out_dim
+        self.batch_size, self.out_dim, self.fused = batch_size, out_dim, fused
+
+    def configure_optimizers(self):
+        if not self.fused:
+            return super().configure_optimizers()
+        cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[self.optimizer_name]
+        return cls(self.parameters(), lr=self.lr, weight_decay=self.weight_decay, fused=True)
 
     def configure_model(self) -> None:
         if self.device_mesh is None:
@@ -171,3 +177,48 @@ def optimizer_steps(optimizer: torch.optim.Optimizer) -> list[float]:
 
 def load_ranks(out: Path, world: int = 2) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+class HostReads:
+    """Counts host reads of tensor values (``item``, ``tolist``, ``bool``/``float``/``int``, ``cpu``, ``numpy``) made
+    by the callbacks between :meth:`start` and :meth:`stop` in ``on_before_optimizer_step``: put ``reads.start`` before
+    the callback under test and ``reads.stop`` after it. ``per_step[step]`` is the count of that step."""
+
+    _NAMES = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")
+
+    def __init__(self) -> None:
+        self.per_step: dict[int, int] = {}
+        self._saved: dict[str, object] = {}
+        self._count = 0
+        self.start, self.stop = _ReadsStart(self), _ReadsStop(self)
+
+    def _install(self) -> None:
+        self._count = 0
+        for name in self._NAMES:
+            original = getattr(torch.Tensor, name)
+            self._saved[name] = original
+
+            def counted(t, *args, _original=original, **kwargs):
+                self._count += 1
+                return _original(t, *args, **kwargs)
+
+            setattr(torch.Tensor, name, counted)
+
+    def _uninstall(self) -> int:
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, original)
+        self._saved.clear()
+        return self._count
+
+
+class _ReadsStart(pl.Callback):
+    def __init__(self, reads: HostReads) -> None:
+        self.reads = reads
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.reads._install()
+
+
+class _ReadsStop(_ReadsStart):
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.reads.per_step[trainer.global_step] = self.reads._uninstall()

@@ -9,16 +9,23 @@ step and memory equal to their size; parameters are never touched.
 
 ``TrainingSnapshot`` is a deep copy of the LightningModule's ``state_dict`` and every optimizer's ``state_dict``
 (memory: parameters + buffers + optimizer state, e.g. 3x the parameters for Adam), restored in place.
+
+Sharded state (``DTensor`` parameters, buffers and optimizer state under FSDP2 / tensor parallelism): each rank copies
+and restores only its local shard (memory: 1/world of the above per rank); a snapshot's DTensor is rebuilt from its
+local copy on the shard's own device with the same mesh and placements, so a CPU snapshot of GPU shards restores.
 """
 
 from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from lightning_stability.callbacks._sharding import is_dtensor, local_tensor
 
 BufferSelector = bool | str | Sequence[str] | Callable[[str, Tensor], bool]
 
@@ -69,7 +76,9 @@ class BufferSnapshot:
         return sum(t.numel() * t.element_size() for t in self._storage if t is not None)
 
     def _current(self) -> list[Tensor]:
-        return [getattr(mod, attr) for mod, attr in self._entries]
+        # a DTensor buffer (tensor parallelism) is copied and restored through its local shard (the same tensor object
+        # at every call, so the reuse check below holds)
+        return [local_tensor(getattr(mod, attr)) for mod, attr in self._entries]
 
     @torch.no_grad()
     def capture(self) -> None:
@@ -103,7 +112,13 @@ class BufferSnapshot:
 
     def _put_back(self, i: int) -> None:
         mod, attr = self._entries[i]
-        setattr(mod, attr, self._storage[i].clone())  # type: ignore[union-attr]
+        value = self._storage[i].clone()  # type: ignore[union-attr]
+        current = getattr(mod, attr)
+        if is_dtensor(current):
+            from torch.distributed.tensor import DTensor
+
+            value = DTensor.from_local(value, current.device_mesh, current.placements, run_check=False)
+        setattr(mod, attr, value)
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -132,8 +147,37 @@ class BufferSnapshot:
                 buf.copy_(torch.where(flag.to(buf.device, non_blocking=True), snap, buf))
 
 
+@dataclass
+class _ShardCopy:
+    """A copy of one rank's local shard of a DTensor, and what rebuilds the DTensor from it."""
+
+    local: Tensor
+    device: torch.device  # where the shard lives (the snapshot copy may be on the CPU)
+    mesh: Any
+    placements: tuple
+    shape: torch.Size
+    stride: tuple[int, ...]
+
+    def rebuild(self) -> Tensor:
+        from torch.distributed.tensor import DTensor
+
+        local = self.local.to(self.device, copy=True)
+        return DTensor.from_local(
+            local, self.mesh, self.placements, run_check=False, shape=self.shape, stride=self.stride
+        )
+
+
 def clone_tree(obj: Any, device: torch.device | str | None) -> Any:
-    """Deep copy of nested dicts/lists/tuples; tensors are cloned (to ``device`` when given)."""
+    """Deep copy of nested dicts/lists/tuples; tensors are cloned (to ``device`` when given).
+
+    A DTensor becomes a :class:`_ShardCopy` of its local shard; cloning a tree that holds ``_ShardCopy`` entries turns
+    them back into DTensors (fresh copies on the shard's device)."""
+    if is_dtensor(obj):
+        local = local_tensor(obj.detach())
+        copy = local.to(device, copy=True) if device is not None else local.clone()
+        return _ShardCopy(copy, local.device, obj.device_mesh, tuple(obj.placements), obj.shape, obj.stride())
+    if isinstance(obj, _ShardCopy):
+        return obj.rebuild()
     if isinstance(obj, Tensor):
         out = obj.detach()
         return out.to(device, copy=True) if device is not None else out.clone()
@@ -163,6 +207,8 @@ class TrainingSnapshot:
 
         def visit(obj: Any) -> None:
             nonlocal total
+            if isinstance(obj, _ShardCopy):
+                obj = obj.local
             if isinstance(obj, Tensor):
                 total += obj.numel() * obj.element_size()
             elif isinstance(obj, dict):
@@ -179,8 +225,21 @@ class TrainingSnapshot:
     @torch.no_grad()
     def restore(self, module: nn.Module, optimizers: Sequence[torch.optim.Optimizer]) -> Any:
         """Copy the saved values back in place (parameters keep their identity); returns a copy of ``extra``."""
-        module.load_state_dict(self.module_state, strict=True)
+        module.load_state_dict(_rebuilt(self.module_state), strict=True)
         for opt, state in zip(optimizers, self.optimizer_states):
             # load_state_dict may alias the tensors it is given: hand it a copy so the snapshot stays intact
             opt.load_state_dict(clone_tree(state, None))
         return clone_tree(self.extra, None)
+
+
+def _rebuilt(obj: Any) -> Any:
+    """``obj`` with every :class:`_ShardCopy` turned back into a DTensor (plain tensors are not copied)."""
+    if isinstance(obj, _ShardCopy):
+        return obj.rebuild()
+    if isinstance(obj, dict):
+        return {k: _rebuilt(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_rebuilt(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_rebuilt(v) for v in obj)
+    return obj

@@ -168,7 +168,7 @@ class ShardReducer:
             try:
                 from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
 
-                root = next((m for m in trainer.strategy.model.modules() if isinstance(m, FullyShardedDataParallel)))
+                root = next(m for m in trainer.strategy.model.modules() if isinstance(m, FullyShardedDataParallel))
                 group = root.process_group
                 sharded = root.sharding_strategy != ShardingStrategy.NO_SHARD
             except (ImportError, StopIteration, AttributeError):

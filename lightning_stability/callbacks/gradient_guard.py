@@ -127,8 +127,12 @@ class GradientGuard(Callback):
     r"""Decide, per optimizer step, whether the step may proceed; skip it for real when it may not.
 
     **Measure.** The total L2 norm of the optimizer's gradients, ``torch._foreach_norm`` per (device, dtype) group,
-    accumulated in float32 (fp16/bf16 gradients cannot overflow it). Under sharded strategies (FSDP, DTensor
-    gradients) the squared norm is all-reduced so every rank judges the whole model.
+    accumulated in float32 (fp16/bf16 gradients cannot overflow it). Under sharded strategies (``ModelParallelStrategy``
+    with FSDP2 ``fully_shard`` or tensor parallelism, ``FSDPStrategy``) each rank holds a shard of every gradient, some
+    empty: the per-parameter squared norms of the local shards are all-reduced as one vector (one collective, on the
+    device), so the per-parameter norms of the diagnosis and the total are those of the whole gradients and are
+    identical on every rank, and a NaN/inf in any rank's shard skips the step on every rank (see
+    ``_sharding.ShardLayout``). Buffer copies and rollback snapshots then hold each rank's own shards.
 
     **Decide** (most severe first; the pure rule is in ``_guard_policy.evaluate``):
 
