@@ -7,6 +7,7 @@ from lightning_stability._lazy import lazy_getattr
 _NAMES = {
     "CodecModule": ".codec",
     "CascadeTransformerModule": ".cascade",
+    "shard_module": ".sharding",
 }
 __all__ = list(_NAMES)
 __getattr__ = lazy_getattr(__name__, _NAMES)

@@ -196,6 +196,15 @@ class CascadeTransformerModule(pl.LightningModule):
         self.loss_weights = LossWeights(weights)
         self._scale_warned: set[int] = set()
 
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy``: shard with FSDP2, every transformer block a unit, then every stage (its
+        norms and projections), then the rest (see :func:`~lightning_stability.modules.sharding.shard_module`). A
+        no-op under every other strategy."""
+        from lightning_stability.modules.sharding import shard_module
+
+        stages = list(self.model.stages)
+        shard_module(self, [*(block for stage in stages for block in stage.blocks), *stages])
+
     # -- naming ------------------------------------------------------------------------------------------------------
     @property
     def stage_names(self) -> list[str]:

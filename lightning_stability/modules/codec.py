@@ -333,6 +333,17 @@ class CodecModule(pl.LightningModule):
             seed=hp.seed,
         )
 
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy``: shard with FSDP2, each SEANet layer with parameters (and the discriminator)
+        a unit of its own, the quantizer replicated so its codebooks stay identical on every rank (see
+        :func:`~lightning_stability.modules.sharding.shard_module`). A no-op under every other strategy."""
+        from lightning_stability.modules.sharding import layers_with_parameters, shard_module
+
+        units = layers_with_parameters(self.encoder, self.decoder)
+        if self.discriminator is not None:
+            units.append(self.discriminator)
+        shard_module(self, units, replicate=[self.quantizer])
+
     # ---------------------------------------------------------------------------------------------- codec API
     @property
     def frame_rate(self) -> float:

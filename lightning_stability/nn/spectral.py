@@ -215,6 +215,20 @@ def spectral_norm_dim(module: nn.Module) -> int:
     return 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
 
 
+def _is_sharded_tensor(t: Tensor) -> bool:
+    """An FSDP2 / tensor-parallel ``DTensor`` shard, or an FSDP1 flat-parameter view."""
+    return (hasattr(t, "device_mesh") and hasattr(t, "placements")) or bool(getattr(t, "_fsdp_flattened", False))
+
+
+def _is_sharded(module: nn.Module) -> bool:
+    """Whether ``module``'s own parameters (or its weight's parametrization's) are shards."""
+    if any(_is_sharded_tensor(p) for p in module.parameters(recurse=False)):
+        return True
+    if parametrize.is_parametrized(module, "weight"):
+        return any(_is_sharded_tensor(p) for p in module.parametrizations["weight"].parameters())
+    return False
+
+
 def _check_weight(name: str, module: nn.Module) -> None:
     label = repr(name) if name else "the root module"
     weight = getattr(module, "weight", None)
@@ -228,6 +242,15 @@ def _check_weight(name: str, module: nn.Module) -> None:
             f"spectral norm selection: `weight` of module {label} ({type(module).__name__}) is a plain tensor "
             "attribute, not a Parameter (legacy `torch.nn.utils.weight_norm`? use "
             "`torch.nn.utils.parametrizations.weight_norm`, which composes with spectral norm)"
+        )
+    if _is_sharded(module):
+        raise RuntimeError(
+            f"spectral norm on module {label} ({type(module).__name__}): the module is already sharded (its weight is a"
+            " DTensor shard or an FSDP flat-parameter view), and spectral norm must be applied before sharding (its"
+            " power iteration needs the whole weight and replicated `u`/`v` buffers). Apply it first: with"
+            " `SpectralNormInjection`, create the layer in `__init__` (the callback wraps it in `setup`, before"
+            " `configure_model` shards the model), or call `inject_spectral_norm(self, ...)` in `configure_model`"
+            " before `fully_shard`."
         )
     if weight.ndim < 2:
         raise ValueError(
@@ -287,12 +310,20 @@ def _rng_untouched(weights: Iterable[Tensor]):
     return torch.random.fork_rng(devices=cuda)
 
 
+def _whole(t: Tensor) -> Tensor:
+    """The whole tensor behind a sharded ``DTensor`` (all-gathered), or ``t`` itself."""
+    full = getattr(t, "full_tensor", None)
+    return full() if callable(full) else t
+
+
 @torch.no_grad()
 def spectral_sigma(module: nn.Module, name: str = "weight") -> Tensor:
     """The current estimate ``u^T W v`` of the largest singular value of the ORIGINAL (un-normalised) weight.
 
     Reads the parametrization's ``u``/``v`` buffers (no extra power iteration, no SVD): one matrix-vector product,
-    computed in fp32 on the weight's device, returned as a 0-dim fp32 tensor without a host sync. The effective
+    computed in fp32 on the weight's device, returned as a 0-dim fp32 tensor without a host sync. A sharded weight
+    (an FSDP2 / tensor-parallel ``DTensor`` outside the forward pass) is all-gathered first: a collective, so every
+    rank must call this at the same time (the ``u``/``v`` buffers are the local, replicated ones). The effective
     weight ``module.weight`` has ``sigma ~ 1`` by construction. For a 1-D weight (normalised exactly) it is the
     weight's L2 norm. If other parametrizations come before spectral norm (e.g. weight norm), ``W`` is their output.
 
@@ -305,7 +336,7 @@ def spectral_sigma(module: nn.Module, name: str = "weight") -> Tensor:
     plist = module.parametrizations[name]
     index = next(i for i, p in enumerate(plist) if p is sn)
     if index == 0:
-        weight = plist.original
+        weight = _whole(plist.original)
     else:  # evaluate the parametrizations that feed spectral norm, as ParametrizationList.forward does
         if hasattr(plist, "original"):
             originals = [plist.original]
@@ -313,7 +344,7 @@ def spectral_sigma(module: nn.Module, name: str = "weight") -> Tensor:
             originals = []
             while hasattr(plist, f"original{len(originals)}"):
                 originals.append(getattr(plist, f"original{len(originals)}"))
-        weight = plist[0](*originals)
+        weight = plist[0](*(_whole(o) for o in originals))
         for p in list(plist)[1:index]:
             weight = p(weight)
     with torch.autocast(device_type=weight.device.type, enabled=False):
