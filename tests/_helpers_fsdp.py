@@ -79,6 +79,33 @@ def sharded_trainer(tmp_path, callbacks=(), **kwargs) -> pl.Trainer:
     return make_trainer(tmp_path, callbacks, accelerator="cpu", devices=2, strategy=strategy, **kwargs)
 
 
+class RankSplitSampler(torch.utils.data.Sampler):
+    """Samples ``r, r + w, ...`` for rank ``r`` of ``w``, in order, decided when iterated (so one loader object serves
+    a one-device reference and a spawned run alike; pass ``use_distributed_sampler=False``)."""
+
+    def __init__(self, dataset) -> None:
+        self.n = len(dataset)
+
+    def _split(self) -> tuple[int, int]:
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def __iter__(self):
+        rank, world = self._split()
+        return iter(range(rank, self.n - self.n % world, world))
+
+    def __len__(self) -> int:
+        return self.n // self._split()[1]
+
+
+def split_loader(dataset, batch_size: int) -> DataLoader:
+    """A loader over :class:`RankSplitSampler`: ``w`` ranks at ``batch_size`` see per step what one device sees at
+    ``w * batch_size``."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=RankSplitSampler(dataset))
+
+
 def sequential_loader(trainer: pl.Trainer | None, dataset, batch_size: int) -> DataLoader:
     """Rank ``r`` of ``w`` gets samples ``r, r + w, ...`` in order (Lightning's own sampler would shuffle them), so
     ``w`` ranks at ``batch_size`` see per step exactly what one device sees at ``w * batch_size``."""

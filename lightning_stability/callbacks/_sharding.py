@@ -17,6 +17,7 @@ which also makes ranks agree when such a tensor differs between them (their mean
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,7 @@ __all__ = [
     "is_dtensor",
     "local_tensor",
     "sharded_strategy",
+    "whole_extremes",
 ]
 
 
@@ -124,19 +126,21 @@ class ShardLayout:
 
     @torch.no_grad()
     def reduce(self, partial: Tensor, index: Tensor | None = None) -> Tensor:
-        """``partial[i]``: this rank's sum for tensor ``index[i]`` (all tensors in order when ``index`` is None).
+        """``partial[i]``: this rank's sum(s) for tensor ``index[i]`` (all tensors in order when ``index`` is None);
+        extra trailing dims hold several sums per tensor.
 
-        Returns the whole-tensor sums (float32, length ``self.size``; tensors absent here contribute 0), identical on
-        every rank. One ``all_reduce`` per distinct group set (one for a model sharded over one mesh); no host sync.
+        Returns the whole-tensor sums (float32, first dim ``self.size``; tensors absent here contribute 0), identical
+        on every rank. One ``all_reduce`` per distinct group set (one for a model sharded over one mesh); no host
+        sync.
         """
         partial = partial.to(device=self.device, dtype=torch.float32)
         if index is None:
             full = partial.clone()
         else:
-            full = torch.zeros(self.size, dtype=torch.float32, device=self.device)
+            full = torch.zeros((self.size, *partial.shape[1:]), dtype=torch.float32, device=self.device)
             full[index] = partial
         if self.weights is not None:
-            full.mul_(self.weights)
+            full.mul_(self.weights.reshape(-1, *([1] * (full.dim() - 1))))
         for groups, idx in self._buckets:
             part = full if idx is None else full[idx]
             for group in groups:
@@ -144,6 +148,21 @@ class ShardLayout:
             if idx is not None:
                 full[idx] = part
         return full
+
+
+@torch.no_grad()
+def whole_extremes(t: Tensor) -> tuple[float, float]:
+    """``(min, max)`` over every element of ``t``, all ranks' shards together (an empty local shard counts as
+    ``(inf, -inf)``); two all-reduces over the world when distributed. Host values: for rare checks only."""
+    local = local_tensor(t.detach()).float()
+    if local.numel():
+        lo_hi = torch.stack([local.min(), -local.max()])
+    else:
+        lo_hi = torch.full((2,), math.inf, device=local.device)
+    if _world() > 1:
+        dist.all_reduce(lo_hi, op=dist.ReduceOp.MIN)
+    lo, neg_hi = lo_hi.tolist()
+    return lo, -neg_hi
 
 
 class ShardReducer:

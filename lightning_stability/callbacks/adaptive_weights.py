@@ -19,7 +19,9 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_stability.callbacks._events import EventLog
+from lightning_stability.callbacks._guard_norm import collect_grads, grad_norms
 from lightning_stability.callbacks._logging import log_scalars
+from lightning_stability.callbacks._sharding import ShardReducer
 from lightning_stability.callbacks._state_key import cached_state_key
 from lightning_stability.losses.weights import LossWeights, SpikeDamping
 
@@ -264,6 +266,7 @@ class AdaptiveLossWeight(Callback):
         self._reset_state()
         # runtime (not state)
         self._loss_weights: LossWeights | None = None
+        self._shards: ShardReducer | None = None
         self._damping: SpikeDamping | None = None
         self._reference: Tensor | None = None
         self._guard: Any = None
@@ -532,6 +535,7 @@ class AdaptiveLossWeight(Callback):
         # After the checkpoint restore and the move to the device: write the (restored) weight into the module and
         # register the damping with a reference tensor on the module's device.
         self._loss_weights = pl_module.loss_weights
+        self._shards = ShardReducer.for_trainer(trainer)  # sharded gradients: the own norm is the whole model's
         self._apply_weight()
         value = math.nan if self.published_avg is None else self.published_avg
         self._reference = torch.full((), value, dtype=torch.float32, device=pl_module.device)
@@ -554,10 +558,16 @@ class AdaptiveLossWeight(Callback):
     ) -> None:
         if self.grad_growth is None or self._guard is not None or trainer.sanity_checking:
             return
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if not grads:
-            return
-        norm = _total_grad_norm(grads).float()
+        if self._shards is not None:  # local shards (some empty): one all-reduce of their squared norms
+            params, local = collect_grads(optimizer)
+            everything = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+            layout, index = self._shards.layout(optimizer, everything, params)
+            norm = grad_norms(local, shards=layout, shard_index=index).total
+        else:
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            if not grads:
+                return
+            norm = _total_grad_norm(grads).float()
         inv_scale = self._inverse_amp_scale(trainer, optimizer)
         if inv_scale is not None:
             norm = norm * inv_scale

@@ -17,6 +17,7 @@ from typing_extensions import override
 
 from lightning_stability.callbacks._events import EventLog
 from lightning_stability.callbacks._logging import log_scalars
+from lightning_stability.callbacks._sharding import ShardLayout, ShardReducer, local_tensor, whole_extremes
 from lightning_stability.callbacks._state_key import cached_state_key
 from lightning_stability.nn.scale import ClampedRMSScale, _check_bounds
 
@@ -42,6 +43,11 @@ class _Tracked:
     ops on the factor's device. Records are fresh tensors, never views of the layer's buffers (DDP broadcasts buffers
     in place at the next forward). ``pending`` is part of the checkpointed state, so a resumed run folds at the same
     steps, in the same order, as an uninterrupted one.
+
+    A *sharded* parameter (``sharded=True``: FSDP2 / tensor-parallel ``DTensor`` or FSDP1 shard) records what a layer
+    records, ``[mean factor, clamped fraction]`` of the whole parameter, made from the local shards' sums by the
+    callback's one all-reduce per step (see :meth:`ScaleFactorClamp._record_sharded`), so the records are the same on
+    every rank and the checkpointed ``pending`` resumes on any rank.
     """
 
     name: str
@@ -54,6 +60,7 @@ class _Tracked:
     steps: int = 0  # steps in the window, folded or not
     last_warned_step: int | None = None
     pending: list[Tensor] = field(default_factory=list)  # per-step records not folded yet
+    sharded: bool = False
 
     def init(self, device: torch.device) -> None:
         if self.factor_sum is None:
@@ -78,13 +85,22 @@ class _Tracked:
         self.steps += 1
 
     @torch.no_grad()
+    def local_sums(self, min_scale: float, max_scale: float) -> Tensor:
+        """Sharded parameter: ``[sum of clamp(p), count of p outside the range, count of p]`` over this rank's shard
+        (the element count too: an FSDP1 shard does not know its parameter's whole size)."""
+        local = local_tensor(self.target.detach()).float().reshape(-1)
+        outside = (local < min_scale) | (local > max_scale)
+        count = torch.full((), local.numel(), dtype=torch.float32, device=local.device)
+        return torch.stack([local.clamp(min_scale, max_scale).sum(), outside.sum().float(), count])
+
+    @torch.no_grad()
     def fold(self, min_scale: float, max_scale: float, warn_above: float | None) -> None:
         """Add the pending records to the window sums and advance the streak (device ops only)."""
         if not self.pending:
             return
         stacked = torch.stack([p.to(self.factor_sum.device) for p in self.pending])
         self.pending = []
-        if self.kind == "layer":
+        if self.kind == "layer" or self.sharded:
             factors, clamped = stacked[:, 0], stacked[:, 1]
         else:
             values = stacked.reshape(stacked.shape[0], -1).float()  # one row per step; 0-dim scales too
@@ -119,7 +135,7 @@ class _Tracked:
         self.peak = torch.tensor(int(state["peak"]), device=device, dtype=torch.long)
         self.steps = int(state["steps"])
         self.last_warned_step = state["last_warned_step"]
-        dtype = self.target.dtype if self.kind == "param" else torch.float32
+        dtype = self.target.dtype if self.kind == "param" and not self.sharded else torch.float32
         self.pending = [torch.tensor(p, dtype=dtype, device=device) for p in state.get("pending", [])]
 
 
@@ -224,7 +240,10 @@ class ScaleFactorClamp(Callback):
         self.log_every_n_steps = log_every_n_steps
         self.event_log = EventLog(source=self.state_key)
         self._tracked: dict[str, _Tracked] = {}
+        self._reducer: ShardReducer | None = None
+        self._shard_layout: ShardLayout | None = None
         self._pending_state: dict[str, dict[str, Any]] = {}
+        self._fit_started = False
         self._last_step: int | None = None
         self._last_read_step: int | None = None
 
@@ -252,7 +271,7 @@ class ScaleFactorClamp(Callback):
                 if not param.requires_grad or not param.is_floating_point():
                     continue
                 if any(fnmatch.fnmatchcase(name, p) for p in self.param_patterns):
-                    found[name] = _Tracked(name, "param", param)
+                    found[name] = _Tracked(name, "param", param, sharded=self._is_shard(param))
         return found
 
     def _check_init(self, trainer: pl.Trainer) -> None:
@@ -262,11 +281,14 @@ class ScaleFactorClamp(Callback):
         for t in self._tracked.values():
             if t.kind != "param":
                 continue
-            values = t.target.detach().float()
-            lo, hi = float(values.min()), float(values.max())
+            if t.sharded:  # every rank's shard (some may be empty); the same answer on every rank
+                lo, hi = whole_extremes(t.target)
+            else:
+                values = t.target.detach().float()
+                lo, hi = float(values.min()), float(values.max())
             far = lo <= 0 or max(abs(math.log(lo)), abs(math.log(hi))) > log_ratio
             if far:
-                shown = f"{hi:.4g}" if values.numel() == 1 else f"in [{lo:.4g}, {hi:.4g}]"
+                shown = f"{hi:.4g}" if t.target.numel() == 1 else f"in [{lo:.4g}, {hi:.4g}]"
                 reason = (
                     f"learnable scale `{t.name}` starts at {shown}, more than {self.init_warn_ratio:g}x away from 1: "
                     "an output scale far from 1 amplifies (or silences) an untrained network (DESIGN.md §1.2: 3.0 "
@@ -276,6 +298,8 @@ class ScaleFactorClamp(Callback):
                 self.event_log.add(trainer.global_step, "scale_init", reason, name=t.name, min=lo, max=hi)
 
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, fitting: bool) -> None:
+        self._reducer = ShardReducer.for_trainer(trainer)
+        self._shard_layout = None
         tracked = self._discover(pl_module)
         if not fitting:
             return
@@ -288,6 +312,15 @@ class ScaleFactorClamp(Callback):
                 f"Some parameter names: [{shown}]"
             )
         self._tracked = tracked
+        self._restore_tracked()
+        self._fit_started = True
+        if trainer.ckpt_path is None:
+            self._check_init(trainer)
+        self._project()
+        self._last_step = trainer.global_step
+
+    def _restore_tracked(self) -> None:
+        """Give every tracked factor its checkpointed state (or a fresh one)."""
         for name, t in self._tracked.items():
             device = t.target.last_scale.device if t.kind == "layer" else t.target.device
             if name in self._pending_state:
@@ -295,14 +328,15 @@ class ScaleFactorClamp(Callback):
             else:
                 t.init(device)
         self._pending_state = {}
-        if trainer.ckpt_path is None:
-            self._check_init(trainer)
-        self._project()
-        self._last_step = trainer.global_step
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start(trainer, pl_module, fitting=True)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._fit_started = False
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -317,16 +351,38 @@ class ScaleFactorClamp(Callback):
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start(trainer, pl_module, fitting=False)
 
+    def _is_shard(self, param: Tensor) -> bool:
+        return self._reducer is not None and (
+            hasattr(param, "device_mesh") or bool(getattr(param, "_fsdp_flattened", False))
+        )
+
     # -- every step --------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def _project(self) -> None:
         for t in self._tracked.values():
             if t.kind == "param":
-                t.target.clamp_(self.min_scale, self.max_scale)
+                local_tensor(t.target).clamp_(self.min_scale, self.max_scale)  # each rank projects its own shard
+
+    @torch.no_grad()
+    def _record_sharded(self, items: list[_Tracked]) -> None:
+        """One all-reduce for every sharded parameter: whole-parameter ``[mean factor, clamped fraction]`` records."""
+        if self._shard_layout is None:
+            specs = [self._reducer.spec(t.target, t.name) for t in items]
+            self._shard_layout = ShardLayout(specs, items[0].factor_sum.device)
+        sums = torch.stack([t.local_sums(self.min_scale, self.max_scale) for t in items])
+        whole = self._shard_layout.reduce(sums)
+        for t, row in zip(items, whole):
+            t.pending.append(row[:2] / row[2])  # [mean factor, clamped fraction] of the whole parameter
+            t.steps += 1
+            local_tensor(t.target).clamp_(self.min_scale, self.max_scale)
 
     def _update(self) -> None:
+        sharded = [t for t in self._tracked.values() if t.sharded]
+        if sharded:
+            self._record_sharded(sharded)
         for t in self._tracked.values():
-            t.record(self.min_scale, self.max_scale)
+            if not t.sharded:
+                t.record(self.min_scale, self.max_scale)
             if len(t.pending) >= _FOLD_EVERY:
                 t.fold(self.min_scale, self.max_scale, self.warn_above)
 
@@ -417,3 +473,7 @@ class ScaleFactorClamp(Callback):
         self._pending_state = {k: dict(v) for k, v in state_dict["tracked"].items()}
         self._last_read_step = state_dict["last_read_step"]
         self.event_log.load_state_dict(state_dict["event_log"])
+        if self._fit_started:
+            # strategies that restore after `setup` (ModelParallelStrategy, DeepSpeed) restore callbacks after
+            # `on_fit_start`, when the factors are already tracked: apply the state now
+            self._restore_tracked()

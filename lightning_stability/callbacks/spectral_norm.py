@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -16,6 +17,7 @@ from typing_extensions import override
 import lightning_stability.nn.spectral as sn
 from lightning_stability.callbacks._events import EventLog
 from lightning_stability.callbacks._logging import log_scalars
+from lightning_stability.callbacks._sharding import sharded_strategy
 from lightning_stability.callbacks._state_key import cached_state_key
 
 __all__ = ["SpectralNormInjection"]
@@ -110,6 +112,7 @@ class SpectralNormInjection(Callback):
         self.event_log = EventLog(source=self.state_key)
         self.selected: list[str] = []
         self.wrapped: list[str] = []
+        self._sharded: str | None = None
         self._last_logged_step = -1
         self._announced = False
 
@@ -134,6 +137,9 @@ class SpectralNormInjection(Callback):
             strict=strict,
         )
         self.selected = list(result.selected)
+        if result.wrapped and self._sharded is not None:
+            # no DDP wrapper broadcasts buffers under FSDP/FSDP2: start every rank's power iteration from rank 0's u/v
+            _broadcast_buffers([pl_module.get_submodule(n) for n in result.wrapped])
         if result.wrapped:
             self.wrapped.extend(n for n in result.wrapped if n not in self.wrapped)
             self.event_log.add(
@@ -177,11 +183,12 @@ class SpectralNormInjection(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         strategy = type(trainer.strategy).__name__
-        if "FSDP" in strategy or "DeepSpeed" in strategy:
+        if "DeepSpeed" in strategy:
             rank_zero_warn(
-                f"`SpectralNormInjection` is tested with single-device and DDP strategies; under {strategy} the "
-                "power-iteration buffers and the sharded parametrized weights are not checked."
+                f"`SpectralNormInjection` is tested with single-device, DDP, ModelParallelStrategy (FSDP2) and FSDP "
+                f"strategies; under {strategy} the power-iteration buffers and the partitioned weights are not checked."
             )
+        self._sharded = sharded_strategy(trainer)
         self._inject(trainer, pl_module, strict=False)
         self._install_configure_model_hook(trainer, pl_module)
 
@@ -235,13 +242,14 @@ class SpectralNormInjection(Callback):
             return
         self._last_logged_step = step
         logged = {}
-        for name in self.selected:
-            module = pl_module.get_submodule(name)
-            if sn._spectral_parametrization(module) is None:  # legacy hook: no parametrization to read
-                continue
-            sigma = sn.spectral_sigma(module)
-            logged[f"specnorm/{name or 'root'}/sigma"] = sigma
-            self.event_log.trace(f"{name or 'root'}/sigma", step, float(sigma))
+        with _whole_parameters(trainer, self._sharded):
+            for name in self.selected:
+                module = pl_module.get_submodule(name)
+                if sn._spectral_parametrization(module) is None:  # legacy hook: no parametrization to read
+                    continue
+                sigma = sn.spectral_sigma(module)  # FSDP2 / DTensor: all-gathers the weight (every rank calls it)
+                logged[f"specnorm/{name or 'root'}/sigma"] = sigma
+                self.event_log.trace(f"{name or 'root'}/sigma", step, float(sigma))
         log_scalars(trainer, logged)
 
     # -- state -------------------------------------------------------------------------------------------------------
@@ -297,3 +305,34 @@ def _restore(module: torch.nn.Module, had: bool, saved: Any) -> None:
         object.__setattr__(module, "configure_model", saved)
     else:
         module.__dict__.pop("configure_model", None)
+
+
+def _broadcast_buffers(modules: list[nn.Module]) -> None:
+    """Copy rank 0's spectral-norm ``u``/``v`` into every rank's (the same order on every rank; meta tensors, from an
+    empty-init ``configure_model``, are skipped: they get their values when the strategy materialises the module)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    nccl = dist.get_backend() == "nccl"
+    for module in modules:
+        param = sn._spectral_parametrization(module)
+        for buf in (param._u, param._v) if param is not None else ():
+            if buf.is_meta:
+                continue
+            if nccl and buf.device.type != "cuda":  # NCCL only moves CUDA tensors; before the move to the device
+                staged = buf.to(torch.device("cuda", torch.cuda.current_device()))
+                dist.broadcast(staged, src=0)
+                buf.copy_(staged)
+            else:
+                dist.broadcast(buf, src=0)
+
+
+def _whole_parameters(trainer: pl.Trainer, sharded: str | None):
+    """FSDP1 keeps only a shard of each parameter outside the forward pass: gather them (read-only) for the sigma
+    estimates. FSDP2 / DTensor weights are gathered by ``spectral_sigma`` itself; otherwise nothing to do."""
+    if sharded != "fsdp":
+        return contextlib.nullcontext()
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False, recurse=True)

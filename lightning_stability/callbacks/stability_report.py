@@ -50,7 +50,9 @@ class StabilityReport(Callback):
     Lightning's own step logging; under gradient accumulation the last micro-batch's loss, times
     ``accumulate_grad_batches`` in automatic optimization, where Lightning hands callbacks the normalised loss),
     copied into a preallocated device buffer with no host sync and read back every ``flush_every_n_steps`` steps
-    (one sync per flush). Under DDP it records rank zero's loss and writes on rank zero only.
+    (one sync per flush). With several processes (DDP, FSDP, ``ModelParallelStrategy``) it records rank zero's loss
+    and writes on rank zero only; at the end of fit it gathers every rank's events, so an event that only another
+    rank's source recorded is in the report too, with ``data["rank"]`` (after a crash: rank zero's events only).
 
     At ``on_fit_end`` (status ``"finished"``) and ``on_exception`` (status ``"interrupted"``) it writes, into
     ``dirpath`` (default: ``trainer.log_dir``, else ``trainer.default_root_dir``, resolved at setup on every rank):
@@ -252,9 +254,15 @@ class StabilityReport(Callback):
         ]
 
     def build_report(
-        self, trainer: pl.Trainer, *, status: str = "finished", exception: BaseException | None = None
+        self,
+        trainer: pl.Trainer,
+        *,
+        status: str = "finished",
+        exception: BaseException | None = None,
+        rank_events: Mapping[str, list[dict[str, Any]]] | None = None,
     ) -> dict[str, Any]:
-        """The report as a JSON-safe dict (see the class docstring for the schema)."""
+        """The report as a JSON-safe dict (see the class docstring for the schema). ``rank_events``: events other
+        ranks recorded and this one did not, by source (see :meth:`_gather_rank_events`)."""
         self._flush()
         sources = {}
         labels: Counter[str] = Counter()
@@ -265,6 +273,13 @@ class StabilityReport(Callback):
             if labels[label] > 1:  # two instances of one callback: keep the labels apart
                 label = f"{label}#{labels[label]}"
             view.update(callback=type(cb).__name__, label=label)
+            others = (rank_events or {}).get(cb.state_key, [])
+            if others:
+                view["events"] = sorted([*view["events"], *others], key=lambda e: e["step"])
+                counts = dict(view["num_events"])
+                for e in others:
+                    counts[e["kind"]] = counts.get(e["kind"], 0) + 1
+                view["num_events"] = counts
             for attr in _BOUND_ATTRIBUTES:  # bounds the recommendations compare traces with
                 value = getattr(cb, attr, None)
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -286,13 +301,16 @@ class StabilityReport(Callback):
 
     def _write(self, trainer: pl.Trainer, *, status: str, exception: BaseException | None = None) -> None:
         self._flush()
+        # at the end of fit every rank is here, so the ranks' events can be gathered; after an exception (possibly on
+        # one rank only) a collective could hang, so the report then holds rank zero's events only
+        rank_events = self._gather_rank_events(trainer) if status == "finished" else {}
         if not trainer.is_global_zero:
             return
         from lightning_stability.callbacks._report_plot import render_report
 
         run_dir = self._run_dir or self.dirpath or Path(trainer.default_root_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        report = self.build_report(trainer, status=status, exception=exception)
+        report = self.build_report(trainer, status=status, exception=exception, rank_events=rank_events)
         panels = self._panels(trainer, report)
         report["panels"] = [p.title for p in panels]
         json_path = run_dir / f"{self.filename}.json"
@@ -306,6 +324,35 @@ class StabilityReport(Callback):
             self._log_wandb(trainer, report, png_path)
         if self.print_summary:
             rank_zero_info(self.format_summary(report, json_path, png_path))
+
+    def _gather_rank_events(self, trainer: pl.Trainer) -> dict[str, list[dict[str, Any]]]:
+        """On rank zero: the events that other ranks' sources recorded and rank zero's did not (same step, kind and
+        reason counts as the same event), each with ``data["rank"]``; ``{}`` elsewhere and on one process.
+
+        The package's callbacks take the same decisions on every rank, so under DDP and FSDP this is usually empty;
+        it keeps what a rank-local source (a user's callback, a rank that alone saw something) recorded. One
+        ``all_gather_object`` of the event lists, collective: every rank must call it.
+        """
+        import torch.distributed as dist
+
+        if trainer.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+            return {}
+        mine = {cb.state_key: [e.to_dict() for e in cb.event_log.events] for cb in self._sources(trainer)}
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
+        if not trainer.is_global_zero:
+            return {}
+        seen = {key: {(e["step"], e["kind"], e["reason"]) for e in events} for key, events in gathered[0].items()}
+        extra: dict[str, list[dict[str, Any]]] = {}
+        for rank, theirs in enumerate(gathered[1:], start=1):
+            for key, events in theirs.items():
+                known = seen.setdefault(key, set())
+                for e in events:
+                    signature = (e["step"], e["kind"], e["reason"])
+                    if signature not in known:
+                        known.add(signature)
+                        extra.setdefault(key, []).append({**e, "data": {**e["data"], "rank": rank}})
+        return extra
 
     def _log_wandb(self, trainer: pl.Trainer, report: dict[str, Any], png_path: Path) -> None:
         loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
