@@ -545,7 +545,9 @@ class GradientGuard(Callback):
         params, grads = collect_grads(optimizer)
         loss_bad, self._loss_bad = self._loss_bad, None
         self._stepped_this_batch = True
-        if not grads and self._shards is None:  # sharded: a rank without local gradients still joins the reduction
+        # FSDP1: a rank may hold no part of any gradient while others do, and must still join the reduction; elsewhere
+        # every rank has the same set of gradients, so none here means none anywhere
+        if not grads and (self._shards is None or self._shards.kind != "fsdp"):
             return
         fused = _is_fused(optimizer)
         if fused:
