@@ -389,6 +389,7 @@ class GradientGuard(Callback):
         self._last_read: dict[int, list[int]] = {}
         self._active_scaler: torch.amp.GradScaler | None = None
         self._shards: ShardReducer | None = None
+        self._process_group: Any = None
 
     # ------------------------------------------------------------------------------------------------------------------
     # identity and state
@@ -491,6 +492,8 @@ class GradientGuard(Callback):
         # the precision plugin and the strategy are fixed from here on: look them up once, not every step
         self._active_scaler = self._scaler(trainer)
         self._shards = ShardReducer.for_trainer(trainer)  # None unless parameters are sharded (FSDP, DTensor)
+        # a plain SUM over every rank: right for sums over data-parallel shards only; `self._shards` handles any mesh
+        self._process_group = torch.distributed.group.WORLD if self._shards is not None else None
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
