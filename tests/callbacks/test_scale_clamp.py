@@ -5,6 +5,7 @@ import warnings
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch import nn
 
 from lightning_stability.callbacks import ScaleFactorClamp
@@ -187,12 +188,23 @@ def test_validate_sets_layer_bounds(tmp_path):
     assert module.scale.last_scale.max().item() == pytest.approx(1.2)
 
 
-def run(tmp_path, name, max_epochs, ckpt_path=None, save=None):
+class LateRestoreStrategy(SingleDeviceStrategy):
+    """Restores callbacks after ``on_fit_start``, as ``ModelParallelStrategy`` and DeepSpeed do."""
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True
+
+
+def run(tmp_path, name, max_epochs, ckpt_path=None, save=None, late_restore=False):
     torch.manual_seed(0)
     module = RMSScaleModule(gain=1e-3)
     module.output_scale = nn.Parameter(torch.tensor([1.45]))
     cb = ScaleFactorClamp(warn_after_steps=2, log_every_n_steps=3, param_patterns="output_scale")
-    trainer = make_trainer(tmp_path / name, [cb], max_steps=-1, max_epochs=max_epochs, limit_train_batches=4)
+    strategy = {"strategy": LateRestoreStrategy("cpu")} if late_restore else {}
+    trainer = make_trainer(
+        tmp_path / name, [cb], max_steps=-1, max_epochs=max_epochs, limit_train_batches=4, **strategy
+    )
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         trainer.fit(module, ckpt_path=ckpt_path)
@@ -201,11 +213,12 @@ def run(tmp_path, name, max_epochs, ckpt_path=None, save=None):
     return module, cb, trainer, scale_warnings(record)
 
 
-def test_resume_continues_exactly(tmp_path):
+@pytest.mark.parametrize("late_restore", [False, True])
+def test_resume_continues_exactly(tmp_path, late_restore):
     full, full_cb, full_trainer, _ = run(tmp_path, "full", 2)
     run(tmp_path, "first", 1, save=tmp_path / "half.ckpt")
     resumed, resumed_cb, resumed_trainer, resumed_warnings = run(
-        tmp_path, "resumed", 2, ckpt_path=tmp_path / "half.ckpt"
+        tmp_path, "resumed", 2, ckpt_path=tmp_path / "half.ckpt", late_restore=late_restore
     )
     assert_same(snapshot(full, full_trainer.optimizers[0]), snapshot(resumed, resumed_trainer.optimizers[0]))
     assert resumed_cb.state_dict() == full_cb.state_dict()  # window accumulators, streaks, warnings, traces
