@@ -35,6 +35,15 @@ class GuardDump(pl.Callback):
 
     def __init__(self, out: Path, guard: GradientGuard, norms: GatheredNorms | None = None, reads=None) -> None:
         self.out, self.guard, self.norms, self.reads = out, guard, norms, reads
+        self.shards: dict[int, dict] = {}  # this rank's local shards at the start of each step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        local = {n: p.detach().to_local().clone() for n, p in pl_module.named_parameters()}
+        opt = trainer.optimizers[0]
+        for i, state in enumerate(opt.state.values()):
+            for k, v in state.items():
+                local[f"optim.{i}.{k}"] = (v.to_local() if hasattr(v, "to_local") else v).detach().clone()
+        self.shards[trainer.global_step] = local
 
     def on_train_end(self, trainer, pl_module):
         opt = trainer.optimizers[0]
@@ -47,6 +56,7 @@ class GuardDump(pl.Callback):
                 "steps": optimizer_steps(opt),
                 "reads": None if self.reads is None else self.reads.per_step,
                 "local_numel": {n: p.to_local().numel() for n, p in pl_module.named_parameters()},
+                "shards": self.shards,
                 "full": full_state(pl_module),
             },
             self.out / f"rank{trainer.global_rank}.pt",
@@ -85,6 +95,11 @@ def test_inf_in_one_ranks_gradient_shard_skips_that_step_on_every_rank(tmp_path)
             assert r["trace"][s] == pytest.approx(r["gathered"][s], rel=1e-5)
         assert math.isinf(r["trace"][3]) or math.isnan(r["trace"][3])
         assert all(torch.isfinite(v).all() for v in r["full"].values())
+        # the skipped step left this rank's shards of the parameters and of the AdamW state bit-identical
+        before, after = r["shards"][3], r["shards"][4]
+        assert before.keys() == after.keys()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        assert not all(torch.equal(r["shards"][2][k], before[k]) for k in before if not k.startswith("optim"))
     assert ranks[1]["local_numel"]["net.2.weight"] == 0
     assert ranks[1]["local_numel"]["net.2.bias"] == 0
     assert ranks[0]["trace"] == ranks[1]["trace"]
