@@ -169,6 +169,18 @@ class SpawnStrategy(DDPStrategy):
     def _configure_launcher(self) -> None:
         self._launcher = _ShutdownLauncher(self, start_method=self._start_method)
 
+    def setup(self, trainer: pl.Trainer) -> None:
+        # Spawning hands the module to every worker through shared memory, and on the CPU nothing copies it out
+        # again: parameters and buffers end up private, but torchmetrics states stay one storage for all ranks,
+        # so every rank's `update` lands in the same tensor and a DDP sum counts it world-size times (measured:
+        # a SumMetric updated 3 times per rank read 6 on each of 2 ranks). Each worker gets its own copies.
+        from torchmetrics import Metric
+
+        for module in trainer.lightning_module.modules():
+            if isinstance(module, Metric):
+                module._apply(lambda t: t.clone())
+        super().setup(trainer)
+
 
 def make_trainer(tmp_path, callbacks=(), **kwargs) -> pl.Trainer:
     """A quiet CPU Trainer writing under ``tmp_path`` (``strategy="ddp_spawn"`` becomes :class:`SpawnStrategy`)."""

@@ -222,3 +222,38 @@ def test_mid_epoch_resume_under_ddp_equals_the_uninterrupted_run(tmp_path):
         assert _decisions(full[r]) == _decisions(resumed[r])
     _assert_ranks_agree([resumed[0], resumed[1]])
     record_fault("kill_resume", "codec", "mid-epoch resume under ddp", "resume", 1, survived=True)
+
+
+class _CountingModule(pl.LightningModule):
+    """Updates a torchmetrics sum once per step and saves its rank-local value at the end."""
+
+    def __init__(self, out: Path) -> None:
+        super().__init__()
+        from torchmetrics import SumMetric
+
+        self.out = out
+        self.lin = torch.nn.Linear(2, 1)
+        self.count = SumMetric()
+
+    def training_step(self, batch, batch_idx):
+        self.count.update(torch.tensor(1.0))
+        return self.lin(batch).sum()
+
+    def on_train_end(self) -> None:
+        torch.save(float(self.count.sum_value), self.out / f"count{self.global_rank}.pt")
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.randn(12, 2), batch_size=2)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_spawned_ranks_do_not_share_metric_state(tmp_path):
+    # The harness itself: without SpawnStrategy.setup's copies both ranks update one shared storage (read 6, not 3),
+    # and every DDP test of a metric's reduction would count each rank's data twice.
+    trainer = make_trainer(tmp_path, accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=3)
+    trainer.fit(_CountingModule(tmp_path))
+    assert [torch.load(tmp_path / f"count{r}.pt") for r in (0, 1)] == [3.0, 3.0]
