@@ -47,6 +47,17 @@ class SpectralNormInjection(Callback):
     - under DDP the ``u``/``v`` buffers are broadcast from rank 0 by the DDP wrap (and before every forward, with
       ``broadcast_buffers=True``), and since every rank updates them from identical weights they stay identical.
 
+    **Weight norm.** Layers built with weight norm (EnCodec's and DAC's convolutions, HiFi-GAN-style discriminators:
+    the legacy ``torch.nn.utils.weight_norm`` hook) get spectral norm *instead* with ``replace_weight_norm=True``:
+    the weight norm is folded into a plain weight (``W = g * v / ||v||``, exactly what the layer computed) and
+    removed, then spectral norm is applied to it (:func:`lightning_stability.nn.spectral.remove_weight_norm`). The
+    replaced layers are listed in the ``inject`` event. Checkpoints then hold ``parametrizations.weight.original``
+    (no ``weight_g``/``weight_v``); they load in a Trainer with the same callback (``ckpt_path=``), and
+    :func:`lightning_stability.nn.spectral.load_with_spectral_norm` replaces the weight norm of a freshly built model
+    by itself (it sees that the checkpoint has none). Without the option, a legacy weight norm is a ValueError naming
+    it, and a parametrized weight norm (``torch.nn.utils.parametrizations.weight_norm``) stays, with spectral norm
+    applied to its output.
+
     It is idempotent: a layer that already has spectral norm (a second ``setup``, a second ``fit``, a model built
     with it, or the legacy ``torch.nn.utils.spectral_norm`` hook) is left alone. At ``on_fit_start`` it checks that
     every layer the selection matches has spectral norm (RuntimeError if one appeared later, e.g. in
@@ -75,6 +86,8 @@ class SpectralNormInjection(Callback):
         eps: numerical floor of the power iteration (> 0).
         log_every_n_steps: log ``specnorm/<name>/sigma`` every N optimizer steps; ``None``: the Trainer's
             ``log_every_n_steps``; 0: never.
+        replace_weight_norm: fold and remove the weight norm of selected layers, then apply spectral norm (see
+            above).
 
     Raises:
         ValueError: bad arguments (in ``__init__``); a selection matching nothing or a selected module without a
@@ -90,8 +103,12 @@ class SpectralNormInjection(Callback):
         n_power_iterations: int = 1,
         eps: float = 1e-12,
         log_every_n_steps: int | None = None,
+        replace_weight_norm: bool = False,
     ) -> None:
         super().__init__()
+        if not isinstance(replace_weight_norm, bool):
+            raise TypeError(f"`replace_weight_norm` must be a bool, got {replace_weight_norm!r}")
+        self.replace_weight_norm = replace_weight_norm
         self.types = sn._as_types(types)
         if modules is None:
             modules = () if self.types else ("*.output_proj",)
@@ -135,6 +152,7 @@ class SpectralNormInjection(Callback):
             n_power_iterations=self.n_power_iterations,
             eps=self.eps,
             strict=strict,
+            replace_weight_norm=self.replace_weight_norm,
         )
         self.selected = list(result.selected)
         if result.wrapped and self._sharded is not None:
@@ -142,11 +160,14 @@ class SpectralNormInjection(Callback):
             _broadcast_buffers([pl_module.get_submodule(n) for n in result.wrapped])
         if result.wrapped:
             self.wrapped.extend(n for n in result.wrapped if n not in self.wrapped)
+            replaced = f" (weight norm replaced on {', '.join(result.replaced_weight_norm)})"
             self.event_log.add(
                 trainer.global_step,
                 "inject",
-                f"spectral norm applied to {len(result.wrapped)} module(s): {', '.join(result.wrapped)}",
+                f"spectral norm applied to {len(result.wrapped)} module(s): {', '.join(result.wrapped)}"
+                + (replaced if result.replaced_weight_norm else ""),
                 modules=list(result.wrapped),
+                replaced_weight_norm=list(result.replaced_weight_norm),
                 n_power_iterations=self.n_power_iterations,
             )
 
@@ -297,6 +318,8 @@ class SpectralNormInjection(Callback):
             map_location=map_location,
             weights_only=weights_only,
             eval_mode=eval_mode,
+            # None: read from the checkpoint whether training replaced the weight norm (exact either way)
+            replace_weight_norm=True if self.replace_weight_norm else None,
         )
 
 

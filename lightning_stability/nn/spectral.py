@@ -19,6 +19,12 @@ module's ``state_dict`` has the keys ``<name>.parametrizations.weight.original``
 ``<name>.parametrizations.weight.0._u`` / ``._v``. A checkpoint written that way only loads into a model that has the
 same parametrization: :func:`load_with_spectral_norm` is the one call that does both.
 
+Layers built with weight norm (EnCodec's and DAC's convolutions, HiFi-GAN-style discriminators use the legacy
+``torch.nn.utils.weight_norm`` hook) get spectral norm *instead* with ``replace_weight_norm=True``: the weight norm
+is folded into a plain weight (``W = g * v / ||v||``, the very weight the layer computed) and removed, then spectral
+norm is applied to that weight (:func:`remove_weight_norm`). A parametrized weight norm
+(``torch.nn.utils.parametrizations.weight_norm``) composes with spectral norm when it is not replaced.
+
 Plain torch; nothing here imports lightning.
 """
 
@@ -41,8 +47,10 @@ from torch.nn.utils.parametrizations import _SpectralNorm, spectral_norm
 __all__ = [
     "InjectionResult",
     "has_spectral_norm",
+    "has_weight_norm",
     "inject_spectral_norm",
     "load_with_spectral_norm",
+    "remove_weight_norm",
     "select_modules",
     "spectral_norm_dim",
     "spectral_norm_modules_in",
@@ -60,10 +68,12 @@ class InjectionResult:
     Attributes:
         selected: qualified names of every module the selection matched (all of them have spectral norm now).
         wrapped: the subset that got spectral norm in this call (the others already had it).
+        replaced_weight_norm: the subset of ``wrapped`` whose weight norm was folded and removed first.
     """
 
     selected: tuple[str, ...]
     wrapped: tuple[str, ...]
+    replaced_weight_norm: tuple[str, ...] = ()
 
 
 # -- argument normalisation --------------------------------------------------------------------------------------------
@@ -209,6 +219,69 @@ def has_spectral_norm(module: nn.Module, name: str = "weight") -> bool:
     return _spectral_parametrization(module, name) is not None or _has_legacy_spectral_norm(module)
 
 
+def _legacy_weight_norm_key(module: nn.Module, name: str = "weight") -> int | None:
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for key, hook in module._forward_pre_hooks.items():
+        if isinstance(hook, WeightNorm) and hook.name == name:
+            return key
+    return None
+
+
+def _has_parametrized_weight_norm(module: nn.Module, name: str = "weight") -> bool:
+    from torch.nn.utils.parametrizations import _WeightNorm
+
+    return parametrize.is_parametrized(module, name) and any(
+        isinstance(p, _WeightNorm) for p in module.parametrizations[name]
+    )
+
+
+def has_weight_norm(module: nn.Module, name: str = "weight") -> bool:
+    """Whether ``module.<name>`` has weight norm: the legacy ``torch.nn.utils.weight_norm`` hook or the
+    ``torch.nn.utils.parametrizations.weight_norm`` parametrization."""
+    return _legacy_weight_norm_key(module, name) is not None or _has_parametrized_weight_norm(module, name)
+
+
+@torch.no_grad()
+def remove_weight_norm(module: nn.Module, name: str = "weight") -> bool:
+    """Fold the weight norm of ``module.<name>`` into a plain ``Parameter`` and remove it; True if there was one.
+
+    The new weight is the one the layer computed, ``g * v / ||v||`` (same values, dtype and device), trainable if
+    ``g`` or ``v`` was. Works for the legacy hook (``weight_g``/``weight_v`` parameters) and for the parametrization
+    (``parametrizations.weight.original0``/``original1``). The ``Parameter`` objects change, so call it before the
+    optimizer is built (``SpectralNormInjection`` does).
+
+    Raises:
+        ValueError: the weight norm parametrization is composed with other parametrizations of ``name`` (they
+            cannot be separated; remove them yourself).
+    """
+    key = _legacy_weight_norm_key(module, name)
+    if key is not None:
+        hook = module._forward_pre_hooks.pop(key)
+        trainable = module._parameters[name + "_g"].requires_grad or module._parameters[name + "_v"].requires_grad
+        weight = hook.compute_weight(module)
+        delattr(module, name)
+        del module._parameters[name + "_g"]
+        del module._parameters[name + "_v"]
+        module.register_parameter(name, nn.Parameter(weight.detach().clone(), requires_grad=trainable))
+        return True
+    if not _has_parametrized_weight_norm(module, name):
+        return False
+    plist = module.parametrizations[name]
+    if len(plist) != 1:
+        kinds = [type(p).__name__ for p in plist]
+        raise ValueError(
+            f"{type(module).__name__}.{name} has weight norm composed with other parametrizations {kinds}; "
+            "remove them with `torch.nn.utils.parametrize.remove_parametrizations` first"
+        )
+    trainable = any(p.requires_grad for p in plist.parameters(recurse=False))
+    weight = getattr(module, name).detach().clone()
+    parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    delattr(module, name)
+    module.register_parameter(name, nn.Parameter(weight, requires_grad=trainable))
+    return True
+
+
 def spectral_norm_dim(module: nn.Module) -> int:
     """The weight dim holding the output channels: 1 for transposed convolutions (weight ``[in, out/groups, *k]``),
     0 otherwise (``Linear`` ``[out, in]``, ``Conv`` ``[out, in/groups, *k]``)."""
@@ -229,7 +302,7 @@ def _is_sharded(module: nn.Module) -> bool:
     return False
 
 
-def _check_weight(name: str, module: nn.Module) -> None:
+def _check_weight(name: str, module: nn.Module, *, replacing_weight_norm: bool = False) -> None:
     label = repr(name) if name else "the root module"
     weight = getattr(module, "weight", None)
     if not isinstance(weight, Tensor):
@@ -237,11 +310,24 @@ def _check_weight(name: str, module: nn.Module) -> None:
             f"spectral norm selection: module {label} ({type(module).__name__}) has no `weight` tensor; "
             "select the layer inside it (e.g. a pattern ending in its name) instead"
         )
-    if not (isinstance(weight, nn.Parameter) or parametrize.is_parametrized(module, "weight")):
+    if replacing_weight_norm:
+        if _has_parametrized_weight_norm(module) and len(module.parametrizations["weight"]) != 1:
+            kinds = [type(p).__name__ for p in module.parametrizations["weight"]]
+            raise ValueError(
+                f"spectral norm selection: module {label} ({type(module).__name__}) has weight norm composed with "
+                f"other parametrizations {kinds}; `replace_weight_norm` can only remove a weight norm on its own"
+            )
+    elif _legacy_weight_norm_key(module) is not None:
+        raise ValueError(
+            f"spectral norm selection: module {label} ({type(module).__name__}) has the legacy "
+            "`torch.nn.utils.weight_norm` (its `weight` is recomputed from `weight_g`/`weight_v` every forward). "
+            "Pass `replace_weight_norm=True` (to `SpectralNormInjection`, `inject_spectral_norm` or "
+            "`load_with_spectral_norm`) to fold the weight norm into the weight and apply spectral norm instead"
+        )
+    elif not (isinstance(weight, nn.Parameter) or parametrize.is_parametrized(module, "weight")):
         raise ValueError(
             f"spectral norm selection: `weight` of module {label} ({type(module).__name__}) is a plain tensor "
-            "attribute, not a Parameter (legacy `torch.nn.utils.weight_norm`? use "
-            "`torch.nn.utils.parametrizations.weight_norm`, which composes with spectral norm)"
+            "attribute, not a Parameter; spectral norm needs a trainable `weight`"
         )
     if _is_sharded(module):
         raise RuntimeError(
@@ -267,12 +353,18 @@ def inject_spectral_norm(
     n_power_iterations: int = 1,
     eps: float = 1e-12,
     strict: bool = True,
+    replace_weight_norm: bool = False,
 ) -> InjectionResult:
     """Apply ``torch.nn.utils.parametrizations.spectral_norm`` to the selected modules' ``weight``, idempotently.
 
     A module that already has spectral norm (the parametrization or the legacy hook) is left as it is, so calling
     this twice, or on a model that was built with spectral norm, never doubles it. Transposed convolutions are
     normalised over their output-channel dim (:func:`spectral_norm_dim`), including user subclasses.
+
+    Weight norm: with ``replace_weight_norm=True`` a selected layer's weight norm (legacy hook or parametrization) is
+    folded into its weight and removed first (:func:`remove_weight_norm`), so the layer ends with spectral norm
+    alone. Without it, the legacy hook is an error (naming the option) and a parametrized weight norm stays, with
+    spectral norm applied to its output.
 
     Call it before building the optimizer; if an optimizer already exists it keeps working, because torch keeps the
     weight's ``Parameter`` object as ``parametrizations.weight.original``. The random start of the power iteration
@@ -284,23 +376,28 @@ def inject_spectral_norm(
         n_power_iterations: power iterations per training forward (>= 1).
         eps: numerical floor of the power iteration's normalisations.
         strict: raise when a pattern/type selects nothing.
+        replace_weight_norm: fold and remove the weight norm of selected layers before applying spectral norm.
 
     Raises:
         ValueError: a selector that matches nothing (listing existing module names), or a selected module without a
-            suitable ``weight`` (naming it).
+            suitable ``weight`` (naming it; the legacy weight norm without ``replace_weight_norm``).
     """
     _check_power_args(n_power_iterations, eps)
+    if not isinstance(replace_weight_norm, bool):
+        raise TypeError(f"`replace_weight_norm` must be a bool, got {replace_weight_norm!r}")
     selected = select_modules(model, modules, types, strict=strict)
-    for name, module in selected.items():
-        if not has_spectral_norm(module):
-            _check_weight(name, module)
     to_wrap = {name: module for name, module in selected.items() if not has_spectral_norm(module)}
+    replaced = [name for name, module in to_wrap.items() if replace_weight_norm and has_weight_norm(module)]
+    for name, module in to_wrap.items():  # every check before the model is changed
+        _check_weight(name, module, replacing_weight_norm=name in replaced)
+    for name in replaced:
+        remove_weight_norm(to_wrap[name])
     with _rng_untouched(m.weight for m in to_wrap.values()):
         for module in to_wrap.values():
             spectral_norm(
                 module, "weight", n_power_iterations=n_power_iterations, eps=eps, dim=spectral_norm_dim(module)
             )
-    return InjectionResult(selected=tuple(selected), wrapped=tuple(to_wrap))
+    return InjectionResult(selected=tuple(selected), wrapped=tuple(to_wrap), replaced_weight_norm=tuple(replaced))
 
 
 def _rng_untouched(weights: Iterable[Tensor]):
@@ -395,6 +492,7 @@ def load_with_spectral_norm(
     map_location: Any = "cpu",
     weights_only: bool = True,
     eval_mode: bool = True,
+    replace_weight_norm: bool | None = None,
 ) -> nn.Module:
     """Load a checkpoint written by a model trained with spectral norm (e.g. with the ``SpectralNormInjection``
     callback) into a freshly built ``model``, without a Trainer: one call.
@@ -425,6 +523,9 @@ def load_with_spectral_norm(
         strict: passed to ``load_state_dict``.
         map_location, weights_only: passed to ``torch.load``.
         eval_mode: call ``model.eval()`` (in training mode every forward would update ``u``/``v``).
+        replace_weight_norm: fold and remove the weight norm of the layers that get spectral norm (as
+            ``SpectralNormInjection(replace_weight_norm=True)`` did in training); ``None`` (default): for each such
+            layer, exactly when the checkpoint has no weight-norm tensors for it (``weight_g``/``original0``).
 
     Raises:
         ValueError: the checkpoint has spectral norm on modules the selection does not cover, or the other way round.
@@ -440,14 +541,31 @@ def load_with_spectral_norm(
         if not state:
             raise ValueError(f"`prefix` {prefix!r} matches no key of the checkpoint")
     in_ckpt = spectral_norm_modules_in(state)
+    if replace_weight_norm is not None and not isinstance(replace_weight_norm, bool):
+        raise TypeError(f"`replace_weight_norm` must be None or a bool, got {replace_weight_norm!r}")
+    candidates = _candidate_modules(model)
     if modules is None and types is None:
-        candidates = _candidate_modules(model)
         missing = [n for n in in_ckpt if n not in candidates]
         if missing:
             raise ValueError(
                 f"the checkpoint has spectral norm on modules that {type(model).__name__} does not have: "
                 f"{_describe(missing)}; some module names that exist: {_describe([n for n in candidates if n])}"
             )
+        targets = {n: candidates[n] for n in in_ckpt}
+    else:
+        targets = select_modules(model, modules, types)
+    replace = []
+    for name, m in targets.items():
+        if has_spectral_norm(m) or not has_weight_norm(m):
+            continue
+        dot = f"{name}." if name else ""
+        in_state = f"{dot}weight_g" in state or f"{dot}parametrizations.weight.original0" in state
+        if replace_weight_norm or (replace_weight_norm is None and not in_state):
+            _check_weight(name, m, replacing_weight_norm=True)
+            replace.append(m)
+    for m in replace:
+        remove_weight_norm(m)
+    if modules is None and types is None:
         for name in in_ckpt:
             if not has_spectral_norm(candidates[name]):
                 _check_weight(name, candidates[name])

@@ -281,6 +281,7 @@ def test_two_instances_coexist_with_distinct_state_keys(tmp_path):
         ({"eps": -1.0}, ValueError, r"`eps` must be a finite number > 0, got -1.0"),
         ({"log_every_n_steps": -1}, ValueError, r"`log_every_n_steps` must be None or an int >= 0, got -1"),
         ({"log_every_n_steps": 2.5}, ValueError, r"`log_every_n_steps` must be None or an int >= 0, got 2.5"),
+        ({"replace_weight_norm": "yes"}, TypeError, r"`replace_weight_norm` must be a bool, got 'yes'"),
     ],
 )
 def test_argument_errors(kwargs, exc, match):
@@ -324,3 +325,129 @@ def test_ddp_keeps_power_iteration_buffers_identical(tmp_path):
     assert r0.pop("u_at_setup") != r1.pop("u_at_setup")  # the ranks did start apart
     assert r0 == r1
     assert r0["u"] != pytest.approx([0.0] * len(r0["u"]))
+
+
+# -- legacy weight norm: a HiFi-GAN-style discriminator ----------------------------------------------------------------
+LEGACY_WN = pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
+
+
+class PeriodDiscriminator(nn.Module):
+    """HiFi-GAN's period discriminator in miniature: audio folded to [B, 1, T / p, p], Conv2d stack with the legacy
+    ``torch.nn.utils.weight_norm`` as the HiFi-GAN code applies it."""
+
+    def __init__(self, period: int) -> None:
+        super().__init__()
+        self.period = period
+        chans = (1, 8, 16)
+        self.convs = nn.ModuleList(
+            nn.utils.weight_norm(nn.Conv2d(a, b, (5, 1), (3, 1), padding=(2, 0))) for a, b in zip(chans, chans[1:])
+        )
+        self.conv_post = nn.utils.weight_norm(nn.Conv2d(chans[-1], 1, (3, 1), padding=(1, 0)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, t = x.shape
+        if t % self.period:
+            x = nn.functional.pad(x, (0, self.period - t % self.period), "reflect")
+        x = x.view(b, c, -1, self.period)
+        for conv in self.convs:
+            x = nn.functional.leaky_relu(conv(x), 0.1)
+        return self.conv_post(x).flatten(1)
+
+
+class ScaleDiscriminator(nn.Module):
+    """HiFi-GAN's scale discriminator in miniature (grouped strided Conv1d, weight norm)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        wn = nn.utils.weight_norm
+        self.convs = nn.ModuleList(
+            [wn(nn.Conv1d(1, 8, 15, padding=7)), wn(nn.Conv1d(8, 16, 41, 4, groups=4, padding=20))]
+        )
+        self.conv_post = wn(nn.Conv1d(16, 1, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv in self.convs:
+            x = nn.functional.leaky_relu(conv(x), 0.1)
+        return self.conv_post(x).flatten(1)
+
+
+class HiFiGANDiscriminatorModule(FaultyModule):
+    """Trains a multi-period + scale discriminator (hinge loss) to tell sines (real) from noise (fake)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.discs = nn.ModuleList([PeriodDiscriminator(2), PeriodDiscriminator(3), ScaleDiscriminator()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([d(x) for d in self.discs], dim=1)
+
+    def compute(self, batch) -> dict:
+        real, fake = batch
+        loss = torch.relu(1 - self(real)).mean() + torch.relu(1 + self(fake)).mean()
+        return {"loss": loss}
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(0)
+        t = torch.arange(256) / 8000
+        real = torch.stack([0.5 * torch.sin(2 * torch.pi * f * t) for f in torch.linspace(200, 900, 16)])[:, None]
+        fake = 0.3 * torch.randn(16, 1, 256, generator=g)
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(real, fake), batch_size=4)
+
+    def val_dataloader(self):
+        return self.train_dataloader()
+
+
+def wn_convs(module: nn.Module) -> list[str]:
+    from lightning_stability.nn.spectral import has_weight_norm
+
+    return [n for n, m in module.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d)) and has_weight_norm(m)]
+
+
+def run_gan(tmp_path, name, max_epochs, ckpt_path=None, save=None):
+    torch.manual_seed(0)
+    module = HiFiGANDiscriminatorModule()
+    cb = SpectralNormInjection(types=(nn.Conv1d, nn.Conv2d), replace_weight_norm=True, log_every_n_steps=2)
+    trainer = make_trainer(tmp_path / name, [cb], max_steps=-1, max_epochs=max_epochs)
+    trainer.fit(module, ckpt_path=ckpt_path)
+    if save is not None:
+        trainer.save_checkpoint(save)
+    return module, cb, trainer
+
+
+@LEGACY_WN
+def test_replace_weight_norm_on_a_hifigan_discriminator_trains_resumes_and_loads(tmp_path):
+    assert len(wn_convs(HiFiGANDiscriminatorModule())) == 9
+    with pytest.raises(ValueError, match=r"legacy `torch\.nn\.utils\.weight_norm`.*`replace_weight_norm=True`"):
+        make_trainer(tmp_path, [SpectralNormInjection(types=nn.Conv2d)], max_steps=1).fit(HiFiGANDiscriminatorModule())
+
+    full, full_cb, full_trainer = run_gan(tmp_path, "full", 2)
+    assert wn_convs(full) == []
+    assert len(full_cb.selected) == 9
+    (inject,) = [e for e in full_cb.event_log.events if e.kind == "inject"]
+    assert sorted(inject.data["replaced_weight_norm"]) == sorted(full_cb.selected)
+    assert not any("weight_g" in k or "weight_v" in k for k in full.state_dict())
+    optimized = {id(p) for g in full_trainer.optimizers[0].param_groups for p in g["params"]}
+    for name in full_cb.selected:
+        layer = full.get_submodule(name)
+        assert id(layer.parametrizations.weight.original) in optimized  # the folded weight is what trains
+        with torch.no_grad():  # in eval mode, reading `weight` runs no power iteration (u, v stay as trained)
+            assert sigma2(layer.eval().weight) == pytest.approx(1.0, abs=0.1)  # one iteration a step lags a little
+    full.train()
+    assert full.step_losses[-1] < full.step_losses[0]
+
+    run_gan(tmp_path, "first", 1, save=tmp_path / "half.ckpt")
+    resumed, resumed_cb, resumed_trainer = run_gan(tmp_path, "resumed", 2, ckpt_path=tmp_path / "half.ckpt")
+    assert resumed.step_losses == full.step_losses[4:]
+    assert_same(snapshot(full, full_trainer.optimizers[0]), snapshot(resumed, resumed_trainer.optimizers[0]))
+    assert resumed_cb.state_dict()["selected"] == full_cb.state_dict()["selected"]
+
+    full_trainer.save_checkpoint(tmp_path / "full.ckpt")
+    full.eval()
+    x = torch.randn(3, 1, 256)
+    expected = full(x)
+    for fresh in (  # a freshly built model still has weight norm: both loaders replace it
+        load_with_spectral_norm(HiFiGANDiscriminatorModule(), tmp_path / "full.ckpt"),
+        full_cb.load_for_inference(HiFiGANDiscriminatorModule(), tmp_path / "full.ckpt"),
+    ):
+        assert wn_convs(fresh) == []
+        assert torch.equal(fresh(x), expected)

@@ -6,8 +6,10 @@ from torch.nn.utils.parametrizations import weight_norm
 from lightning_stability.nn.spectral import (
     InjectionResult,
     has_spectral_norm,
+    has_weight_norm,
     inject_spectral_norm,
     load_with_spectral_norm,
+    remove_weight_norm,
     select_modules,
     spectral_norm_dim,
     spectral_norm_modules_in,
@@ -164,8 +166,15 @@ def test_selection_errors_name_the_problem():
         inject_spectral_norm(net, "norm")
     with pytest.warns(FutureWarning, match="weight_norm"):
         legacy = nn.Sequential(nn.utils.weight_norm(nn.Linear(3, 3)))
-    with pytest.raises(ValueError, match=r"`weight` of module '0' \(Linear\) is a plain tensor attribute"):
+    with pytest.raises(ValueError, match=r"module '0' \(Linear\) has the legacy `torch\.nn\.utils\.weight_norm`.*"
+                       r"Pass `replace_weight_norm=True`"):
         inject_spectral_norm(legacy, "0")
+    assert has_weight_norm(legacy[0])  # the refusal changed nothing
+    plain = nn.Linear(3, 3)
+    del plain.weight
+    plain.weight = torch.ones(3, 3)
+    with pytest.raises(ValueError, match=r"`weight` of module '0' \(Linear\) is a plain tensor attribute"):
+        inject_spectral_norm(nn.Sequential(plain), "0")
     with pytest.raises(ValueError, match=r"nothing to select"):
         select_modules(net, (), ())
     assert select_modules(net, "*.missing", strict=False) == {}
@@ -254,3 +263,158 @@ def test_load_with_spectral_norm_errors(tmp_path):
         load_with_spectral_norm(Net(), {"state_dict": [1, 2]})
     with pytest.raises(ValueError, match=r"`n_power_iterations` must be an int >= 1, got -1"):
         load_with_spectral_norm(Net(), ckpt, n_power_iterations=-1)
+
+
+# -- weight norm -------------------------------------------------------------------------------------------------------
+LEGACY_WN = pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
+
+
+def _legacy(layer: nn.Module) -> nn.Module:
+    return nn.utils.weight_norm(layer)
+
+
+@LEGACY_WN
+@pytest.mark.parametrize("kind", ["legacy", "parametrized"])
+@pytest.mark.parametrize(
+    "layer", [lambda: nn.Conv1d(3, 5, 4), lambda: nn.ConvTranspose1d(3, 5, 4), lambda: nn.Linear(6, 4)]
+)
+def test_remove_weight_norm_folds_g_v_into_the_weight_the_layer_computed(kind, layer):
+    torch.manual_seed(0)
+    module = (_legacy if kind == "legacy" else weight_norm)(layer())
+    with torch.no_grad():  # g away from ||v||, so the fold must really multiply by g / ||v||
+        g = module.weight_g if kind == "legacy" else module.parametrizations.weight.original0
+        g.mul_(torch.linspace(0.2, 3.0, g.numel()).reshape(g.shape))
+    x = torch.randn(2, 3, 9) if not isinstance(module, nn.Linear) else torch.randn(2, 6)
+    before, weight = module(x), module.weight.detach().clone()
+    assert remove_weight_norm(module)
+    assert not has_weight_norm(module)
+    assert isinstance(module.weight, nn.Parameter)
+    assert module.weight.requires_grad
+    assert sorted(n for n, _ in module.named_parameters()) == ["bias", "weight"]
+    assert torch.equal(module.weight, weight)
+    assert torch.equal(module(x), before)
+    assert not remove_weight_norm(module)  # nothing left to remove
+
+
+@LEGACY_WN
+def test_remove_weight_norm_keeps_a_frozen_layer_frozen_and_refuses_composed_parametrizations():
+    frozen = _legacy(nn.Linear(4, 4)).requires_grad_(False)
+    remove_weight_norm(frozen)
+    assert not frozen.weight.requires_grad
+    composed = torch.nn.utils.parametrizations.spectral_norm(weight_norm(nn.Linear(4, 4)))
+    with pytest.raises(ValueError, match="weight norm composed with other parametrizations"):
+        remove_weight_norm(composed)
+
+
+class WeightNormNet(nn.Module):
+    """A decoder-ish stack with legacy weight norm, one parametrized weight norm and one plain layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = _legacy(nn.Conv1d(2, 6, 3, padding=1))
+        self.b = weight_norm(nn.Conv1d(6, 6, 3, padding=1))
+        self.c = nn.Conv1d(6, 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+@LEGACY_WN
+def test_replace_weight_norm_applies_spectral_norm_to_the_folded_weight():
+    torch.manual_seed(0)
+    net = WeightNormNet()
+    folded = {name: getattr(net, name).weight.detach().clone() for name in "abc"}
+    result = inject_spectral_norm(net, (), (nn.Conv1d,), replace_weight_norm=True, n_power_iterations=30)
+    assert result.wrapped == ("a", "b", "c")
+    assert result.replaced_weight_norm == ("a", "b")
+    for name in "abc":
+        layer = getattr(net, name)
+        assert not has_weight_norm(layer)
+        assert has_spectral_norm(layer)
+        assert list(layer.parametrizations.weight.state_dict()) == ["original", "0._u", "0._v"]
+        assert torch.equal(layer.parametrizations.weight.original, folded[name])
+    net(torch.randn(2, 2, 8))  # training-mode forward: 30 power iterations
+    for name in "abc":
+        layer = getattr(net, name)
+        assert true_sigma(layer, layer.weight) == pytest.approx(1.0, abs=1e-3)
+        assert spectral_sigma(layer).item() == pytest.approx(true_sigma(layer, folded[name]), rel=1e-3)
+
+
+@LEGACY_WN
+def test_without_the_option_parametrized_weight_norm_composes_and_legacy_is_refused_untouched():
+    net = WeightNormNet()
+    inject_spectral_norm(net, "b")
+    assert has_weight_norm(net.b)
+    assert has_spectral_norm(net.b)
+    with pytest.raises(ValueError, match="replace_weight_norm=True"):
+        inject_spectral_norm(net, ("a", "c"))
+    assert has_weight_norm(net.a)
+    assert not has_spectral_norm(net.c)  # checked before anything changed
+
+
+@LEGACY_WN
+def test_load_with_spectral_norm_replaces_the_weight_norm_the_checkpoint_no_longer_has(tmp_path):
+    torch.manual_seed(0)
+    trained = WeightNormNet()
+    inject_spectral_norm(trained, (), (nn.Conv1d,), replace_weight_norm=True)
+    x = torch.randn(2, 2, 8)
+    for _ in range(3):
+        trained(x)  # move u/v away from their initial values
+    trained.eval()
+    torch.save({"state_dict": trained.state_dict()}, tmp_path / "ckpt.pt")
+    expected = trained(x)
+    assert not any("weight_g" in k or "original0" in k for k in trained.state_dict())
+    fresh = load_with_spectral_norm(WeightNormNet(), tmp_path / "ckpt.pt")  # selection and replacement inferred
+    assert torch.equal(fresh(x), expected)
+    explicit = load_with_spectral_norm(WeightNormNet(), tmp_path / "ckpt.pt", (), (nn.Conv1d,))
+    assert torch.equal(explicit(x), expected)
+    with pytest.raises(ValueError, match="replace_weight_norm=True"):
+        load_with_spectral_norm(WeightNormNet(), tmp_path / "ckpt.pt", replace_weight_norm=False)
+
+
+@LEGACY_WN
+def test_load_keeps_a_weight_norm_the_checkpoint_still_has(tmp_path):
+    trained = WeightNormNet()
+    inject_spectral_norm(trained, "b")  # parametrized weight norm composed with spectral norm
+    trained.eval()
+    torch.save(trained.state_dict(), tmp_path / "sd.pt")
+    fresh = load_with_spectral_norm(WeightNormNet(), tmp_path / "sd.pt")
+    assert has_weight_norm(fresh.b)
+    x = torch.randn(2, 2, 8)
+    assert torch.equal(fresh(x), trained(x))
+
+
+@LEGACY_WN
+def test_encodec_convolutions_and_discriminator_get_spectral_norm_instead_of_weight_norm():
+    from encodec.modules.seanet import SEANetEncoder
+    from encodec.msstftd import MultiScaleSTFTDiscriminator
+
+    torch.manual_seed(0)
+    disc = MultiScaleSTFTDiscriminator(filters=4, n_ffts=[64, 128], hop_lengths=[16, 32], win_lengths=[64, 128])
+    convs = {n: m for n, m in disc.named_modules() if isinstance(m, nn.Conv2d)}
+    weight_normed = {n for n, m in convs.items() if has_weight_norm(m)}
+    assert len(weight_normed) == 10  # all but each scale's first conv (EnCodec leaves that one plain)
+    with pytest.raises(ValueError, match="replace_weight_norm=True"):
+        inject_spectral_norm(disc, (), (nn.Conv2d,))
+    x = torch.randn(2, 1, 2048)
+    disc.eval()
+    before = disc(x)[0]
+    result = inject_spectral_norm(disc, (), (nn.Conv2d,), replace_weight_norm=True)
+    assert set(result.wrapped) == set(convs)
+    assert set(result.replaced_weight_norm) == weight_normed
+    assert not any(has_weight_norm(m) for m in convs.values())
+    assert not any("weight_g" in k or "weight_v" in k for k in disc.state_dict())
+    disc.train()
+    for _ in range(20):
+        logits, _ = disc(x)
+    assert all(torch.isfinite(t).all() for t in logits)
+    for m in convs.values():
+        assert true_sigma(m, m.weight) == pytest.approx(1.0, abs=0.05)
+    assert any(not torch.allclose(a, b) for a, b in zip(before, disc.eval()(x)[0]))  # it is a different layer now
+
+    encoder = SEANetEncoder(channels=1, dimension=8, n_filters=2, ratios=[4, 2], lstm=0)
+    wn = [n for n, m in encoder.named_modules() if isinstance(m, nn.Conv1d) and has_weight_norm(m)]
+    assert len(wn) > 3
+    result = inject_spectral_norm(encoder, (), (nn.Conv1d,), replace_weight_norm=True)
+    assert sorted(result.replaced_weight_norm) == sorted(wn)
+    assert torch.isfinite(encoder(torch.randn(1, 1, 256))).all()
