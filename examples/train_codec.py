@@ -1,6 +1,6 @@
 """Train the reference speech codec with the stability kit, in plain Python (copy this file and edit it).
 
-    python examples/train_codec.py                        # generated Telugu speech (eSpeak NG), ~10 min on 2 cores
+    python examples/train_codec.py                        # generated Telugu speech (eSpeak NG), ~6 min on 2 cores
     python examples/train_codec.py --audio-dir my_wavs/   # your own recordings (wav/flac/ogg, any rate)
 
 It is what ``lightning-stability demo`` and ``lightning-stability fit --config configs/codec.yaml`` do: a SEANet +

@@ -55,7 +55,7 @@ __all__ = [
 
 @dataclass
 class DemoConfig:
-    """Everything the demo does; the defaults are the full (about 10 minutes on 2 CPU cores) run."""
+    """Everything the demo does; the defaults are the full run (about 6 minutes on 2 busy CPU cores)."""
 
     out: str = "demo_output"  # where checkpoints, logs, the report, wavs and metrics.json go
     cache_dir: str | None = None  # speech corpus cache (default: <out>/speech_corpus)
@@ -561,7 +561,7 @@ def _parser() -> argparse.ArgumentParser:
     d = DemoConfig()
     p = argparse.ArgumentParser(
         prog="lightning-stability demo",
-        description="Train a small speech codec with the stability kit (about 10 min on 2 CPU cores) on generated "
+        description="Train a small speech codec with the stability kit (about 6 min on 2 busy CPU cores) on generated "
         "speech, or on your own recordings with --data DIR, then reconstruct the held-out utterances/files and report "
         "SI-SNR, mel distance, RMS ratio, wide-band PESQ, STOI, loudness error and bitrate.",
     )
