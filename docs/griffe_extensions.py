@@ -3,7 +3,9 @@
 - Grouped arguments, ``min_weight, max_weight: bounds of the weight.`` (an ``Args:`` item naming several parameters,
   possibly over several lines), become one item per parameter with the shared description, so griffe still checks
   every documented name against the signature.
-- Sphinx roles (``:class:`X```, ``:meth:`~a.b```, ``:math:`\\beta```) render as inline code.
+- Sphinx roles (``:class:`X```, ``:meth:`~a.b```) render as inline code; ``:math:`...``` and ``.. math::`` blocks
+  become ``\\(...\\)`` / ``\\[...\\]`` for ``pymdownx.arithmatex`` (MathJax); a paragraph ending in ``::`` (a
+  reStructuredText literal block follows) ends in ``:``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ from typing import Any
 
 import griffe
 
-_ROLE = re.compile(r":(?:class|meth|func|mod|attr|obj|data|exc|math):`~?([^`]+)`")
+_ROLE = re.compile(r":(?:class|meth|func|mod|attr|obj|data|exc):`~?([^`]+)`")
+_MATH_ROLE = re.compile(r":math:`([^`]+)`")
+_MATH_BLOCK = re.compile(r"^(?P<indent>[ \t]*)\.\. math::[ \t]*\n(?P<body>(?:(?P=indent)[ \t]+\S.*\n|[ \t]*\n)+)", re.M)
+_LITERAL = re.compile(r"(?<=\S)::[ \t]*$", re.M)
 _SECTION = re.compile(r"^(\s*)(Args|Arguments|Parameters|Keyword Args|Other Parameters):\s*$")
 _GROUP = re.compile(r"^((?:\*{0,2}\w+\s*,\s*)+\*{0,2}\w+)\s*:\s*(.*)$", re.DOTALL)
 
@@ -54,9 +59,23 @@ def _split_groups(text: str) -> str:
     return "\n".join(out)
 
 
+def _math_block(m: re.Match) -> str:
+    indent = m.group("indent")
+    lines = [ln.strip() for ln in m.group("body").splitlines() if ln.strip()]
+    return f"{indent}\\[\n" + "".join(f"{indent}{ln}\n" for ln in lines) + f"{indent}\\]\n\n"
+
+
+def rewrite(text: str) -> str:
+    """The docstring ``text`` in the Markdown the site renders."""
+    text = _MATH_BLOCK.sub(_math_block, text + "\n").rstrip("\n")
+    text = _MATH_ROLE.sub(lambda m: "\\(" + m.group(1) + "\\)", text)
+    text = _LITERAL.sub(":", text)
+    return _ROLE.sub(r"`\1`", _split_groups(text))
+
+
 class ProjectDocstrings(griffe.Extension):
     """Rewrite each docstring once, when griffe creates the object."""
 
     def on_instance(self, *, obj: griffe.Object, **kwargs: Any) -> None:  # noqa: ARG002 (griffe hook signature)
         if obj.docstring is not None:
-            obj.docstring.value = _ROLE.sub(r"`\1`", _split_groups(obj.docstring.value))
+            obj.docstring.value = rewrite(obj.docstring.value)
