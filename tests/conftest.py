@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import warnings
 from pathlib import Path
 
@@ -43,6 +44,7 @@ def _hygiene(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb_data"))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("PL_DISABLE_FORK", "0")
+    monkeypatch.setattr(sys, "argv", [sys.argv[0]])  # pytest's own arguments are not a CLI test's command line
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)

@@ -297,7 +297,11 @@ def test_non_finite_losses_are_rejected_counted_and_never_averaged():
     cb = AdaptiveLossWeight(warmup_steps=0, cooling_steps=0)
     cb._observe(0, 2.0)
     for step, bad in enumerate([math.nan, math.inf, -math.inf], start=1):
-        assert cb._observe(step, bad)[0] is Decision.REJECTED
+        if bad < 0:
+            with pytest.warns(UserWarning, match=r"the `mel` term is negative \(-inf\); it is rejected"):
+                assert cb._observe(step, bad)[0] is Decision.REJECTED
+        else:
+            assert cb._observe(step, bad)[0] is Decision.REJECTED
     assert cb.num_rejected == 3
     assert cb.avg == 2.0
     assert cb.observed == 1

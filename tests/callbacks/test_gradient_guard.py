@@ -12,7 +12,9 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 
 from lightning_stability.callbacks import GradientGuard
 from tests._helpers_guard import FusedFaultyModule, RankDump, StepRecorder, TwoOptimizerModule
-from tests.helpers import FaultyModule, assert_same, make_trainer
+from tests.helpers import FAULT_WARNINGS, FaultyModule, assert_same, make_trainer
+
+pytestmark = FAULT_WARNINGS  # these tests inject faults: the guard's notices are expected
 
 
 def _fit(tmp_path, module, guard, **kw):

@@ -12,7 +12,9 @@ from torch import nn
 
 from lightning_stability.callbacks import GradientGuard
 from tests._helpers_guard import FusedFaultyModule, RankDump, StepRecorder, TwoOptimizerModule
-from tests.helpers import FaultyModule, assert_same, make_trainer, regression_loader
+from tests.helpers import FAULT_WARNINGS, FaultyModule, assert_same, make_trainer, regression_loader
+
+pytestmark = FAULT_WARNINGS  # these tests inject faults: the guard's notices are expected
 
 
 class EMAQuantizer(nn.Module):

@@ -134,6 +134,7 @@ def test_model_checkpoint_and_early_stopping_on_a_signal_key(tmp_path):
     assert ckpt.best_model_path
 
 
+@pytest.mark.filterwarnings("ignore:GradientGuard skipped step:UserWarning")  # the injected NaN losses
 def test_model_checkpoint_and_early_stopping_on_a_guard_key(tmp_path):
     from lightning.pytorch.callbacks import EarlyStopping
 

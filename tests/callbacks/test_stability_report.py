@@ -265,6 +265,7 @@ def test_non_finite_losses_are_kept_and_written_as_strings(tmp_path):
     _assert_png(tmp_path / "stability_report.png")
 
 
+@pytest.mark.filterwarnings("ignore:GradientGuard skipped step:UserWarning")  # the injected inf gradient
 def test_inf_gradient_skip_by_the_guard_is_in_the_report(tmp_path):
     from lightning_stability.callbacks import GradientGuard, SignalMonitor
 

@@ -253,6 +253,7 @@ def test_resumed_fit_sees_the_same_crops(folder: Path, tmp_path: Path):
     assert resumed.seen == {1: full.seen[1]}
 
 
+@pytest.mark.filterwarnings("ignore:Total length of `list` across ranks is zero")  # no validation split: expected
 def test_no_validation_split(folder: Path, tmp_path: Path):
     dm = make(folder, val_fraction=0.0)
     trainer = make_trainer(tmp_path, max_steps=2, limit_val_batches=1.0)

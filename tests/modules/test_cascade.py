@@ -14,7 +14,9 @@ from lightning_stability.modules.cascade import (
     masked_distance,
 )
 from lightning_stability.nn.transformer import CascadeConfig
-from tests.helpers import assert_same, make_trainer, snapshot
+from tests.helpers import FAULT_WARNINGS, assert_same, make_trainer, snapshot
+
+pytestmark = FAULT_WARNINGS  # the post-mortem runs provoke the guard's and the cascade's notices on purpose
 
 TINY = {"latent_dim": 8, "widths": [16, 16, 16], "n_layers": 1, "n_heads": 2}
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from tests.helpers import assert_same, make_trainer, snapshot
+from tests.helpers import FAULT_WARNINGS, assert_same, make_trainer, snapshot
 from tests.reliability._stack import (
     finite_checkpoint,
     finite_module,
@@ -32,6 +32,8 @@ from tests.reliability._stack import (
     make_module,
     record_fault,
 )
+
+pytestmark = FAULT_WARNINGS  # these tests inject faults: the guard's notices are expected
 
 
 class StepProbe(pl.Callback):

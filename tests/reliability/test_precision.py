@@ -18,8 +18,10 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.plugins.precision import MixedPrecision
 
-from tests.helpers import make_trainer
+from tests.helpers import FAULT_WARNINGS, make_trainer
 from tests.reliability._stack import finite_module, full_stack, loader, make_module, record_fault
+
+pytestmark = FAULT_WARNINGS  # these tests inject faults: the guard's notices are expected
 
 PRECISIONS = ["32-true", "bf16-mixed", "fp16-scaler"]
 

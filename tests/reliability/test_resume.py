@@ -33,7 +33,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import FAULT_WARNINGS
 from tests.reliability._stack import record_fault
+
+pytestmark = FAULT_WARNINGS  # these tests inject faults: the guard's notices are expected
 
 REPO = Path(__file__).resolve().parents[2]
 FAULTS = "nan_batch:2;spike:9;inf_grad:11"  # before and after the kill, so every callback has history

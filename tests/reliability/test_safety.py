@@ -21,8 +21,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_stability.callbacks import SpectralNormInjection
 from lightning_stability.data import LatentPairDataModule, SpeechCorpusDataModule
-from tests.helpers import make_trainer
+from tests.helpers import FAULT_WARNINGS, make_trainer
 from tests.reliability._stack import full_stack, loader, make_module, record_fault
+
+pytestmark = FAULT_WARNINGS  # these tests inject faults: the guard's notices are expected
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "lightning_stability"
