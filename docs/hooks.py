@@ -7,7 +7,8 @@ Markers a page may contain, replaced at build time (so a page can never disagree
 - ``<!-- table: NAME -->`` (alone on a line): the Markdown table that ``TABLES[NAME]`` makes from
   ``benchmarks/results/*.json``.
 - ``{{ result("FILE.json", "dotted.path", ".3f") }}``: one value of a JSON file, formatted (a format spec, or
-  ``"%"`` for a signed percentage, or ``""`` for the value as written).
+  ``"%"`` for a signed percentage, or ``""`` for the value as written). Right after a backtick (inline code that
+  shows the syntax) it is left as written.
 
 A missing file or key never fails the build and never becomes a number: it renders as *not measured yet*, naming
 what is missing. Adding a table for a new JSON file is one function decorated with ``@table``: read values with
@@ -517,7 +518,7 @@ def _peers_summary(r: Results) -> str:
 
 _API = re.compile(r"^<!-- api: ([\w.]+) -->$", re.MULTILINE)
 _TABLE = re.compile(r"^<!-- table: (\w+) -->$", re.MULTILINE)
-_RESULT = re.compile(r"\{\{\s*result\(\s*\"([^\"]+)\"\s*,\s*\"([^\"]+)\"\s*(?:,\s*\"([^\"]*)\"\s*)?\)\s*\}\}")
+_RESULT = re.compile(r"(?<!`)\{\{\s*result\(\s*\"([^\"]+)\"\s*,\s*\"([^\"]+)\"\s*(?:,\s*\"([^\"]*)\"\s*)?\)\s*\}\}")
 
 
 def api_blocks(package: str) -> str:

@@ -29,11 +29,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 # What a test that injects faults provokes on purpose (the package's warnings are errors elsewhere, see pyproject):
 # the guard's skip / rollback / stop notices, the scale clamp's "stays high" warning (a fault or a tiny model) and the
-# cascade's RMS-factor notice. Use as ``pytestmark = FAULT_WARNINGS`` (or ``*FAULT_WARNINGS`` on one test).
+# cascade's RMS-factor notice. Use as ``pytestmark = FAULT_WARNINGS`` (or ``*FAULT_WARNINGS`` on one test). A ":"
+# would end a filter's message, hence the "." in "ScaleFactorClamp. ".
 FAULT_WARNINGS = [
     pytest.mark.filterwarnings("ignore:GradientGuard:UserWarning"),
-    pytest.mark.filterwarnings("ignore:ScaleFactorClamp: scale factor .* stayed above:UserWarning"),
-    pytest.mark.filterwarnings(r"ignore:cascade stage \d+: mean RMS factor:UserWarning"),
+    pytest.mark.filterwarnings("ignore:ScaleFactorClamp. scale factor .* stayed above:UserWarning"),
+    pytest.mark.filterwarnings(r"ignore:cascade stage \d+. mean RMS factor:UserWarning"),
 ]
 
 

@@ -88,6 +88,11 @@ def test_result_values_and_formats():
     assert hooks.fmt(True) == "yes"
 
 
+def test_the_syntax_shown_as_inline_code_is_left_alone():
+    macro = '{{ result("rescue.json", "summary.target_met") }}'
+    assert hooks.expand(f"write `{macro}` to get {macro}") == f"write `{macro}` to get yes"
+
+
 def test_unknown_table_names_the_known_ones():
     with pytest.raises(KeyError, match="benchmark_summary"):
         hooks.render_table("no_such_table", hooks.Results())

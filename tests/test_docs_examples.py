@@ -71,7 +71,7 @@ def corpus_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # guard guide skips a NaN step, the scale-clamp guide starts a learnable scale at 3.0 (both warn, on purpose)
 @pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
 @pytest.mark.filterwarnings("ignore:GradientGuard skipped step:UserWarning")
-@pytest.mark.filterwarnings("ignore:ScaleFactorClamp: learnable scale `output_scale` starts at 3:UserWarning")
+@pytest.mark.filterwarnings("ignore:ScaleFactorClamp. learnable scale `output_scale` starts at 3:UserWarning")
 @pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(REPO)) for p in PAGES])
 def test_page_examples_run(page: Path, corpus_cache: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("LIGHTNING_STABILITY_CACHE", str(corpus_cache))
