@@ -129,6 +129,7 @@ def test_quick_demo_on_a_folder_of_recordings_writes_every_metric(tmp_path, caps
     ],
     ids=["missing", "not-a-folder", "no-audio", "one-file", "all-corrupt"],
 )
+@pytest.mark.filterwarnings("ignore:AudioFolderDataModule. skipping:UserWarning")  # all-corrupt: each file announced
 def test_demo_data_bad_input_gets_a_message_naming_the_path_not_a_traceback(tmp_path, capsys, make, match):
     folder = tmp_path / "in"
     folder.mkdir()
