@@ -16,7 +16,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_stability.callbacks import GradientGuard
 from tests._helpers_guard import FusedFaultyModule, RankDump, StepRecorder
-from tests.helpers import FaultyModule, assert_same, make_trainer, regression_loader
+from tests.helpers import FAULT_WARNINGS, FaultyModule, assert_same, make_trainer, regression_loader
+
+pytestmark = FAULT_WARNINGS  # these tests inject faults and spikes: the guard's notices are expected
 
 SWITCH, NAN_STEP, STEPS, WEIGHT = 100, 150, 200, 4.0
 

@@ -12,7 +12,9 @@ from lightning_stability.callbacks import GradientGuard
 from lightning_stability.callbacks._guard_moments import first_moment_norm
 from lightning_stability.callbacks._guard_policy import Action, Decision, combine
 from tests._helpers_guard import FusedFaultyModule, StepRecorder
-from tests.helpers import FaultyModule, assert_same, make_trainer
+from tests.helpers import FAULT_WARNINGS, FaultyModule, assert_same, make_trainer
+
+pytestmark = FAULT_WARNINGS  # these tests inject faults and spikes: the guard's notices are expected
 
 
 def _expected(optimizer) -> float:
