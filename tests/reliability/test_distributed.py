@@ -13,10 +13,10 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from tests.helpers import make_trainer
+from tests.helpers import FAULT_WARNINGS, make_trainer
 from tests.reliability._stack import full_stack, loader, make_module, record_fault, stack_state
 
-pytestmark = [pytest.mark.ddp]
+pytestmark = [pytest.mark.ddp, *FAULT_WARNINGS]  # faults on one rank: the guard's notices are expected
 
 
 class RankDump(pl.Callback):
