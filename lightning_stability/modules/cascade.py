@@ -69,6 +69,34 @@ def masked_cosine_distance(pred: Tensor, target: Tensor, mask: Tensor | None = N
     return _masked_mean((1.0 - cos)[:, None, :], mask)
 
 
+def masked_rms(x: Tensor, mask: Tensor | None = None, eps: float = 1e-5) -> Tensor:
+    """Per-item RMS of ``x [B, C, T]`` over real frames (``mask [B, T]``) and channels, ``[B]`` fp32 (+ ``eps``)."""
+    values = x.float()
+    if mask is None:
+        count = torch.full((x.shape[0],), float(x.shape[1] * x.shape[2]), device=x.device)
+    else:
+        frames = mask[:, None, :].to(values.dtype)
+        values = values * frames
+        count = (frames.sum(dim=(1, 2)) * x.shape[1]).clamp_min(1.0)
+    return torch.linalg.vector_norm(values, ord=2, dim=(1, 2)) / count.sqrt() + eps
+
+
+def _log_rms_error(stages: Sequence[Tensor], target: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean over stages and items of ``|log rms(y_k) - log rms(target)|`` (real frames); ``stages`` may also be the
+    per-item RMS values themselves (``[B, 1, 1]``, e.g. ``CascadeOutput.levels``)."""
+    log_target = masked_rms(target, mask).log()
+
+    def log_rms(y: Tensor) -> Tensor:
+        return y.float().flatten().log() if y.shape[1:] == (1, 1) else masked_rms(y, mask).log()
+
+    return torch.stack([(log_rms(y) - log_target).abs().mean() for y in stages]).mean()
+
+
+def _log_scale_penalty(raw_scales: Sequence[Tensor]) -> Tensor:
+    """Mean over stages and items of ``|log s_raw|``: how far each stage's raw output RMS is from its reference's."""
+    return torch.stack([s.float().log().abs().mean() for s in raw_scales]).mean()
+
+
 class _WarmupCosine:
     """Multiplier of the base learning rate: linear warm-up over ``warmup`` steps, then cosine to ``min_ratio``.
 
@@ -123,7 +151,10 @@ class CascadeTransformerModule(pl.LightningModule):
         loss: str = "l1",
         stage_weights: Sequence[float] | None = None,
         cosine_weight: float = 0.1,
+        rms_weight: float = 0.0,
+        scale_weight: float = 0.0,
         lr: float = 3e-4,
+        gain_lr_scale: float = 1.0,
         weight_decay: float = 0.05,
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_steps: int = 100,
@@ -144,9 +175,12 @@ class CascadeTransformerModule(pl.LightningModule):
         for name, value in [
             *((f"stage_weights[{k}]", w) for k, w in enumerate(stage_weights)),
             ("cosine_weight", cosine_weight),
+            ("rms_weight", rms_weight),
+            ("scale_weight", scale_weight),
         ]:
             _check_number(name, value, minimum=0.0)
         _check_number("lr", lr, minimum=0.0, strict=True)
+        _check_number("gain_lr_scale", gain_lr_scale, minimum=0.0, strict=True)
         _check_number("weight_decay", weight_decay, minimum=0.0)
         if isinstance(betas, (str, bytes)) or not isinstance(betas, Sequence) or len(betas) != 2:
             raise ValueError(f"`betas` must be a pair of numbers in [0, 1), got {betas!r}")
@@ -167,7 +201,10 @@ class CascadeTransformerModule(pl.LightningModule):
         self.loss = loss
         self.stage_weights = tuple(float(w) for w in stage_weights)
         self.cosine_weight = float(cosine_weight)
+        self.rms_weight = float(rms_weight)
+        self.scale_weight = float(scale_weight)
         self.lr = float(lr)
+        self.gain_lr_scale = float(gain_lr_scale)
         self.weight_decay = float(weight_decay)
         self.betas = (float(betas[0]), float(betas[1]))
         self.warmup_steps = warmup_steps
@@ -179,7 +216,10 @@ class CascadeTransformerModule(pl.LightningModule):
                 "loss": loss,
                 "stage_weights": list(self.stage_weights),
                 "cosine_weight": self.cosine_weight,
+                "rms_weight": self.rms_weight,
+                "scale_weight": self.scale_weight,
                 "lr": self.lr,
+                "gain_lr_scale": self.gain_lr_scale,
                 "weight_decay": self.weight_decay,
                 "betas": list(self.betas),
                 "warmup_steps": warmup_steps,
@@ -193,6 +233,8 @@ class CascadeTransformerModule(pl.LightningModule):
         self.model = CascadeTransformer(self.config)
         weights = dict(zip(self.stage_names, self.stage_weights))
         weights["cosine"] = self.cosine_weight
+        weights["rms"] = self.rms_weight
+        weights["scale"] = self.scale_weight
         self.loss_weights = LossWeights(weights)
         self._scale_warned: set[int] = set()
 
@@ -259,6 +301,10 @@ class CascadeTransformerModule(pl.LightningModule):
             for name, y in zip(self.stage_names, output.stages)
         }
         losses["cosine"] = weights.compute("cosine", masked_cosine_distance, output.output, target, mask)
+        losses["rms"] = weights.compute(
+            "rms", _log_rms_error, output.levels if self.config.detach_gain else output.stages, target, mask
+        )
+        losses["scale"] = weights.compute("scale", _log_scale_penalty, output.raw_scales)
         total = self.loss_weights.weighted_sum(losses)
         return {
             "loss": total,
@@ -308,6 +354,16 @@ class CascadeTransformerModule(pl.LightningModule):
                 batch_size=batch_size,
                 sync_dist=sync,
             )
+        if self.config.predict_gain:
+            for k, gain in enumerate(output.gains, start=1):
+                self.log(
+                    f"{stage}/stage{k}_gain",
+                    gain.detach().mean(),
+                    on_step=on_step,
+                    on_epoch=not on_step,
+                    batch_size=batch_size,
+                    sync_dist=sync,
+                )
 
     def _maybe_warn_scale(self, output: CascadeOutput) -> None:
         """Warn once per stage when its mean RMS factor is above ``warn_above`` after warm-up (log steps only)."""
@@ -377,18 +433,27 @@ class CascadeTransformerModule(pl.LightningModule):
         """AdamW groups: ``decay`` (weights of Linear/conv layers, incl. spectral norm's ``original``) and
         ``no_decay`` (biases, normalisation gains, embeddings, any parameter with fewer than 2 dims)."""
         no_decay_types = (nn.LayerNorm, nn.GroupNorm, nn.Embedding, nn.modules.batchnorm._BatchNorm)
-        decay, no_decay = [], []
+        decay, no_decay, gain = [], [], []
         seen: set[int] = set()
+        for stage in self.model.stages:
+            for head in (stage.gain_proj, stage.frame_gain_proj):
+                if head is not None:
+                    for param in head.parameters():
+                        seen.add(id(param))
+                        gain.append(param)
         for module in self.modules():
             for param in module.parameters(recurse=False):
                 if not param.requires_grad or id(param) in seen:
                     continue
                 seen.add(id(param))
                 (no_decay if isinstance(module, no_decay_types) or param.ndim < 2 else decay).append(param)
-        return [
+        groups = [
             {"params": decay, "weight_decay": self.weight_decay, "name": "decay"},
             {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
         ]
+        if gain:
+            groups.append({"params": gain, "weight_decay": 0.0, "lr": self.lr * self.gain_lr_scale, "name": "gain"})
+        return groups
 
     @override
     def configure_optimizers(self) -> dict[str, Any]:

@@ -1,25 +1,43 @@
 """The three-stage cascade transformer on codec latents (DESIGN.md §1.3), in plain torch.
 
 The model refines EnCodec-style latents ``[B, D=128, T]`` (24 kHz audio, hop 320: 75 frames/s, T = 1200 for 16 s) in
-``n_stages`` transformer stages. Stage ``k`` computes, with ``prev_0 = source``::
+``n_stages`` transformer stages. Stage ``k`` computes, with ``prev_0 = source`` and ``a_0 = rms(reference)``::
 
     h      = LayerNorm(concat([prev_{k-1}, conditioning], dim=channels))      # [B, T, D + Dc]
     x      = PreLNTransformer_k(Linear(h))                                     # [B, T, W_k], rotary positions
-    out    = OutputProj_k(LayerNorm(x))                                        # [B, D, T], spectral norm on OutputProj
-    out    = out + r_k * prev_{k-1}                                            # residual, r = (1.0, 1.0, 0.3)
-    prev_k = clamp(rms(reference) / rms(out), s_min, s_max) * out              # ClampedRMSScale, [0.7, 1.5]
+    p      = OutputProj_k(LayerNorm(x))                                        # [B, D, T], spectral norm on OutputProj
+    p      = max(1, sqrt(1 - r_k^2) * rms(prev_{k-1}) / rms(p)) * p            # calibrate_output: a floor, per item
+    out    = p + r_k * prev_{k-1}                                              # residual, r = (1.0, 1.0, 0.3)
+    s_k    = clamp(a_{k-1} / rms(out), s_min, s_max)                           # ClampedRMSScale, [0.7, 1.5]
+    g_k    = exp(log(G) * tanh(Linear([mean_t(LayerNorm(x)), log rms(source), log rms(cond)]) / log(G)))
+    prev_k = g_k * s_k * out,   a_k = g_k * a_{k-1}                            # predict_gain, G = gain_range = 4
 
 The post-mortem's cascade had ``r_3 = 0.1``: the last stage's output RMS collapsed to 1.09 against a target of 5.69,
 the RMS factor sat at its 1.5 ceiling and could not hide it, gradient norms grew 2.45 -> 6.66 -> 16.71 per epoch and
 the run went NaN at batch 205. The defaults here are the fixed configuration; every number is a :class:`CascadeConfig`
-field so the failure can be reproduced (``residual_weights=(1.0, 1.0, 0.1), spectral_norm_output=False``).
+field so the failure can be reproduced (``residual_weights=(1.0, 1.0, 0.1), spectral_norm_output=False,
+qk_layernorm=False, normalize_input=False, predict_gain=False, calibrate_output=False``).
 
 Amplitude: with ``normalize_input=True`` (default) the stages work on latents divided by the per-item RMS of the
 source (EnCodec's ``preprocess``, over real frames) and every stage output is multiplied back by it. The spectral norm
 bounds each output projection's gain by 1, so without this a stage fed latents of RMS 5.7 must first grow its
 LayerNorm gains by ~5x before the RMS factor leaves its 1.5 ceiling; normalised, the outputs start within the clamp
 range and the factor measures the stage's relative error only. ``normalize_input=False`` is the post-mortem's raw
-setting.
+setting. Two more amplitude fixes (measured in ``docs/cascade_experiments.md``):
+
+- ``predict_gain``: inside the clamp range a stage's output has exactly the RMS its factor aims at, so with the
+  source as the only reference every stage would output the *source's* level; in an enhancement task the target's
+  level differs (gain changes, noise: the random-encoder latents' source/target RMS ratios span 0.39-1.63). Each stage
+  predicts a bounded gain from its features and the raw levels that the input normalisation divides out; gains
+  compose (stage ``k``'s factor aims at the level stage ``k - 1`` ended at), so a stage that keeps its input's
+  amplitude has a factor near 1 whatever the gains before it. The gain head starts at zero (gain 1).
+- ``calibrate_output``: inside the clamp range nothing trains the amplitude of ``out`` (the factor undoes it), and a
+  learned projection aligns with low-variance directions of its LayerNorm input (measured: feature variance 0.02
+  along its top singular vectors against 0.99 on average, an output 5x quieter than at init): the ``r = 0.3`` stage's
+  output then collapses onto ``0.3 * prev`` and its factor sits at the ceiling. The floor keeps the projection at
+  least ``sqrt(1 - r^2)`` times as loud as the previous output, per item, so ``out`` cannot collapse; stages with
+  ``r >= 1`` are left alone (their residual carries the amplitude). Off, the LayerNorm gain is calibrated once at
+  init (for isotropic inputs), which does not survive training.
 
 Numerics:
 
@@ -42,8 +60,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +69,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
 
-from lightning_stability.nn.scale import ClampedRMSScale
+from lightning_stability.nn.scale import ClampedRMSScale, _rms
 
 __all__ = [
     "CascadeConfig",
@@ -59,6 +77,7 @@ __all__ = [
     "CascadeStage",
     "CascadeTransformer",
     "FP32LayerNorm",
+    "StageOutput",
     "apply_rotary",
     "rotary_angles",
     "small_init_",
@@ -98,6 +117,15 @@ class CascadeConfig:
     rope_base: float = 10000.0  # rotary base; wavelengths up to 2*pi*base frames >> T = 1200
     normalize_input: bool = True  # stages see latents / rms(source) (EnCodec-style); outputs are scaled back
     rms_reference: str = "source"  # "source": available at inference; "target": teacher-forced, uses the answer
+    predict_gain: bool = True  # each stage multiplies its RMS-matched output by a gain it predicts (target level !=
+    # source level: gain changes, noise); off, every stage's output has the reference's RMS (the clamp aside)
+    gain_range: float = 4.0  # the predicted gain is tanh-bounded to [1 / gain_range, gain_range]
+    detach_gain: bool = False  # the output uses the gain without its gradient: only a loss on `levels` trains it
+    frame_envelope: bool = False  # multiply the projection by the previous output's per-frame RMS envelope (the
+    # frame loudness the input LayerNorm divides out), times a learned, bounded per-frame gain (zero-initialised)
+    calibrate_output: bool = True  # per item, the projection's output is raised to at least sqrt(1 - r^2) times
+    # the previous output's RMS: a learned projection aligns with low-variance feature directions and gets 5x quieter
+    # than at init, and the r = 0.3 stage's factor then sits at its ceiling (the post-mortem's collapse)
     init: str = "scaled_residual"  # "default" (torch), "scaled_residual" (nanoGPT), "small" (post-mortem, std 1e-3)
     init_std: float = 0.02  # std of the "scaled_residual" init (GPT-2)
     norm_eps: float = 1e-5  # LayerNorm epsilon
@@ -168,7 +196,19 @@ class CascadeConfig:
         finite("rope_base", self.rope_base)
         finite("init_std", self.init_std)
         finite("norm_eps", self.norm_eps)
-        for name in ("spectral_norm_output", "qk_layernorm", "bias", "normalize_input"):
+        finite("gain_range", self.gain_range)
+        if self.gain_range <= 1:
+            raise ValueError(f"`gain_range` must be > 1, got {self.gain_range!r}")
+        for name in (
+            "spectral_norm_output",
+            "qk_layernorm",
+            "bias",
+            "normalize_input",
+            "predict_gain",
+            "detach_gain",
+            "frame_envelope",
+            "calibrate_output",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"`{name}` must be a bool, got {getattr(self, name)!r}")
         if self.rms_reference not in _RMS_REFERENCES:
@@ -367,7 +407,8 @@ class Block(nn.Module):
 # the cascade
 # ---------------------------------------------------------------------------------------------------------------------
 class CascadeStage(nn.Module):
-    """One stage: ``[prev, cond] -> LN -> Linear -> pre-LN blocks -> LN -> OutputProj -> + r * prev -> RMS scale``.
+    """One stage: ``[prev, cond] -> LN -> Linear -> pre-LN blocks -> LN -> OutputProj (-> floor) -> + r * prev -> RMS
+    scale (-> predicted gain)``.
 
     ``output_proj`` is the layer that gets spectral norm (``config.spectral_norm_output``); ``scale`` is the
     :class:`~lightning_stability.nn.scale.ClampedRMSScale` whose ``last_scale`` ``[B, 1, 1]`` records the factor.
@@ -387,14 +428,36 @@ class CascadeStage(nn.Module):
         self.blocks = nn.ModuleList(Block(config, width) for _ in range(config.layers_per_stage[index]))
         self.out_norm = FP32LayerNorm(width, eps=config.norm_eps)
         self.output_proj = nn.Linear(width, config.latent_dim, bias=config.bias)
+        # predict_gain: the log-gain from the mean of the stage's features over real frames and the log-RMS of the
+        # raw source and conditioning (the levels normalize_input divides out); zero-initialised (gain 1), bounded
+        # by tanh to +-log(gain_range)
+        n_levels = 1 + (config.conditioning_dim > 0)
+        self.gain_proj = nn.Linear(width + n_levels, 1) if config.predict_gain else None
+        self.log_gain_range = math.log(config.gain_range)
+        self.detach_gain = config.detach_gain
+        # frame_envelope: per-frame log-gain of the projection from the stage's features, zero-initialised
+        self.frame_envelope = config.frame_envelope
+        self.frame_gain_proj = nn.Linear(width, 1) if config.frame_envelope else None
+        # calibrate_output: floor of the projection's RMS relative to the previous output's (0 for r >= 1)
+        self.calibrate_output = config.calibrate_output
+        self.wanted_rms = math.sqrt(max(0.0, 1.0 - self.residual_weight**2))
         self.scale = ClampedRMSScale(config.min_scale, config.max_scale)
 
     def extra_repr(self) -> str:
         return f"index={self.index}, residual_weight={self.residual_weight}"
 
-    def forward(self, previous: Tensor, conditioning: Tensor | None, reference: Tensor, mask: Tensor | None) -> Tensor:
-        """``previous [B, D, T]``, ``conditioning [B, Dc, T]`` or None, ``reference [B, D, T]`` (zero-padded),
-        ``mask [B, T]`` bool or None -> ``[B, D, T]`` in ``previous``'s dtype."""
+    def forward(
+        self,
+        previous: Tensor,
+        conditioning: Tensor | None,
+        level: Tensor,
+        mask: Tensor | None,
+        log_levels: Tensor | None = None,
+    ) -> StageOutput:
+        """``previous [B, D, T]``, ``conditioning [B, Dc, T]`` or None, ``level [B, 1, 1]`` (the RMS the factor aims
+        the output at, over the full zero-padded length), ``mask [B, T]`` bool or None, ``log_levels [B, 1 or 2]``
+        (log-RMS of the raw source and conditioning; needed with ``predict_gain``) -> :class:`StageOutput`
+        (``output`` in ``previous``'s dtype)."""
         h = previous if conditioning is None else torch.cat((previous, conditioning.to(previous.dtype)), dim=1)
         h = h.transpose(1, 2)  # [B, T, D + Dc]
         x = self.in_proj(self.in_norm(h))  # [B, T, W]
@@ -402,12 +465,50 @@ class CascadeStage(nn.Module):
         rope = rotary_angles(x.shape[1], self.head_dim, self.rope_base, x.device)  # each [T, Dh/2]
         for block in self.blocks:
             x = block(x, rope, mask)  # [B, T, W]
-        out = self.output_proj(self.out_norm(x))  # [B, T, D]
+        features = self.out_norm(x)  # [B, T, W]
+        out = self.output_proj(features)  # [B, T, D]
         out = out.transpose(1, 2).to(previous.dtype)  # [B, D, T]
-        out = out + self.residual_weight * previous
+        if self.frame_gain_proj is not None:
+            with torch.autocast(device_type=out.device.type, enabled=False):
+                prev = previous.detach().float()
+                envelope = prev.square().mean(dim=1, keepdim=True).sqrt() / (_rms(prev, (1, 2)) + self.scale.eps)
+                log_gain = self.frame_gain_proj(features.float()).transpose(1, 2)  # [B, 1, T]
+                log_gain = self.log_gain_range * torch.tanh(log_gain / self.log_gain_range)
+            out = out * (envelope * log_gain.exp()).to(out.dtype)  # [B, D, T]
         if mask is not None:
             out = out * mask[:, None, :].to(out.dtype)  # padded frames are exactly 0 (and do not count in the RMS)
-        return self.scale(out, reference)
+        if self.calibrate_output and self.wanted_rms > 0:
+            with torch.autocast(device_type=out.device.type, enabled=False):  # both RMS over the same (padded) length
+                floor = self.wanted_rms * _rms(previous.detach(), (1, 2))  # [B, 1, 1]
+                lift = (floor / (_rms(out, (1, 2)) + self.scale.eps)).clamp_min(1.0)
+            out = out * lift.to(out.dtype)
+        out = out + self.residual_weight * previous
+        y = self.scale(out, level)
+        with torch.autocast(device_type=out.device.type, enabled=False):  # the factor before clamping, with a graph
+            raw = level.detach().float() / (_rms(out, (1, 2)) + self.scale.eps)  # into out's amplitude only
+        if self.gain_proj is None:
+            ones = torch.ones_like(raw)
+            return StageOutput(output=y, gain=ones, raw_scale=raw, level=level)
+        if log_levels is None:
+            raise ValueError("predict_gain needs `log_levels` (the log-RMS of the raw source and conditioning)")
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            pooled = torch.cat((_masked_time_mean(features.float(), mask), log_levels.float()), dim=1)  # [B, W + n]
+            log_gain = F.linear(pooled, self.gain_proj.weight.float(), self.gain_proj.bias.float())  # [B, 1]
+            gain = (self.log_gain_range * torch.tanh(log_gain / self.log_gain_range)).exp()[:, :, None]  # [B, 1, 1]
+        applied = gain.detach() if self.detach_gain else gain
+        return StageOutput(output=(y * applied).to(y.dtype), gain=gain, raw_scale=raw, level=level * gain)
+
+
+class StageOutput(NamedTuple):
+    """What :class:`CascadeStage` returns: its ``output [B, D, T]``, its predicted ``gain [B, 1, 1]`` fp32 (ones
+    without ``predict_gain``), its RMS factor before clamping, ``raw_scale [B, 1, 1]`` fp32, differentiable with
+    respect to the amplitude of the stage's output only, and ``level = level_in * gain``: the RMS the next stage's
+    factor aims at."""
+
+    output: Tensor
+    gain: Tensor
+    raw_scale: Tensor
+    level: Tensor
 
 
 @dataclass
@@ -418,11 +519,21 @@ class CascadeOutput:
         stages: the output of every stage, each ``[B, D, T]`` (deep supervision uses all of them).
         scales: the RMS factor of every stage, each ``[B, 1, 1]`` fp32, detached.
         clamped_fractions: per stage, the 0-dim fraction of the batch whose factor hit a clamp bound.
+        gains: per stage, the predicted gain applied after the RMS factor, ``[B, 1, 1]`` fp32 with its graph (ones
+            without ``predict_gain``; empty when not computed).
+        raw_scales: per stage, the RMS factor before clamping, ``[B, 1, 1]`` fp32, differentiable with respect to
+            the amplitude of the stage's output only (empty when not computed).
+        levels: per stage, the RMS over real frames, in the latents' units, that the stage aims its output at (the
+            reference's RMS times the gains so far; equal to the output's RMS unless the factor is clamped),
+            ``[B, 1, 1]`` fp32 with the gains' graph (empty when not computed).
     """
 
     stages: list[Tensor]
     scales: list[Tensor]
     clamped_fractions: list[Tensor]
+    gains: list[Tensor] = field(default_factory=list)
+    raw_scales: list[Tensor] = field(default_factory=list)
+    levels: list[Tensor] = field(default_factory=list)
 
     @property
     def output(self) -> Tensor:
@@ -453,8 +564,8 @@ class CascadeTransformer(nn.Module):
         if self.config.spectral_norm_output:
             for stage in self.stages:
                 spectral_norm(stage.output_proj)
-            if self.config.normalize_input and self.config.init != "default":
-                self._calibrate_output_gains()
+            if self.config.normalize_input and self.config.init != "default" and not self.config.calibrate_output:
+                self._calibrate_output_gains()  # once, at init (calibrate_output does it at every forward)
 
     def __reduce_ex__(self, protocol: int):
         # torch refuses to pickle parametrized modules (spectral norm) "except through state_dict()": pickle (and
@@ -481,6 +592,15 @@ class CascadeTransformer(nn.Module):
             stage.out_norm.weight.fill_(max(1.0, wanted / max(expected, 1e-6)))
 
     def _init_weights(self) -> None:
+        self._init_transformer_weights()
+        with torch.no_grad():  # every init: the predicted gain starts at exactly 1
+            for stage in self.stages:
+                for head in (stage.gain_proj, stage.frame_gain_proj):
+                    if head is not None:
+                        nn.init.zeros_(head.weight)
+                        nn.init.zeros_(head.bias)
+
+    def _init_transformer_weights(self) -> None:
         cfg = self.config
         if cfg.init == "default":
             return
@@ -584,6 +704,11 @@ class CascadeTransformer(nn.Module):
             reference = reference * frames.to(reference.dtype)
             if conditioning is not None:
                 conditioning = conditioning * frames.to(conditioning.dtype)
+        log_levels = None
+        if self.config.predict_gain:
+            log_levels = _masked_rms(source, mask).log().flatten(1)  # [B, 1]
+            if conditioning is not None:
+                log_levels = torch.cat((log_levels, _masked_rms(conditioning, mask).log().flatten(1)), dim=1)  # [B, 2]
         level = None
         if self.config.normalize_input:
             level = _masked_rms(source, mask)  # [B, 1, 1] fp32
@@ -591,20 +716,40 @@ class CascadeTransformer(nn.Module):
             reference = (reference.float() / level).to(reference.dtype)
             if conditioning is not None:
                 conditioning = (conditioning.float() / _masked_rms(conditioning, mask)).to(conditioning.dtype)
-        stages, scales, clamped = [], [], []
+        stages, scales, clamped, gains, raw_scales, levels = [], [], [], [], [], []
+        # full-length RMS (zero padding) -> RMS over real frames, in the latents' units
+        to_units = 1.0 if mask is None else (mask.shape[1] / mask.sum(dim=1).clamp_min(1).float()).sqrt()[:, None, None]
+        if level is not None:
+            to_units = to_units * level
+        aim = _rms(reference, (1, 2))  # [B, 1, 1] what stage 1's factor aims at; stage k + 1's: times stage k's gain
         previous = source
         for stage in self.stages:
-            previous = stage(previous, conditioning, reference, mask)  # [B, D, T]
+            result = stage(previous, conditioning, aim, mask, log_levels)
+            aim = result.level
+            previous = result.output  # [B, D, T]
             stages.append(previous if level is None else (previous.float() * level).to(previous.dtype))
             scales.append(stage.scale.last_scale)
             clamped.append(stage.scale.last_clamped_fraction)
-        return CascadeOutput(stages=stages, scales=scales, clamped_fractions=clamped)
+            gains.append(result.gain)
+            raw_scales.append(result.raw_scale)
+            levels.append(aim * to_units)
+        return CascadeOutput(
+            stages=stages, scales=scales, clamped_fractions=clamped, gains=gains, raw_scales=raw_scales, levels=levels
+        )
 
 
 def _rebuild_cascade(config: dict[str, Any], state: dict[str, Tensor], training: bool) -> CascadeTransformer:
     model = CascadeTransformer(config)
     model.load_state_dict(state)
     return model.train(training)
+
+
+def _masked_time_mean(x: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean of ``x [B, T, W]`` over real frames (``mask [B, T]``, True = real) -> ``[B, W]``."""
+    if mask is None:
+        return x.mean(dim=1)
+    frames = mask[:, :, None].to(x.dtype)  # [B, T, 1]
+    return (x * frames).sum(dim=1) / frames.sum(dim=1).clamp_min(1.0)
 
 
 def _masked_rms(x: Tensor, mask: Tensor | None, eps: float = 1e-5) -> Tensor:

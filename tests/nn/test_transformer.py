@@ -43,6 +43,7 @@ def test_default_config_is_the_post_mortem_fix():
     assert cfg.rms_reference == "source"
     assert cfg.qk_layernorm  # the fix the miniature post-mortem needs most (tests/modules/test_cascade.py)
     assert cfg.normalize_input
+    assert cfg.predict_gain and cfg.calibrate_output  # the amplitude fixes (docs/cascade_experiments.md)
 
 
 def test_residual_weights_and_scale_clamp_as_configured():
@@ -89,12 +90,17 @@ def test_padding_mask_makes_padded_frames_irrelevant():
     junk_cond[1, :, length:] = -1e3
     mask = torch.ones(2, 20, dtype=torch.bool)
     mask[1, length:] = False
+    with torch.no_grad():  # a gain head that reads its inputs (it is zero at init)
+        for stage in model.stages:
+            stage.gain_proj.weight.normal_(0.0, 0.1)
     padded = model(junk_source, junk_cond, mask=mask)
     cropped = model(source[1:, :, :length], cond[1:, :, :length])
     for y_pad, y_crop in zip(padded.stages, cropped.stages):
         torch.testing.assert_close(y_pad[1:, :, :length], y_crop, rtol=1e-4, atol=1e-4)
         assert torch.equal(y_pad[1, :, length:], torch.zeros(8, 20 - length))
     torch.testing.assert_close(padded.scales[2][1:], cropped.scales[2], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(padded.gains[2][1:], cropped.gains[2], rtol=1e-4, atol=1e-5)
+    assert float((padded.gains[2].detach() - 1).abs().max()) > 1e-3  # the gains did take part
 
 
 def test_rotary_scores_depend_only_on_relative_position():
@@ -199,6 +205,7 @@ def test_rms_reference_target_uses_the_answer():
         ({"dropout": 1.0}, r"`dropout` must be in \[0, 1\)"),
         ({"attn_logit_softcap": -1.0}, "`attn_logit_softcap` must be a finite number > 0"),
         ({"residual_weights": (1.0, float("nan"), 0.3)}, r"`residual_weights\[1\]`"),
+        ({"gain_range": 1.0}, "`gain_range` must be > 1, got 1.0"),
     ],
 )
 def test_config_errors_name_the_field(kwargs, match):
@@ -242,14 +249,85 @@ def test_pickles_and_deepcopies_with_spectral_norm():
         assert parametrize.is_parametrized(clone.stages[0].output_proj, "weight")
 
 
-def test_output_gain_calibration_starts_weak_residual_stages_inside_the_clamp():
+def test_output_gain_calibration_at_init_starts_weak_residual_stages_inside_the_clamp():
     torch.manual_seed(0)
-    model = CascadeTransformer(CascadeConfig(**TINY))  # r = (1, 1, 0.3), spectral norm, normalised inputs
+    model = CascadeTransformer(CascadeConfig(**TINY, calibrate_output=False))  # r = (1, 1, 0.3), spectral norm
     gains = [float(s.out_norm.weight.detach()[0]) for s in model.stages]
     assert gains[:2] == [1.0, 1.0]
     assert gains[2] > 1.2  # raised so rms(W h) = sqrt(1 - 0.3^2) for the weak-residual stage
     source, cond = _inputs(b=4, t=64)
     out = model(source, cond)
     assert all(float(s.mean()) < model.config.warn_above for s in out.scales)
-    uncalibrated = CascadeTransformer(CascadeConfig(**TINY, init="default"))
+    uncalibrated = CascadeTransformer(CascadeConfig(**TINY, init="default", calibrate_output=False))
     assert all(float(s.out_norm.weight.detach()[0]) == 1.0 for s in uncalibrated.stages)
+
+
+def _quiet_projections(model):
+    """Every output projection -> 0.05 x its weight: a quiet projection, as a learned one that aligned with
+    low-variance feature directions is (measured: 5x quieter than at init after 100 steps of the example)."""
+    with torch.no_grad():
+        for stage in model.stages:
+            stage.out_norm.weight.mul_(0.05)
+            stage.out_norm.bias.zero_()
+            stage.output_proj.bias.zero_()
+
+
+def test_output_floor_keeps_a_quiet_projection_off_the_ceiling():
+    # The r = 0.3 stage's output is 0.3 * prev plus its projection; if the projection is quiet the output's RMS
+    # collapses and the factor sits at its ceiling (the post-mortem's symptom), whatever the init calibration did.
+    # calibrate_output lifts the projection, per item, to at least sqrt(1 - r^2) times the previous output's RMS.
+    cfg = {**TINY, "predict_gain": False}
+    torch.manual_seed(0)
+    once = CascadeTransformer(CascadeConfig(**cfg, calibrate_output=False)).eval()
+    _quiet_projections(once)
+    source, cond = _inputs(b=4, t=32)
+    out = once(source, cond)
+    assert float(out.scales[2].min()) == 1.5 and float(out.clamped_fractions[2]) == 1.0  # pinned at the ceiling
+
+    torch.manual_seed(0)
+    floored = CascadeTransformer(CascadeConfig(**cfg)).eval()
+    _quiet_projections(floored)
+    out = floored(source, cond)
+    assert float(out.clamped_fractions[2]) == 0.0
+    assert 0.75 < float(out.scales[2].min()) and float(out.scales[2].max()) < 1.3
+    # by hand: stage 3's projection part has exactly sqrt(1 - 0.3^2) times the RMS of stage 2's output
+    stage = floored.stages[2]
+    prev = out.stages[1] / source.pow(2).mean(dim=(1, 2), keepdim=True).sqrt()  # back to the normalised units
+    raw = out.stages[2] / source.pow(2).mean(dim=(1, 2), keepdim=True).sqrt() / out.scales[2]
+    part = raw - 0.3 * prev
+    ratio = part.pow(2).mean(dim=(1, 2)).sqrt() / prev.pow(2).mean(dim=(1, 2)).sqrt()
+    torch.testing.assert_close(ratio, torch.full((4,), math.sqrt(1 - 0.09)), rtol=1e-3, atol=1e-4)
+    assert stage.wanted_rms == pytest.approx(math.sqrt(1 - 0.09))
+    assert floored.stages[0].wanted_rms == 0.0  # r = 1 stages are left alone: their residual carries the amplitude
+
+
+def test_predicted_gain_starts_at_one_reads_the_raw_levels_and_is_bounded():
+    torch.manual_seed(0)
+    model = CascadeTransformer(CascadeConfig(**TINY)).eval()
+    source, cond = _inputs()
+    out = model(source, cond)
+    assert all(torch.equal(g, torch.ones(2, 1, 1)) for g in out.gains)  # zero-initialised head: gain exactly 1
+    plain = CascadeTransformer(CascadeConfig(**TINY, predict_gain=False)).eval()
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and all("gain_proj" in k for k in unexpected)
+    for y, y_plain in zip(out.stages, plain(source, cond).stages):
+        torch.testing.assert_close(y, y_plain)
+
+    # a head that reads only the raw levels: log g = log rms(cond) - log rms(source), tanh-bounded to log(4)
+    width = TINY["widths"][0]
+    with torch.no_grad():
+        for stage in model.stages:
+            stage.gain_proj.weight.zero_()
+            stage.gain_proj.weight[0, width:] = torch.tensor([-1.0, 1.0])
+    quiet = 0.5 * source
+    out = model(quiet, cond)
+    expected = math.log(float(cond[0].pow(2).mean().sqrt()) / float(quiet[0].pow(2).mean().sqrt()))
+    bound = math.log(4.0)
+    expected = math.exp(bound * math.tanh(expected / bound))
+    assert float(out.gains[0][0]) == pytest.approx(expected, rel=1e-4)
+    # gains compose: stage k's factor aims at the level stage k - 1 ended at, so a stage that keeps the previous
+    # output's amplitude sits at a factor near 1 whatever the gain before it
+    torch.testing.assert_close(out.stages[0], plain(quiet, cond).stages[0] * out.gains[0], rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        model.stages[0].gain_proj.bias.fill_(100.0)
+    assert float(model(source, cond).gains[0].max()) == pytest.approx(4.0)
