@@ -70,6 +70,25 @@ class Trace(pl.Callback):
         self.rows.append(row)
 
 
+class HeldOut(pl.Callback):
+    """Every ``every`` steps (``eval_every=N``): the held-out evaluation, for learning curves; the model goes back to
+    training mode afterwards (the evaluation runs no spectral-norm power iteration: eval mode)."""
+
+    def __init__(self, data, every: int) -> None:
+        self.data = data
+        self.every = every
+        self.rows: list[dict] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if not self.every or step % self.every or step == trainer.max_steps:
+            return
+        ev = evaluate(pl_module, self.data)
+        pl_module.train()
+        self.rows.append({"step": step, **{k: ev[k] for k in ("val_gain_over_input", "val_clamped_fraction",
+                                                              "val_rms_ratio")}})  # fmt: skip
+
+
 def main(argv: list[str]) -> None:
     name, steps = argv[0], int(argv[1])
     package = Path(__file__).resolve().parents[1] / "lightning_stability"
@@ -96,14 +115,20 @@ def main(argv: list[str]) -> None:
     if spec.get("rms_last_only"):  # the README's hypothesis as worded: the RMS term on the last stage only
         import lightning_stability.modules.cascade as cascade_module
 
-        full = cascade_module._log_rms_error
-        cascade_module._log_rms_error = lambda stages, target, mask: full(stages[-1:], target, mask)
+        full = cascade_module._rms_error
+        cascade_module._rms_error = lambda stages, target, mask: full(stages[-1:], target, mask)
     config = CascadeConfig(**{"widths": (128, 192, 192), "n_layers": 3, "n_heads": 4, **spec.get("config", {})})
     pl.seed_everything(seed, verbose=False)
     module_kw = {"stage_weights": (0.5, 0.5, 1.0), "cosine_weight": 0.1, "lr": 3e-4, **spec.get("module", {})}
     model = CascadeTransformerModule(config, **module_kw)
+    if "branch_gain" in spec:  # screening: start r >= 1 stages nearer the identity (their projection scaled down)
+        with torch.no_grad():
+            for stage in model.model.stages:
+                if stage.residual_weight >= 1:
+                    stage.out_norm.weight.mul_(spec["branch_gain"])
     trace = Trace()
-    callbacks: list = [trace]
+    curve = HeldOut(data, int(options.get("eval_every", 0)))
+    callbacks: list = [trace, curve]
     if "kit" in flags:
         from lightning_stability.callbacks import AdaptiveLossWeight, GradientGuard, ScaleFactorClamp
 
@@ -127,7 +152,7 @@ def main(argv: list[str]) -> None:
         "code": code.hexdigest()[:10],
         "name": name, "steps": steps, "encoder": encoder, "seed": seed, "kit": "kit" in flags, **ev,
         "data_s": round(data_s, 1), "train_s": round(train_s, 1), "s_per_step": round(train_s / max(steps, 1), 3),
-        "eval_s": round(eval_s, 1), "spec": spec, "trace": trace.rows,
+        "eval_s": round(eval_s, 1), "spec": spec, "trace": trace.rows, "curve": curve.rows,
     }  # fmt: skip
     print("RESULT", json.dumps(result))
     with open(os.environ.get("CASCADE_EXP_RESULTS", "cascade_experiments.jsonl"), "a", encoding="utf-8") as f:

@@ -6,14 +6,24 @@ The network is :class:`~lightning_stability.nn.transformer.CascadeTransformer`; 
   ``L_k = masked_mean(|y_k - target|)`` (``loss="l1"``) or ``masked_mean((y_k - target)^2)`` (``loss="mse"``), plus an
   optional cosine term on the last stage, ``L_cos = masked_mean_t(1 - cos(y_K[:, :, t], target[:, :, t]))`` (the
   direction of each frame's latent vector, independent of its norm);
-- the **loss-dict protocol** (DESIGN.md §4): the terms are named ``stage1 .. stageK`` and ``cosine``, combined by
+- an **RMS-matching term** on every stage, ``L_rms = sum_k mean_b |rms(y_k) - rms(target)|`` (real frames, in the
+  latents' units like the L1 terms, so its balance against them does not depend on the latents' scale): an
+  L1-trained prediction of an uncertain target is quieter than the target (regression to the mean), and inside the
+  clamp range the only thing that sets a stage's output level is its predicted gain
+  (``CascadeConfig.predict_gain``), which this term trains towards the target's level;
+- an optional **factor penalty** ``L_scale = mean_k mean_b |log s_k^raw|`` (the RMS factors before clamping; weight 0
+  by default: logged only, a stage's distance from needing no correction);
+- the **loss-dict protocol** (DESIGN.md §4): the terms are named ``stage1 .. stageK``, ``cosine``, ``rms`` and
+  ``scale``, combined by
   ``self.loss_weights.weighted_sum(losses)`` (a :class:`~lightning_stability.losses.LossWeights`), and
   ``training_step`` returns ``{"loss", "losses", "preds", "target", "mask"}`` so ``AdaptiveLossWeight`` can own a
   term's weight and ``SignalMonitor`` can read the latent pair;
-- **AdamW** with decay / no-decay parameter groups (no decay for biases, LayerNorm gains and embeddings) and a
-  per-step learning rate with linear warm-up then cosine decay to ``min_lr_ratio * lr``;
+- **AdamW** with decay / no-decay parameter groups (no decay for biases, LayerNorm gains and embeddings), a ``gain``
+  group for the gain heads (learning rate ``gain_lr_scale * lr``, no decay) and a per-step learning rate with linear
+  warm-up then cosine decay to ``min_lr_ratio * lr``;
 - logging of every loss term (``train/<name>``, ``val/<name>``), the total, the learning rate, and each stage's RMS
-  factor (``train/stage<k>_scale``, mean over the batch) and clamped fraction, plus a one-time warning when a stage's
+  factor (``train/stage<k>_scale``, mean over the batch), clamped fraction and predicted gain
+  (``train/stage<k>_gain``), plus a one-time warning when a stage's
   factor sits above ``config.warn_above`` after warm-up (the collapsing-residual symptom of the post-mortem).
 
 Batches are dicts ``{"source": [B, D, T], "target": [B, D, T], "conditioning": [B, Dc, T], "mask": [B, T] bool}``
@@ -81,15 +91,10 @@ def masked_rms(x: Tensor, mask: Tensor | None = None, eps: float = 1e-5) -> Tens
     return torch.linalg.vector_norm(values, ord=2, dim=(1, 2)) / count.sqrt() + eps
 
 
-def _log_rms_error(stages: Sequence[Tensor], target: Tensor, mask: Tensor | None) -> Tensor:
-    """Mean over stages and items of ``|log rms(y_k) - log rms(target)|`` (real frames); ``stages`` may also be the
-    per-item RMS values themselves (``[B, 1, 1]``, e.g. ``CascadeOutput.levels``)."""
-    log_target = masked_rms(target, mask).log()
-
-    def log_rms(y: Tensor) -> Tensor:
-        return y.float().flatten().log() if y.shape[1:] == (1, 1) else masked_rms(y, mask).log()
-
-    return torch.stack([(log_rms(y) - log_target).abs().mean() for y in stages]).mean()
+def _rms_error(stages: Sequence[Tensor], target: Tensor, mask: Tensor | None) -> Tensor:
+    """Sum over stages of the mean over items of ``|rms(y_k) - rms(target)|`` (real frames, the latents' units)."""
+    target_rms = masked_rms(target, mask)
+    return torch.stack([(masked_rms(y, mask) - target_rms).abs().mean() for y in stages]).sum()
 
 
 def _log_scale_penalty(raw_scales: Sequence[Tensor]) -> Tensor:
@@ -127,7 +132,10 @@ class CascadeTransformerModule(pl.LightningModule):
         loss: per-stage distance to the target latents, ``"l1"`` or ``"mse"``.
         stage_weights: weight of each stage's loss (``stage1 .. stageK``); ``None`` = 1.0 for every stage.
         cosine_weight: weight of the cosine term on the last stage (0: computed and logged, not optimised).
+        rms_weight: weight of the RMS-matching term ``rms`` on every stage (0: logged only).
+        scale_weight: weight of the factor penalty ``scale`` (0: logged only).
         lr: peak learning rate of AdamW.
+        gain_lr_scale: the gain heads' learning rate as a multiple of ``lr``.
         weight_decay: decoupled weight decay of the decay group (Linear weights).
         betas: AdamW betas.
         warmup_steps: linear warm-up length in optimizer steps (0: none).
@@ -136,7 +144,7 @@ class CascadeTransformerModule(pl.LightningModule):
 
     Attributes:
         model: the :class:`~lightning_stability.nn.transformer.CascadeTransformer`.
-        loss_weights: :class:`~lightning_stability.losses.LossWeights` over ``stage1 .. stageK, cosine``.
+        loss_weights: :class:`~lightning_stability.losses.LossWeights` over ``stage1 .. stageK, cosine, rms, scale``.
 
     Raises:
         ValueError, TypeError: bad arguments (the message names the argument and shows the value).
@@ -151,7 +159,7 @@ class CascadeTransformerModule(pl.LightningModule):
         loss: str = "l1",
         stage_weights: Sequence[float] | None = None,
         cosine_weight: float = 0.1,
-        rms_weight: float = 0.0,
+        rms_weight: float = 1.0,
         scale_weight: float = 0.0,
         lr: float = 3e-4,
         gain_lr_scale: float = 1.0,
@@ -301,9 +309,7 @@ class CascadeTransformerModule(pl.LightningModule):
             for name, y in zip(self.stage_names, output.stages)
         }
         losses["cosine"] = weights.compute("cosine", masked_cosine_distance, output.output, target, mask)
-        losses["rms"] = weights.compute(
-            "rms", _log_rms_error, output.levels if self.config.detach_gain else output.stages, target, mask
-        )
+        losses["rms"] = weights.compute("rms", _rms_error, output.stages, target, mask)
         losses["scale"] = weights.compute("scale", _log_scale_penalty, output.raw_scales)
         total = self.loss_weights.weighted_sum(losses)
         return {
@@ -430,8 +436,9 @@ class CascadeTransformerModule(pl.LightningModule):
 
     # -- optimisation ------------------------------------------------------------------------------------------------
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """AdamW groups: ``decay`` (weights of Linear/conv layers, incl. spectral norm's ``original``) and
-        ``no_decay`` (biases, normalisation gains, embeddings, any parameter with fewer than 2 dims)."""
+        """AdamW groups: ``decay`` (weights of Linear/conv layers, incl. spectral norm's ``original``), ``no_decay``
+        (biases, normalisation gains, embeddings, any parameter with fewer than 2 dims) and, when the config has gain
+        heads, ``gain`` (their weights and biases: learning rate ``gain_lr_scale * lr``, no decay)."""
         no_decay_types = (nn.LayerNorm, nn.GroupNorm, nn.Embedding, nn.modules.batchnorm._BatchNorm)
         decay, no_decay, gain = [], [], []
         seen: set[int] = set()

@@ -120,14 +120,17 @@ class CascadeConfig:
     predict_gain: bool = True  # each stage multiplies its RMS-matched output by a gain it predicts (target level !=
     # source level: gain changes, noise); off, every stage's output has the reference's RMS (the clamp aside)
     gain_range: float = 4.0  # the predicted gain is tanh-bounded to [1 / gain_range, gain_range]
-    detach_gain: bool = False  # the output uses the gain without its gradient: only a loss on `levels` trains it
-    frame_envelope: bool = False  # multiply the projection by the previous output's per-frame RMS envelope (the
-    # frame loudness the input LayerNorm divides out), times a learned, bounded per-frame gain (zero-initialised)
+    frame_envelope: bool = True  # multiply the projection by the previous output's per-frame RMS envelope (the
+    # frame loudness the LayerNorms divide out: it spans 0.2-1.7x the item's RMS in speech latents), times a learned
+    # per-frame gain (zero-initialised, bounded like the item gain)
     calibrate_output: bool = True  # per item, the projection's output is raised to at least sqrt(1 - r^2) times
     # the previous output's RMS: a learned projection aligns with low-variance feature directions and gets 5x quieter
     # than at init, and the r = 0.3 stage's factor then sits at its ceiling (the post-mortem's collapse)
     init: str = "scaled_residual"  # "default" (torch), "scaled_residual" (nanoGPT), "small" (post-mortem, std 1e-3)
     init_std: float = 0.02  # std of the "scaled_residual" init (GPT-2)
+    identity_init: bool = False  # every stage starts close to the identity ("doing nothing"): r >= 1 stages with
+    # their output LayerNorm gain at 0.1 (a small correction), r < 1 stages with identity blocks in their input and
+    # output projections (width >= latent_dim), so the projection starts proportional to `prev`
     norm_eps: float = 1e-5  # LayerNorm epsilon
 
     def __post_init__(self) -> None:
@@ -205,8 +208,8 @@ class CascadeConfig:
             "bias",
             "normalize_input",
             "predict_gain",
-            "detach_gain",
             "frame_envelope",
+            "identity_init",
             "calibrate_output",
         ):
             if not isinstance(getattr(self, name), bool):
@@ -434,7 +437,6 @@ class CascadeStage(nn.Module):
         n_levels = 1 + (config.conditioning_dim > 0)
         self.gain_proj = nn.Linear(width + n_levels, 1) if config.predict_gain else None
         self.log_gain_range = math.log(config.gain_range)
-        self.detach_gain = config.detach_gain
         # frame_envelope: per-frame log-gain of the projection from the stage's features, zero-initialised
         self.frame_envelope = config.frame_envelope
         self.frame_gain_proj = nn.Linear(width, 1) if config.frame_envelope else None
@@ -495,8 +497,7 @@ class CascadeStage(nn.Module):
             pooled = torch.cat((_masked_time_mean(features.float(), mask), log_levels.float()), dim=1)  # [B, W + n]
             log_gain = F.linear(pooled, self.gain_proj.weight.float(), self.gain_proj.bias.float())  # [B, 1]
             gain = (self.log_gain_range * torch.tanh(log_gain / self.log_gain_range)).exp()[:, :, None]  # [B, 1, 1]
-        applied = gain.detach() if self.detach_gain else gain
-        return StageOutput(output=(y * applied).to(y.dtype), gain=gain, raw_scale=raw, level=level * gain)
+        return StageOutput(output=(y * gain).to(y.dtype), gain=gain, raw_scale=raw, level=level * gain)
 
 
 class StageOutput(NamedTuple):
@@ -523,9 +524,6 @@ class CascadeOutput:
             without ``predict_gain``; empty when not computed).
         raw_scales: per stage, the RMS factor before clamping, ``[B, 1, 1]`` fp32, differentiable with respect to
             the amplitude of the stage's output only (empty when not computed).
-        levels: per stage, the RMS over real frames, in the latents' units, that the stage aims its output at (the
-            reference's RMS times the gains so far; equal to the output's RMS unless the factor is clamped),
-            ``[B, 1, 1]`` fp32 with the gains' graph (empty when not computed).
     """
 
     stages: list[Tensor]
@@ -533,7 +531,6 @@ class CascadeOutput:
     clamped_fractions: list[Tensor]
     gains: list[Tensor] = field(default_factory=list)
     raw_scales: list[Tensor] = field(default_factory=list)
-    levels: list[Tensor] = field(default_factory=list)
 
     @property
     def output(self) -> Tensor:
@@ -593,12 +590,34 @@ class CascadeTransformer(nn.Module):
 
     def _init_weights(self) -> None:
         self._init_transformer_weights()
+        if self.config.identity_init:
+            self._init_identity_paths()
         with torch.no_grad():  # every init: the predicted gain starts at exactly 1
             for stage in self.stages:
                 for head in (stage.gain_proj, stage.frame_gain_proj):
                     if head is not None:
                         nn.init.zeros_(head.weight)
                         nn.init.zeros_(head.bias)
+
+    @torch.no_grad()
+    def _init_identity_paths(self) -> None:
+        """Stages with ``r >= 1``: the output LayerNorm gain starts at 0.1, so the projection adds a small correction
+        to ``prev``. Stages with ``r < 1``: ``in_proj`` copies the ``prev`` channels of its (LayerNorm'd) input into the first
+        ``D`` channels of the residual stream and ``output_proj`` reads them back (identity blocks added to their
+        random init), so with near-identity blocks (``scaled_residual``) the projection starts proportional to
+        ``prev`` frame by frame: with ``frame_envelope`` and the output floor the stage then starts close to the
+        identity instead of ``0.95 * noise + r * prev``. Stages narrower than ``latent_dim`` are left as they are."""
+        d = self.config.latent_dim
+        for stage in self.stages:
+            width = stage.in_proj.weight.shape[0]
+            if stage.residual_weight >= 1:
+                stage.out_norm.weight.mul_(0.1)
+                continue
+            if width < d:
+                continue
+            eye = torch.eye(d, dtype=stage.in_proj.weight.dtype)
+            stage.in_proj.weight[:d, :d] += eye
+            stage.output_proj.weight[:, :d] += eye
 
     def _init_transformer_weights(self) -> None:
         cfg = self.config
@@ -716,11 +735,7 @@ class CascadeTransformer(nn.Module):
             reference = (reference.float() / level).to(reference.dtype)
             if conditioning is not None:
                 conditioning = (conditioning.float() / _masked_rms(conditioning, mask)).to(conditioning.dtype)
-        stages, scales, clamped, gains, raw_scales, levels = [], [], [], [], [], []
-        # full-length RMS (zero padding) -> RMS over real frames, in the latents' units
-        to_units = 1.0 if mask is None else (mask.shape[1] / mask.sum(dim=1).clamp_min(1).float()).sqrt()[:, None, None]
-        if level is not None:
-            to_units = to_units * level
+        stages, scales, clamped, gains, raw_scales = [], [], [], [], []
         aim = _rms(reference, (1, 2))  # [B, 1, 1] what stage 1's factor aims at; stage k + 1's: times stage k's gain
         previous = source
         for stage in self.stages:
@@ -732,9 +747,8 @@ class CascadeTransformer(nn.Module):
             clamped.append(stage.scale.last_clamped_fraction)
             gains.append(result.gain)
             raw_scales.append(result.raw_scale)
-            levels.append(aim * to_units)
         return CascadeOutput(
-            stages=stages, scales=scales, clamped_fractions=clamped, gains=gains, raw_scales=raw_scales, levels=levels
+            stages=stages, scales=scales, clamped_fractions=clamped, gains=gains, raw_scales=raw_scales
         )
 
 
