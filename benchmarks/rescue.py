@@ -342,6 +342,12 @@ def cascade_config(fixed: bool) -> dict[str, Any]:
         "min_scale": 0.7 if fixed else 1e-3,
         "max_scale": 1.5 if fixed else 1e3,
         "warn_above": 1.3 if fixed else 1e3,
+        # the committed results were measured before the amplitude heads (issue 13.3) existed: pinned off, with
+        # `rms_weight=0` in `BenchCascade`, so the benchmark reproduces them
+        "predict_gain": False,
+        "frame_envelope": False,
+        "calibrate_output": False,
+        "identity_init": False,
     }
 
 
@@ -352,6 +358,7 @@ def cascade_module_class():
         """The package's cascade with this benchmark's fixed data and an eval loss (L1 of the last stage's output)."""
 
         def __init__(self, *args, data: tuple[int, int, int, int], **kwargs) -> None:
+            kwargs.setdefault("rms_weight", 0.0)  # as measured (see cascade_config)
             super().__init__(*args, **kwargs)
             self.data = data
 

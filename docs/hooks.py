@@ -118,7 +118,7 @@ def _finite(x: Any) -> bool:
 # ------------------------------------------------------------------------------------------------------- tables
 
 BENCHMARKS = ("rescue.json", "lr_sensitivity.json", "codec_quality.json", "overhead.json", "overhead_codec.json",
-              "peers.json", "lead_time.json")
+              "peers.json", "lead_time.json", "cascade_amplitude.json")
 
 
 @table
@@ -197,7 +197,21 @@ def _overhead_summary(r: Results) -> str:
     return "; ".join(parts)
 
 
+def _cascade_summary(r: Results) -> str:
+    f = "cascade_amplitude.json"
+    parts = []
+    for case in r.get(f, "cases"):
+        st = case["stages"]
+        parts.append(f"{case['latents']} latents ({case['steps']} steps): gain over doing nothing "
+                     + " / ".join(fmt(s["gain_over_input"], "%") for s in st) + ", output/target RMS "
+                     + " / ".join(f"{s['rms_ratio']:.2f}" for s in st) + ", windows clamped "
+                     + " / ".join(f"{100 * s['clamped_fraction']:.0f} %" for s in st))
+    return "; ".join(parts) + " (stages 1 / 2 / 3)"
+
+
 def _met(r: Results, f: str) -> str:
+    if f == "cascade_amplitude.json":
+        return "; ".join(f"{c['latents']} ({c['steps']} steps): {fmt(c['target_met'])}" for c in r.get(f, "cases"))
     s = r.get(f, "summary")
     if f == "overhead.json" and not s.get("target_met", False):
         both = [(name, r.get(name, "summary", {})) for name in ("overhead_codec.json", "overhead.json")]
@@ -216,6 +230,8 @@ def benchmark_summary(r: Results) -> str:
         ("codec_quality", "codec_quality.json", _codec_summary, "kit >= peer on SI-SNR and <= peer on mel distance"),
         ("overhead", "overhead.json", _overhead_summary, "time <= 1.03, peak memory <= 1.05"),
         ("peers", "peers.json", _peers_summary, "guard best or tied on every failure case, no skips on the clean run"),
+        ("cascade_amplitude", "cascade_amplitude.json", _cascade_summary,
+         "every stage: < 10 % of windows clamped, RMS ratio in [0.9, 1.1], gain >= 15 %"),
     ]
     rows = []
     for name, f, result, target in specs:
@@ -296,6 +312,23 @@ def lr_sensitivity(r: Results) -> str:
         rows.append([f"{variant}: {case.get('description', '')}", *cells,
                      f"{case['min_final_loss']:.3f} ({case['best_lr']:g})", stable, f"**{case['sensitivity']:.2f}**"])
     return markdown_table(header, rows)
+
+
+@table
+def cascade_amplitude(r: Results) -> str:
+    """Per latent kind and stage: held-out gain over doing nothing, windows clamped, output/target RMS ratio."""
+    f = "cascade_amplitude.json"
+    rows = []
+    for case in r.get(f, "cases"):
+        for s in case["stages"]:
+            met = s["met"]
+            rows.append([f"{case['latents']}, {case['steps']} steps", s["stage"], f"{case['input_l1']:.3f}",
+                         f"{s['l1']:.3f}",
+                         fmt(s["gain_over_input"], "%"), f"{100 * s['clamped_fraction']:.0f} %",
+                         f"{s['rms_ratio']:.3f}", f"{s['rms_factor']:.3f}",
+                         ", ".join(k for k, ok in met.items() if not ok) or "all met"])
+    return markdown_table(["latents", "stage", "L1 doing nothing", "L1", "gain over doing nothing",
+                           "windows clamped", "output/target RMS", "mean RMS factor", "targets missed"], rows)
 
 
 # (key in a case's "eval", header, format); optional columns appear once any case has them

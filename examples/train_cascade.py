@@ -137,6 +137,7 @@ def main() -> None:
             predict_gain=False,
             calibrate_output=False,
             frame_envelope=False,
+            identity_init=False,
         )
     model = CascadeTransformerModule(
         config,

@@ -48,12 +48,14 @@ class Trace(pl.Callback):
     def __init__(self, every: int = 10) -> None:
         self.every = every
         self.rows: list[dict] = []
+        self.started = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step - 1
         if step % self.every:
             return
         row = {"step": step, "loss": round(float(outputs["loss"]), 4)}
+        print(f"step {step} loss {row['loss']} t {time.perf_counter() - self.started:.0f}s", flush=True)
         for k, stage in enumerate(pl_module.model.stages, start=1):
             training = stage.output_proj.training
             stage.output_proj.eval()  # no extra spectral-norm power iteration for this read

@@ -135,7 +135,9 @@ class CascadeTransformerModule(pl.LightningModule):
         rms_weight: weight of the RMS-matching term ``rms`` on every stage (0: logged only).
         scale_weight: weight of the factor penalty ``scale`` (0: logged only).
         lr: peak learning rate of AdamW.
-        gain_lr_scale: the gain heads' learning rate as a multiple of ``lr``.
+        gain_lr_scale: the gain heads' learning rate as a multiple of ``lr`` (10: a head is one small linear layer
+            whose log-gain has to move by 0.1-0.5 within a short run; measured on random-encoder latents at 200
+            steps, stage 1's output/target RMS ratio 0.90 at 1x, 0.93 at 10x).
         weight_decay: decoupled weight decay of the decay group (Linear weights).
         betas: AdamW betas.
         warmup_steps: linear warm-up length in optimizer steps (0: none).
@@ -162,7 +164,7 @@ class CascadeTransformerModule(pl.LightningModule):
         rms_weight: float = 1.0,
         scale_weight: float = 0.0,
         lr: float = 3e-4,
-        gain_lr_scale: float = 1.0,
+        gain_lr_scale: float = 10.0,
         weight_decay: float = 0.05,
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_steps: int = 100,

@@ -6,7 +6,8 @@ The model refines EnCodec-style latents ``[B, D=128, T]`` (24 kHz audio, hop 320
     h      = LayerNorm(concat([prev_{k-1}, conditioning], dim=channels))      # [B, T, D + Dc]
     x      = PreLNTransformer_k(Linear(h))                                     # [B, T, W_k], rotary positions
     p      = OutputProj_k(LayerNorm(x))                                        # [B, D, T], spectral norm on OutputProj
-    p      = max(1, sqrt(1 - r_k^2) * rms(prev_{k-1}) / rms(p)) * p            # calibrate_output: a floor, per item
+    p      = envelope(prev_{k-1}) * exp(e_k) * p                               # frame_envelope, per frame
+    p      = lam * p,  ||lam * p + r_k * prev|| = ||prev||  (r_k < 1 only)     # calibrate_output, per item
     out    = p + r_k * prev_{k-1}                                              # residual, r = (1.0, 1.0, 0.3)
     s_k    = clamp(a_{k-1} / rms(out), s_min, s_max)                           # ClampedRMSScale, [0.7, 1.5]
     g_k    = exp(log(G) * tanh(Linear([mean_t(LayerNorm(x)), log rms(source), log rms(cond)]) / log(G)))
@@ -16,14 +17,14 @@ The post-mortem's cascade had ``r_3 = 0.1``: the last stage's output RMS collaps
 the RMS factor sat at its 1.5 ceiling and could not hide it, gradient norms grew 2.45 -> 6.66 -> 16.71 per epoch and
 the run went NaN at batch 205. The defaults here are the fixed configuration; every number is a :class:`CascadeConfig`
 field so the failure can be reproduced (``residual_weights=(1.0, 1.0, 0.1), spectral_norm_output=False,
-qk_layernorm=False, normalize_input=False, predict_gain=False, calibrate_output=False``).
+qk_layernorm=False, normalize_input=False, predict_gain=False, frame_envelope=False, calibrate_output=False``).
 
 Amplitude: with ``normalize_input=True`` (default) the stages work on latents divided by the per-item RMS of the
 source (EnCodec's ``preprocess``, over real frames) and every stage output is multiplied back by it. The spectral norm
 bounds each output projection's gain by 1, so without this a stage fed latents of RMS 5.7 must first grow its
 LayerNorm gains by ~5x before the RMS factor leaves its 1.5 ceiling; normalised, the outputs start within the clamp
 range and the factor measures the stage's relative error only. ``normalize_input=False`` is the post-mortem's raw
-setting. Two more amplitude fixes (measured in ``docs/cascade_experiments.md``):
+setting. More amplitude fixes (measured in ``docs/guides/cascade.md``):
 
 - ``predict_gain``: inside the clamp range a stage's output has exactly the RMS its factor aims at, so with the
   source as the only reference every stage would output the *source's* level; in an enhancement task the target's
@@ -31,13 +32,22 @@ setting. Two more amplitude fixes (measured in ``docs/cascade_experiments.md``):
   predicts a bounded gain from its features and the raw levels that the input normalisation divides out; gains
   compose (stage ``k``'s factor aims at the level stage ``k - 1`` ended at), so a stage that keeps its input's
   amplitude has a factor near 1 whatever the gains before it. The gain head starts at zero (gain 1).
+- ``frame_envelope``: the LayerNorms divide each frame's loudness out, so a projection of LayerNorm'd features is
+  equally loud on every frame; it is multiplied by the previous output's per-frame RMS (relative to its RMS over real
+  frames) and a learned, bounded per-frame gain ``e_k`` (zero-initialised), so a correction is loud where speech is.
 - ``calibrate_output``: inside the clamp range nothing trains the amplitude of ``out`` (the factor undoes it), and a
   learned projection aligns with low-variance directions of its LayerNorm input (measured: feature variance 0.02
   along its top singular vectors against 0.99 on average, an output 5x quieter than at init): the ``r = 0.3`` stage's
-  output then collapses onto ``0.3 * prev`` and its factor sits at the ceiling. The floor keeps the projection at
-  least ``sqrt(1 - r^2)`` times as loud as the previous output, per item, so ``out`` cannot collapse; stages with
-  ``r >= 1`` are left alone (their residual carries the amplitude). Off, the LayerNorm gain is calibrated once at
-  init (for isotropic inputs), which does not survive training.
+  output then collapses onto ``0.3 * prev`` and its factor sits at the ceiling. For ``r < 1`` the projection is
+  scaled, per item, so that ``p + r * prev`` has exactly the RMS of ``prev`` (``calibrate_exact``; ``False``: at
+  least that RMS, a floor, under which a loud projection drifts the factor to its 0.7 bound instead); ``p``'s
+  direction, including its alignment with ``prev``, stays learned, so the stage can still do nothing (``p`` parallel
+  to ``prev``). Stages with ``r >= 1`` are left alone (their residual carries the amplitude). Off, the LayerNorm gain
+  is calibrated once at init (for isotropic inputs), which does not survive training.
+- ``identity_init``: every stage starts close to doing nothing (see ``CascadeTransformer._init_identity_paths``).
+  By default a stage's random projection adds noise as loud as its input at init, which training first has to undo:
+  on latents that are already close to their target (the demo codec's: doing nothing is 16 % off) that costs the
+  whole short run.
 
 Numerics:
 
@@ -123,12 +133,15 @@ class CascadeConfig:
     frame_envelope: bool = True  # multiply the projection by the previous output's per-frame RMS envelope (the
     # frame loudness the LayerNorms divide out: it spans 0.2-1.7x the item's RMS in speech latents), times a learned
     # per-frame gain (zero-initialised, bounded like the item gain)
-    calibrate_output: bool = True  # per item, the projection's output is raised to at least sqrt(1 - r^2) times
-    # the previous output's RMS: a learned projection aligns with low-variance feature directions and gets 5x quieter
+    calibrate_output: bool = True  # r < 1 stages, per item: the projection p is scaled so that p + r * prev is at
+    # least as loud as prev: a learned projection aligns with low-variance feature directions and gets 5x quieter
     # than at init, and the r = 0.3 stage's factor then sits at its ceiling (the post-mortem's collapse)
+    calibrate_exact: bool = True  # calibrate_output rescales the projection so that out = p + r * prev has exactly
+    # prev's RMS (False: only raises it to that, a floor); p's amplitude is otherwise a direction nothing trains (the
+    # factor undoes it), and it drifts: measured, a floor-only stage 3 drifts to its 0.7 factor bound instead
     init: str = "scaled_residual"  # "default" (torch), "scaled_residual" (nanoGPT), "small" (post-mortem, std 1e-3)
     init_std: float = 0.02  # std of the "scaled_residual" init (GPT-2)
-    identity_init: bool = False  # every stage starts close to the identity ("doing nothing"): r >= 1 stages with
+    identity_init: bool = True  # every stage starts close to the identity ("doing nothing"): r >= 1 stages with
     # their output LayerNorm gain at 0.1 (a small correction), r < 1 stages with identity blocks in their input and
     # output projections (width >= latent_dim), so the projection starts proportional to `prev`
     norm_eps: float = 1e-5  # LayerNorm epsilon
@@ -211,6 +224,7 @@ class CascadeConfig:
             "frame_envelope",
             "identity_init",
             "calibrate_output",
+            "calibrate_exact",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"`{name}` must be a bool, got {getattr(self, name)!r}")
@@ -443,6 +457,7 @@ class CascadeStage(nn.Module):
         # calibrate_output: floor of the projection's RMS relative to the previous output's (0 for r >= 1)
         self.calibrate_output = config.calibrate_output
         self.wanted_rms = math.sqrt(max(0.0, 1.0 - self.residual_weight**2))
+        self.calibrate_exact = config.calibrate_exact
         self.scale = ClampedRMSScale(config.min_scale, config.max_scale)
 
     def extra_repr(self) -> str:
@@ -473,16 +488,17 @@ class CascadeStage(nn.Module):
         if self.frame_gain_proj is not None:
             with torch.autocast(device_type=out.device.type, enabled=False):
                 prev = previous.detach().float()
-                envelope = prev.square().mean(dim=1, keepdim=True).sqrt() / (_rms(prev, (1, 2)) + self.scale.eps)
+                envelope = prev.square().mean(dim=1, keepdim=True).sqrt() / _masked_rms(prev, mask)  # over real frames
                 log_gain = self.frame_gain_proj(features.float()).transpose(1, 2)  # [B, 1, T]
                 log_gain = self.log_gain_range * torch.tanh(log_gain / self.log_gain_range)
             out = out * (envelope * log_gain.exp()).to(out.dtype)  # [B, D, T]
         if mask is not None:
             out = out * mask[:, None, :].to(out.dtype)  # padded frames are exactly 0 (and do not count in the RMS)
         if self.calibrate_output and self.wanted_rms > 0:
-            with torch.autocast(device_type=out.device.type, enabled=False):  # both RMS over the same (padded) length
-                floor = self.wanted_rms * _rms(previous.detach(), (1, 2))  # [B, 1, 1]
-                lift = (floor / (_rms(out, (1, 2)) + self.scale.eps)).clamp_min(1.0)
+            with torch.autocast(device_type=out.device.type, enabled=False):  # sums over the same (padded) length
+                lift = _calibration(out.float(), previous.detach().float(), self.residual_weight, self.scale.eps)
+                if not self.calibrate_exact:
+                    lift = lift.clamp_min(1.0)
             out = out * lift.to(out.dtype)
         out = out + self.residual_weight * previous
         y = self.scale(out, level)
@@ -602,11 +618,13 @@ class CascadeTransformer(nn.Module):
     @torch.no_grad()
     def _init_identity_paths(self) -> None:
         """Stages with ``r >= 1``: the output LayerNorm gain starts at 0.1, so the projection adds a small correction
-        to ``prev``. Stages with ``r < 1``: ``in_proj`` copies the ``prev`` channels of its (LayerNorm'd) input into the first
-        ``D`` channels of the residual stream and ``output_proj`` reads them back (identity blocks added to their
-        random init), so with near-identity blocks (``scaled_residual``) the projection starts proportional to
-        ``prev`` frame by frame: with ``frame_envelope`` and the output floor the stage then starts close to the
-        identity instead of ``0.95 * noise + r * prev``. Stages narrower than ``latent_dim`` are left as they are."""
+        to ``prev``. Stages with ``r < 1``: ``in_proj`` copies the ``prev`` channels of its (LayerNorm'd) input into
+        the first ``D`` channels of the residual stream and ``output_proj`` reads them back (identity blocks over
+        their random init scaled by 0.1), so with near-identity blocks (``scaled_residual``) the projection starts
+        proportional to ``prev`` frame by frame: with ``frame_envelope`` and ``calibrate_output`` the stage then starts
+        close to the identity instead of ``0.95 * noise + r * prev``. Measured at init (d 128, widths 192): relative
+        L1 to the input 0.06 / 0.08 / 0.12 per stage against 0.50 / 0.70 / 1.29. Stages narrower than
+        ``latent_dim`` are left as they are."""
         d = self.config.latent_dim
         for stage in self.stages:
             width = stage.in_proj.weight.shape[0]
@@ -616,7 +634,9 @@ class CascadeTransformer(nn.Module):
             if width < d:
                 continue
             eye = torch.eye(d, dtype=stage.in_proj.weight.dtype)
+            stage.in_proj.weight[:d].mul_(0.1)
             stage.in_proj.weight[:d, :d] += eye
+            stage.output_proj.weight.mul_(0.1)  # the identity block dominates: p starts proportional to prev
             stage.output_proj.weight[:, :d] += eye
 
     def _init_transformer_weights(self) -> None:
@@ -756,6 +776,18 @@ def _rebuild_cascade(config: dict[str, Any], state: dict[str, Tensor], training:
     model = CascadeTransformer(config)
     model.load_state_dict(state)
     return model.train(training)
+
+
+def _calibration(p: Tensor, q: Tensor, r: float, eps: float) -> Tensor:
+    """Per item, the ``lam [B, 1, 1] > 0`` with ``||lam * p + r * q|| = ||q||`` (``p, q [B, D, T]`` fp32, ``r < 1``):
+    the root of ``a lam^2 + 2 r b lam - (1 - r^2) c = 0`` with ``a = ||p||^2, b = <p, q>, c = ||q||^2``, in the form
+    without cancellation for the sign of ``b``. ``p`` orthogonal to ``q``: ``lam = sqrt((1 - r^2) c / a)``;
+    ``p = mu * q``: ``lam = (1 - r) / mu``, so ``lam * p + r * q = q``."""
+    a = p.square().sum(dim=(1, 2), keepdim=True)
+    b = (p * q).sum(dim=(1, 2), keepdim=True)
+    c = q.square().sum(dim=(1, 2), keepdim=True)
+    root = (r * r * b.square() + a * (1.0 - r * r) * c + eps).sqrt()
+    return torch.where(b >= 0, (1.0 - r * r) * c / (root + r * b + eps), (root - r * b) / (a + eps))
 
 
 def _masked_time_mean(x: Tensor, mask: Tensor | None) -> Tensor:
