@@ -25,9 +25,9 @@ from tests._helpers_fsdp import (
     optimizer_steps,
     sharded_trainer,
 )
-from tests.helpers import make_trainer
+from tests.helpers import FAULT_WARNINGS, make_trainer
 
-pytestmark = [pytest.mark.fsdp, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.fsdp, pytest.mark.timeout(300), *FAULT_WARNINGS]  # injected faults: guard notices expected
 
 
 class GuardDump(pl.Callback):
