@@ -23,18 +23,13 @@ class GradNorms:
 
 def collect_grads(optimizer: torch.optim.Optimizer) -> tuple[list[Tensor], list[Tensor]]:
     """The parameters of ``optimizer`` that have a gradient, and those gradients (local shards for DTensors)."""
-    params, grads = [], []
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            g = p.grad
-            if g is None:
-                continue
-            if g.is_sparse:
-                g = g.coalesce()._values()
-            else:  # DTensor (FSDP2 / tensor parallel): this rank's shard, possibly empty
-                g = local_tensor(g)
-            params.append(p)
-            grads.append(g)
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    grads = [p.grad for p in params]
+    for i, g in enumerate(grads):
+        if g.is_sparse:
+            grads[i] = g.coalesce()._values()
+        elif type(g) is not Tensor:  # DTensor (FSDP2 / tensor parallel): this rank's shard, possibly empty
+            grads[i] = local_tensor(g)
     return params, grads
 
 
@@ -63,11 +58,30 @@ def grad_norms(
             return GradNorms(per_tensor, per_tensor.sum())
         whole = shards.reduce(per_tensor, shard_index)
         return GradNorms(per_tensor, whole.sum().sqrt())
-    device = grads[0].device
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
-    for i, g in enumerate(grads):
-        groups[(g.device, g.dtype)].append(i)
-    if len(groups) == 1:
+    first = grads[0]
+    device, dtype = first.device, first.dtype
+    # one (device, dtype) group, the usual case, checked without building a `torch.device` per gradient
+    single = first.is_cuda or first.is_cpu
+    if first.is_cuda:
+        index = first.get_device()
+        for g in grads:  # a plain loop: no generator frame per gradient
+            if not (g.is_cuda and g.dtype is dtype and g.get_device() == index):
+                single = False
+                break
+    elif single:
+        for g in grads:
+            if not (g.is_cpu and g.dtype is dtype):
+                single = False
+                break
+    if single:
+        groups = None
+    else:
+        groups = defaultdict(list)
+        for i, g in enumerate(grads):
+            groups[(g.device, g.dtype)].append(i)
+        if len(groups) == 1:
+            groups = None
+    if groups is None:
         per_tensor = torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32))
     else:
         ordered: list[Tensor | None] = [None] * len(grads)

@@ -67,6 +67,11 @@ class BufferSnapshot:
         # reused without comparing shapes (``resize_`` of a registered buffer is not supported)
         self._seen: list[Tensor | None] = [None] * len(entries)
         self._groups: list[list[int]] = []
+        # the argument lists of the foreach copies of the last capture, and where buffer i sits in them: a buffer the
+        # module replaced by a tensor that still fits its storage (``ClampedRMSScale.last_scale`` every forward) only
+        # swaps its entry, so a capture builds no lists
+        self._copy_args: list[tuple[list[Tensor], list[Tensor]]] = []
+        self._position: list[tuple[int, int]] = []
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -75,31 +80,53 @@ class BufferSnapshot:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._storage if t is not None)
 
+    def _buffer(self, i: int) -> Tensor:
+        # `_buffers` directly: `getattr` on a module reaches a buffer only through `Module.__getattr__`, after the
+        # ordinary lookup failed (a removed buffer still raises the same AttributeError through `getattr`)
+        mod, attr = self._entries[i]
+        buf = mod._buffers.get(attr)
+        return buf if buf is not None else getattr(mod, attr)
+
     def _current(self) -> list[Tensor]:
         # a DTensor buffer (tensor parallelism) is copied and restored through its local shard (the same tensor object
         # at every call, so the reuse check below holds)
-        return [local_tensor(getattr(mod, attr)) for mod, attr in self._entries]
+        return [local_tensor(self._buffer(i)) for i in range(len(self._entries))]
 
     @torch.no_grad()
     def capture(self) -> None:
-        current = self._current()
+        seen, storage = self._seen, self._storage
         regroup = False
-        seen = self._seen
-        for i, buf in enumerate(current):
+        swapped = []
+        for i in range(len(self._entries)):
+            buf = self._buffer(i)
             if buf is seen[i]:  # the tensor captured last time: its storage still fits
                 continue
+            if type(buf) is not Tensor:
+                buf = local_tensor(buf)
+                if buf is seen[i]:
+                    continue
             seen[i] = buf
-            snap = self._storage[i]
+            snap = storage[i]
             if snap is None or snap.shape != buf.shape or snap.dtype != buf.dtype or snap.device != buf.device:
-                self._storage[i] = torch.empty_like(buf, memory_format=torch.contiguous_format)
+                storage[i] = torch.empty_like(buf, memory_format=torch.contiguous_format)
                 regroup = True
+            swapped.append(i)
         if regroup:
             groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-            for i, buf in enumerate(current):
-                groups.setdefault((buf.device, buf.dtype), []).append(i)
+            for i, buf in enumerate(seen):
+                groups.setdefault((buf.device, buf.dtype), []).append(i)  # type: ignore[union-attr]
             self._groups = list(groups.values())
-        for idx in self._groups:
-            torch._foreach_copy_([self._storage[i] for i in idx], [current[i] for i in idx])
+            self._copy_args = [([storage[i] for i in idx], [seen[i] for i in idx]) for idx in self._groups]
+            self._position = [(0, 0)] * len(seen)
+            for j, idx in enumerate(self._groups):
+                for k, i in enumerate(idx):
+                    self._position[i] = (j, k)
+        else:
+            for i in swapped:
+                j, k = self._position[i]
+                self._copy_args[j][1][k] = seen[i]
+        for dst, src in self._copy_args:
+            torch._foreach_copy_(dst, src)
 
     def _replaced(self, current: list[Tensor]) -> set[int]:
         """Buffers whose shape, dtype or device changed since ``capture`` (the module assigned a new tensor, e.g.

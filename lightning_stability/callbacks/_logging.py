@@ -38,4 +38,13 @@ def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float | Tensor], step
             logger.log_metrics(host, step=step)
     published = trainer.callback_metrics
     for k, v in metrics.items():
-        published[k] = v.detach().reshape(()) if isinstance(v, Tensor) else torch.tensor(host[k])
+        published[k] = v.detach().reshape(()) if isinstance(v, Tensor) else _scalar(host[k])
+
+
+def _scalar(value: float) -> Tensor:
+    """``torch.tensor(value)`` (0-dim, default dtype, CPU) through ``torch.scalar_tensor``, about a third of the cost
+    per call; a value outside the default dtype's range becomes ``inf`` as with ``torch.tensor``."""
+    try:
+        return torch.scalar_tensor(value)
+    except RuntimeError:  # "value cannot be converted to type float without overflow"
+        return torch.tensor(value)

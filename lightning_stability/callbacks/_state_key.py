@@ -14,10 +14,10 @@ from lightning.pytorch import Callback
 
 def cached_state_key(callback: Callback, **identity: Any) -> str:
     """``callback._generate_state_key(**identity)``, cached on the instance while ``identity`` stays equal."""
-    values = tuple(identity.items())
+    # the kwargs dict itself is the cache key: comparing two small dicts is cheaper than building a tuple of items
     cached = callback.__dict__.get("_state_key_cache")
-    if cached is not None and cached[0] == values:
+    if cached is not None and cached[0] == identity:
         return cached[1]
     key = callback._generate_state_key(**identity)
-    callback.__dict__["_state_key_cache"] = (values, key)
+    callback.__dict__["_state_key_cache"] = (identity, key)
     return key

@@ -57,6 +57,16 @@ def _integer(name: str, value: Any, minimum: int) -> int:
     return int(value)
 
 
+def _scalar(t: Tensor) -> Tensor:
+    """``t.detach().reshape(()).float()``, skipping the steps that would return an equal tensor (each is a dispatched
+    op on the step's critical path; a term or norm is usually a detached 0-dim float32 tensor already)."""
+    if t.requires_grad:
+        t = t.detach()
+    if t.dim():
+        t = t.reshape(())
+    return t if t.dtype is torch.float32 else t.float()
+
+
 def _total_grad_norm(grads: list[Tensor]) -> Tensor:
     """2-norm of all gradients as one vector (foreach kernels where available; no host synchronisation)."""
     get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
@@ -347,7 +357,7 @@ class AdaptiveLossWeight(Callback):
         mean = sum(self._window) / n
         if mean <= 0:
             return 0.0
-        return sum((x - mean) ** 2 for x in self._window) / n / (mean * mean)
+        return sum([(x - mean) ** 2 for x in self._window]) / n / (mean * mean)  # a list: no generator frames
 
     def _grad_is_growing(self) -> bool:
         if self.grad_growth is None or self.grad_avg is None or len(self._grad_window) < self.variance_window:
@@ -599,7 +609,7 @@ class AdaptiveLossWeight(Callback):
             return
         value = self._term_from(outputs, pl_module)
         if value is not None:
-            value = value.detach().reshape(()).float()
+            value = _scalar(value)
             self._acc_loss = value if self._acc_loss is None else self._acc_loss + value
             self._acc_count += 1
         if self._seen_global_step is None:
@@ -611,7 +621,7 @@ class AdaptiveLossWeight(Callback):
         if self._guard is not None:
             norm = getattr(self._guard, "last_grad_norm", None)
             if isinstance(norm, Tensor):
-                norm = norm.detach().reshape(()).float()
+                norm = _scalar(norm)
                 self._acc_grad_sq, self._acc_grad_count = norm * norm, 1
         # the reference the device damped this step against, before consuming the previous step republishes it
         reference = self.published_avg
@@ -649,15 +659,16 @@ class AdaptiveLossWeight(Callback):
         return term
 
     def _launch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, reference: float | None) -> None:
-        loss = self._acc_loss / self._acc_count
+        # one micro-batch (the usual case): the sum is the mean (x / 1 is exact), no division op
+        loss = self._acc_loss if self._acc_count == 1 else self._acc_loss / self._acc_count
         if not isinstance(loss, Tensor):  # restored mid-accumulation sums are floats
             loss = torch.tensor(loss, dtype=torch.float32, device=pl_module.device)
-        parts = [loss.reshape(1)]
         # every rank takes the same optimizer steps, so every rank has a norm or none does: no count is reduced
-        if self._acc_grad_count:
+        if self._acc_grad_count:  # [loss, grad norm] in one stack (0-dim float32 both)
             grad_sq = torch.as_tensor(self._acc_grad_sq, dtype=torch.float32, device=loss.device)
-            parts.append(grad_sq.sqrt().reshape(1))
-        buffer = torch.cat(parts)
+            buffer = torch.stack([loss, grad_sq.sqrt()])
+        else:
+            buffer = torch.stack([loss])  # a fresh tensor, never a view of the module's term (reduced in place)
         self._acc_loss, self._acc_count, self._acc_grad_sq, self._acc_grad_count = None, 0, None, 0
         pending = _Pending(step=step, reference=reference, buffer=buffer)
         if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():

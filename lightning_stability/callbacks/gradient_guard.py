@@ -532,7 +532,7 @@ class GradientGuard(Callback):
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         # only needed to tell an fp16 overflow (finite loss) from a real NaN/inf loss
-        if trainer.sanity_checking or self._active_scaler is None:
+        if self._active_scaler is None or trainer.sanity_checking:
             return
         bad = ~torch.isfinite(loss.detach())
         self._loss_bad = bad if self._loss_bad is None else self._loss_bad | bad
@@ -544,7 +544,9 @@ class GradientGuard(Callback):
         if trainer.sanity_checking:
             return
         idx = self._optimizer_index(trainer, optimizer)
-        st = self._opt_states.setdefault(idx, _OptimizerState())
+        st = self._opt_states.get(idx)
+        if st is None:  # not `setdefault`: it would build (and drop) a fresh state every step
+            st = self._opt_states[idx] = _OptimizerState()
         params, grads = collect_grads(optimizer)
         loss_bad, self._loss_bad = self._loss_bad, None
         self._stepped_this_batch = True

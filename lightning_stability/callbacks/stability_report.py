@@ -201,7 +201,11 @@ class StabilityReport(Callback):
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             return
         self._last_step = step
-        loss = loss.detach().reshape(()).float()
+        loss = loss.detach()
+        if loss.dim():  # reshape / float only when they change something (each is an op on the step's path)
+            loss = loss.reshape(())
+        if loss.dtype is not torch.float32:
+            loss = loss.float()
         if pl_module.automatic_optimization and trainer.accumulate_grad_batches > 1:
             loss = loss * trainer.accumulate_grad_batches
         if self._buffer is None or self._buffer.device != loss.device:
