@@ -79,6 +79,8 @@ def _by_name(states: dict, name: str) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:ScaleFactorClamp. learnable scale .* starts at:UserWarning")  # on purpose,
+@pytest.mark.filterwarnings("ignore:ScaleFactorClamp. scale factor .* stayed above:UserWarning")  # and so it grows
 def test_adaptive_weight_scale_clamp_and_report_match_one_device(tmp_path):
     """AdaptiveLossWeight computes the whole model's gradient norm itself (no guard), ScaleFactorClamp projects and
     averages the sharded learnable scales (one shard empty), StabilityReport (rank 0) holds rank 1's own event."""
