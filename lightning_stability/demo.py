@@ -72,8 +72,9 @@ class DemoConfig:
     lstm: int = 1  # LSTM layers in the bottleneck (EnCodec: 2)
     n_q: int = 8  # 8 x 1024 codes at 75 Hz = 6 kbps (EnCodec's 6 kbps setting)
     codebook_size: int = 1024
-    # EnCodec's 2 assumes batches of thousands of frames; with 8 x 37 frames a used code averages ~0.3 EMA hits
-    threshold_ema_dead_code: float = 0.05
+    # dead codes: below 0.1 x the EMA use a code would have under uniform use (Moshi's rule; EnCodec's absolute 2 hits
+    # assumes batches of thousands of frames: with 8 x 37 frames a used code averages ~0.3 EMA hits)
+    dead_code_usage_ratio: float = 0.1
     lr: float = 1e-3  # DAC uses 1e-4 for a long run; a 10-minute run needs a larger step
     val_every_n_steps: int = 250
     # Held-out evaluation of whole files: the codec runs over chunks of this length (each its own EnCodec segment
@@ -120,7 +121,7 @@ def _codec(config: DemoConfig):
         "lstm": config.lstm,
         "n_q": config.n_q,
         "codebook_size": config.codebook_size,
-        "threshold_ema_dead_code": config.threshold_ema_dead_code,
+        "dead_code_usage_ratio": config.dead_code_usage_ratio,
         "output_rms_clamp": (0.7, 1.5),  # a ClampedRMSScale safety net that ScaleFactorClamp watches
         # A 10-minute objective (docs/codec_demo_experiments.md has the measured table): the time-domain L1 dominates,
         # because only a waveform term constrains phase, which is what SI-SNR measures; the multi-resolution STFT

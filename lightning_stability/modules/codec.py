@@ -18,6 +18,7 @@ from torchmetrics.audio import ScaleInvariantSignalNoiseRatio
 from lightning_stability.losses.spectral import (
     DAC_MEL_N_MELS,
     DAC_MEL_WINDOWS,
+    GainInvariantL1Loss,
     MultiResolutionMelLoss,
     MultiResolutionSTFTLoss,
     RMSMatchingLoss,
@@ -47,7 +48,7 @@ DEFAULT_LOSS_WEIGHTS: dict[str, float] = {
     "vq": 1.0,  # codebook + commitment_weight * commitment (DAC: 1 and 0.25)
 }
 ADVERSARIAL_LOSS_WEIGHTS: dict[str, float] = {"adv": 1.0, "feat": 2.0}  # DAC's generator / feature-matching weights
-KNOWN_LOSSES = ("mel", "l1", "stft", "sisnr", "rms", "vq", "adv", "feat")
+KNOWN_LOSSES = ("mel", "l1", "si_l1", "stft", "sisnr", "rms", "vq", "adv", "feat")
 
 
 @dataclass
@@ -203,6 +204,8 @@ class CodecModule(pl.LightningModule):
         kmeans_init: bool = True,
         kmeans_iters: int = 10,
         threshold_ema_dead_code: float = 2.0,
+        dead_code_usage_ratio: float | None = 0.1,
+        dead_code_check_every: int = 5,
         quantizer_dropout: float = 0.0,
         normalize_scale: bool = True,
         remove_dc: bool = False,
@@ -282,6 +285,7 @@ class CodecModule(pl.LightningModule):
         )
         self.stft_loss = MultiResolutionSTFTLoss() if "stft" in self.loss_weights else None
         self.rms_loss = RMSMatchingLoss()
+        self.si_l1_loss = GainInvariantL1Loss()
         self.discriminator = (
             MultiScaleSTFTDiscriminator(filters=disc_filters, in_channels=channels, n_ffts=disc_n_ffts)
             if adversarial
@@ -329,6 +333,8 @@ class CodecModule(pl.LightningModule):
             kmeans_init=hp.kmeans_init,
             kmeans_iters=hp.kmeans_iters,
             threshold_ema_dead_code=hp.threshold_ema_dead_code,
+            dead_code_usage_ratio=hp.get("dead_code_usage_ratio"),
+            dead_code_check_every=hp.get("dead_code_check_every", 5),
             quantizer_dropout=hp.quantizer_dropout,
             seed=hp.seed,
         )
@@ -415,6 +421,7 @@ class CodecModule(pl.LightningModule):
         fns = {
             "mel": lambda: self.mel_loss(recon, audio),
             "l1": lambda: F.l1_loss(recon.float(), audio.float()),
+            "si_l1": lambda: self.si_l1_loss(recon, audio),
             "stft": lambda: self.stft_loss(recon, audio),
             "sisnr": lambda: -self._si_snr(recon, audio).mean(),
             "rms": lambda: self.rms_loss(recon, audio),
@@ -520,8 +527,16 @@ class CodecModule(pl.LightningModule):
         if stage == "train":
             with torch.no_grad():
                 self.log("train/si_snr", self._si_snr(out.audio, audio).mean(), **kw)
-            ppl = out.quantized.metrics["perplexity"]
-            self.log_dict({f"train/perplexity_{i}": ppl[i] for i in range(ppl.numel())}, **kw)
+            metrics = out.quantized.metrics
+            self.log_dict(
+                {
+                    f"train/{key}_{i}": metrics[key][i]
+                    for key in ("perplexity", "entropy", "expired", "dead_fraction")
+                    if key in metrics
+                    for i in range(metrics[key].numel())
+                },
+                **kw,
+            )
 
     @staticmethod
     def _si_snr(preds: Tensor, target: Tensor) -> Tensor:

@@ -30,8 +30,18 @@ Options (all per :class:`ResidualVectorQuantizer`):
   ``ema=False``: codebooks are parameters learned through the codebook loss.
 - ``kmeans_init``: the codebook is initialised by k-means on the first training batch's residuals (a batch with
   non-finite values is not used; the next one is).
-- ``threshold_ema_dead_code``: in training, codes whose EMA count ``N_k`` fell below the threshold (EnCodec: 2) are
-  replaced by vectors drawn from the current batch (finite batches only). Counts are tracked for learned codebooks too.
+- Dead codes (in training, finite batches only; counts are tracked for learned codebooks too): every
+  ``dead_code_check_every`` steps, codes whose EMA count ``N_k`` is below a threshold are replaced by vectors drawn
+  from the current batch. With ``dead_code_usage_ratio`` (default 0.1, Moshi's rule) the threshold is that fraction
+  of the count a code would have under uniform use, ``ratio * sum_k N_k / K``, so it does not depend on the batch size
+  (EnCodec's absolute ``threshold_ema_dead_code = 2`` assumes batches of thousands of frames: at 8 x 37 frames every
+  code sits below it and the codebook is recycled every step); ``dead_code_usage_ratio=None`` uses the absolute
+  ``threshold_ema_dead_code``. A replaced code starts with the uniform share ``sum_k N_k / K`` of the counts (the
+  absolute threshold with the absolute rule), so it has about ``ln(1 / ratio) / (1 - decay)`` steps (230 at the
+  defaults) to be chosen before it can expire again. Its EMA sum is written together with its count
+  (``S_k = N_k * e_k``), so the next EMA update keeps the new vector instead of overwriting it with the old
+  ``S_k / N_k`` (the audiocraft/EnCodec bug, encodec issue #61: the replacement there is undone in the same forward).
+  The decision is taken on the device (``torch.where``, no host sync).
 - ``quantizer_dropout``: probability that a training batch uses only the first ``n ~ U{1..n_q}`` stages (bitrate
   scalability as SoundStream/DAC). The draw comes from a seeded counter, so every DDP rank draws the same ``n``.
 - ``codebook_dim``: DAC's factorised lookup: project ``r_i`` with a weight-normalised 1x1 convolution to
@@ -118,8 +128,10 @@ class QuantizedResult:
         stage_commitment_losses: ``[n_q_used]`` the per-stage commitment losses (each with its own gradient).
         n_q: number of stages used (smaller than the quantizer's ``n_q`` under quantizer dropout).
         metrics: detached ``[n_q_used]`` tensors: ``perplexity`` (``exp`` of the entropy of the batch's code
-            histogram, at most ``codebook_size``), ``usage`` (fraction of codes used in the batch) and
-            ``dead_fraction`` (fraction of codes whose EMA count is below the dead-code threshold).
+            histogram, at most ``codebook_size``), ``usage`` (fraction of codes used in the batch),
+            ``dead_fraction`` (fraction of codes whose EMA count is below the dead-code threshold), ``entropy``
+            (entropy of the EMA counts divided by ``log(codebook_size)``: 1 for uniform use, Moshi's
+            ``rvq_entropy``) and ``expired`` (fraction of codes replaced in this forward; 0 between checks).
     """
 
     quantized: torch.Tensor
@@ -156,6 +168,8 @@ class VectorQuantizer(nn.Module):
         kmeans_init: bool = True,
         kmeans_iters: int = 10,
         threshold_ema_dead_code: float = 2.0,
+        dead_code_usage_ratio: float | None = 0.1,
+        dead_code_check_every: int = 5,
     ) -> None:
         super().__init__()
         self.dim = dim
@@ -167,6 +181,8 @@ class VectorQuantizer(nn.Module):
         self.epsilon = epsilon
         self.kmeans_iters = kmeans_iters
         self.threshold_ema_dead_code = threshold_ema_dead_code
+        self.dead_code_usage_ratio = dead_code_usage_ratio
+        self.dead_code_check_every = dead_code_check_every
         if self.codebook_dim != dim:
             self.in_proj: nn.Module = _Conv1d(dim, self.codebook_dim, 1)  # weight-normalised 1x1 convolutions
             self.out_proj: nn.Module = _Conv1d(self.codebook_dim, dim, 1)
@@ -218,9 +234,11 @@ class VectorQuantizer(nn.Module):
             return
         means, counts = _kmeans(samples, self.codebook_size, self.kmeans_iters, seed)
         self.embed.data.copy_(means)
-        # EnCodec keeps the k-means counts as the initial EMA counts; a floor at the dead-code threshold leaves the
-        # codes that k-means could not seed a few steps to be used before they are replaced.
-        self.cluster_size.data.copy_(counts.clamp(min=self.threshold_ema_dead_code))
+        # EnCodec keeps the k-means counts as the initial EMA counts; a floor (the absolute threshold, or with the
+        # relative rule the uniform share a replaced code gets) leaves the codes that k-means could not seed some
+        # steps to be used before they are replaced.
+        floor = self.threshold_ema_dead_code if self.dead_code_usage_ratio is None else counts.sum() / self.codebook_size
+        self.cluster_size.data.copy_(counts.clamp(min=floor))
         if self.ema:
             self.embed_avg.data.copy_(means * self.cluster_size[:, None])
         self.initialized.fill_(True)
@@ -247,29 +265,41 @@ class VectorQuantizer(nn.Module):
         smoothed = (self.cluster_size + self.epsilon) / (total + self.codebook_size * self.epsilon) * total
         self.embed.copy_(torch.where(ok, self.embed_avg / smoothed.clamp(min=self.epsilon)[:, None], self.embed))
 
-    @torch.no_grad()
-    def _replace_dead_codes(self, flat: torch.Tensor, seed: int) -> None:
-        """Replace codes whose EMA count is below the threshold by vectors of this batch (finite batches only).
+    def _dead_threshold(self) -> torch.Tensor | float:
+        """The EMA count under which a code is dead: a fraction of uniform use, or the absolute threshold."""
+        if self.dead_code_usage_ratio is None:
+            return self.threshold_ema_dead_code
+        return self.dead_code_usage_ratio * self.cluster_size.sum() / self.codebook_size
 
-        One host sync (``.any()``) per training step, as audiocraft's ``expire_codes_``; the decision is the same on
-        every rank (the counts are identical), and the drawn vectors are broadcast from rank 0.
+    def _replaces_dead_codes(self) -> bool:
+        if self.dead_code_usage_ratio is None:
+            return self.threshold_ema_dead_code > 0
+        return self.dead_code_usage_ratio > 0
+
+    @torch.no_grad()
+    def _replace_dead_codes(self, flat: torch.Tensor, seed: int, step: int) -> torch.Tensor:
+        """Replace the dead codes by vectors of this batch every ``dead_code_check_every`` steps; returns the fraction
+        of codes replaced (a 0-dim tensor, 0 on steps without a check).
+
+        Taken on the device with ``torch.where`` (no host sync); the decision is the same on every rank (the counts are
+        identical), and the drawn vectors are broadcast from rank 0. A non-finite batch replaces nothing.
         """
-        if self.threshold_ema_dead_code <= 0:
-            return
+        zero = flat.new_zeros((), dtype=torch.float32)
+        if not self._replaces_dead_codes() or (step + 1) % self.dead_code_check_every:
+            return zero
         x = flat.detach().float()
-        dead = self.cluster_size < self.threshold_ema_dead_code
-        finite = torch.isfinite(x).all()
-        if not bool((dead.any() & finite).item()):
-            return
+        dead = (self.cluster_size < self._dead_threshold()) & torch.isfinite(x).all() & self.initialized
         candidates = _sample_vectors(x, self.codebook_size, seed)
+        if self.dead_code_usage_ratio is None:
+            fresh = torch.full_like(self.cluster_size, self.threshold_ema_dead_code)
+        else:
+            fresh = (self.cluster_size.sum() / self.codebook_size).expand_as(self.cluster_size)
         self.embed.data.copy_(torch.where(dead[:, None], candidates, self.embed.data))
-        # A replaced code starts with the threshold's count so it is not replaced again before it had a chance.
-        self.cluster_size.copy_(
-            torch.where(dead, torch.full_like(self.cluster_size, self.threshold_ema_dead_code), self.cluster_size)
-        )
-        if self.ema:
+        self.cluster_size.copy_(torch.where(dead, fresh, self.cluster_size))
+        if self.ema:  # the sum and the count together, so the next EMA update keeps the new vector (encodec #61)
             self.embed_avg.copy_(torch.where(dead[:, None], candidates * self.cluster_size[:, None], self.embed_avg))
         _broadcast(self._codebook_tensors())
+        return dead.float().mean()
 
     # -- forward ---------------------------------------------------------------------------------------------------
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
@@ -277,11 +307,12 @@ class VectorQuantizer(nn.Module):
         q = F.embedding(codes, self.embed).transpose(1, 2)  # B, Dc, T
         return self.out_proj(q)
 
-    def forward(self, r: torch.Tensor, detach_straight_through: bool = False, seed: int = 0):
+    def forward(self, r: torch.Tensor, detach_straight_through: bool = False, seed: int = 0, step: int = 0):
         """Quantize ``r [B, D, T]``; ``detach_straight_through`` takes the straight-through path from ``sg(r)``.
 
         ``seed`` seeds the random draws of this call (k-means seeds, dead-code replacements), so they do not touch
-        the global RNG and a resumed run draws what an uninterrupted one would.
+        the global RNG and a resumed run draws what an uninterrupted one would; ``step`` (the training-forward count)
+        schedules the dead-code checks.
         """
         B, D, T = r.shape
         z = self.in_proj(r)  # B, Dc, T
@@ -298,16 +329,22 @@ class VectorQuantizer(nn.Module):
         if detach_straight_through:
             z_src = z.detach() if isinstance(self.in_proj, nn.Identity) else self.in_proj(r.detach())
         z_st = z_src + (q - z_src).detach()  # straight-through
+        expired = z.new_zeros((), dtype=torch.float32)
         if self.training:
             self._update_statistics(flat, codes)
-            self._replace_dead_codes(flat, seed + 1)
+            expired = self._replace_dead_codes(flat, seed + 1, step)
         counts = torch.bincount(codes.detach(), minlength=self.codebook_size).float()
         probs = counts / counts.sum().clamp(min=1)
         entropy = -(probs * torch.log(probs.clamp(min=1e-12))).sum()
+        usage = self.cluster_size.float()
+        p_ema = usage / usage.sum().clamp(min=1e-12)
+        ema_entropy = -(p_ema * torch.log(p_ema.clamp(min=1e-12))).sum()
         stats = {
             "perplexity": entropy.exp(),
             "usage": (counts > 0).float().mean(),
-            "dead_fraction": (self.cluster_size < self.threshold_ema_dead_code).float().mean(),
+            "dead_fraction": (self.cluster_size < self._dead_threshold()).float().mean(),
+            "entropy": ema_entropy / math.log(self.codebook_size),
+            "expired": expired,
         }
         return self.out_proj(z_st), codes.view(B, T), codebook_loss, commitment_loss, stats
 
@@ -327,7 +364,11 @@ class ResidualVectorQuantizer(nn.Module):
         ema: EMA codebooks (EnCodec) instead of learned ones (DAC).
         decay, epsilon: EMA decay and Laplace smoothing.
         kmeans_init, kmeans_iters: k-means initialisation on the first training batch.
-        threshold_ema_dead_code: dead-code threshold in EMA counts (0 disables replacement).
+        threshold_ema_dead_code: absolute dead-code threshold in EMA counts (EnCodec: 2; 0 disables replacement),
+            used when ``dead_code_usage_ratio`` is ``None``.
+        dead_code_usage_ratio: dead-code threshold as a fraction of uniform usage (Moshi: 0.1; 0 disables
+            replacement); ``None`` uses ``threshold_ema_dead_code``.
+        dead_code_check_every: steps between dead-code checks (Moshi: 5).
         quantizer_dropout: probability that a training batch uses a random number of stages ``U{1..n_q}``.
         seed: seed of the quantizer-dropout draws, k-means seeds and dead-code replacements (combined with the
             ``num_updates`` counter, a buffer: the same on every rank, and a resumed run continues the sequence).
@@ -347,6 +388,8 @@ class ResidualVectorQuantizer(nn.Module):
         kmeans_init: bool = True,
         kmeans_iters: int = 10,
         threshold_ema_dead_code: float = 2.0,
+        dead_code_usage_ratio: float | None = 0.1,
+        dead_code_check_every: int = 5,
         quantizer_dropout: float = 0.0,
         seed: int = 0,
     ) -> None:
@@ -366,6 +409,19 @@ class ResidualVectorQuantizer(nn.Module):
             raise ValueError(f"`kmeans_iters` must be a positive int, got {kmeans_iters!r}")
         if not (threshold_ema_dead_code >= 0 and math.isfinite(threshold_ema_dead_code)):
             raise ValueError(f"`threshold_ema_dead_code` must be a finite number >= 0, got {threshold_ema_dead_code!r}")
+        if dead_code_usage_ratio is not None and (
+            isinstance(dead_code_usage_ratio, bool)
+            or not isinstance(dead_code_usage_ratio, (int, float))
+            or not 0 <= dead_code_usage_ratio < 1
+        ):
+            raise ValueError(
+                f"`dead_code_usage_ratio` must be None or a fraction of uniform usage in [0, 1), "
+                f"got {dead_code_usage_ratio!r}"
+            )
+        if isinstance(dead_code_check_every, bool) or not isinstance(dead_code_check_every, int) or (
+            dead_code_check_every < 1
+        ):
+            raise ValueError(f"`dead_code_check_every` must be a positive int, got {dead_code_check_every!r}")
         if not 0.0 <= quantizer_dropout <= 1.0:
             raise ValueError(f"`quantizer_dropout` must be a probability in [0, 1], got {quantizer_dropout!r}")
         self.dim = dim
@@ -385,6 +441,8 @@ class ResidualVectorQuantizer(nn.Module):
                 kmeans_init=kmeans_init,
                 kmeans_iters=kmeans_iters,
                 threshold_ema_dead_code=threshold_ema_dead_code,
+                dead_code_usage_ratio=dead_code_usage_ratio,
+                dead_code_check_every=dead_code_check_every,
             )
             for _ in range(n_q)
         )
@@ -419,7 +477,7 @@ class ResidualVectorQuantizer(nn.Module):
         codes, cb_losses, cm_losses, stats = [], [], [], []
         for i, layer in enumerate(self.layers[:n_q]):
             seed = (self.seed * 1_000_003 + step) * 1_009 + 2 * i
-            q, c, cb, cm, s = layer(residual, detach_straight_through=i > 0, seed=seed)
+            q, c, cb, cm, s = layer(residual, detach_straight_through=i > 0, seed=seed, step=step)
             residual = residual - q.detach()  # detached residual: later commitment losses reach the encoder
             quantized = quantized + q
             codes.append(c)
