@@ -38,18 +38,20 @@ DEMO_LOSS_WEIGHTS: dict[str, float] = {"mel": 2.5, "l1": 1000.0, "stft": 3.0, "r
 
 __all__ = [
     "DEMO_LOSS_WEIGHTS",
-    "DemoConfig",
-    "DemoInputError",
-    "HeldOutItem",
     "build_callbacks",
     "check_data_folder",
+    "codebook_health",
+    "DemoConfig",
+    "DemoInputError",
     "evaluate_held_out",
     "held_out_items",
+    "HeldOutItem",
     "main",
     "prepare_folder",
     "reconstruct",
     "run_demo",
     "run_demo_cli",
+    "scale_factor_summary",
 ]
 
 
@@ -238,12 +240,13 @@ def held_out_items(datamodule) -> list[HeldOutItem]:
     return items
 
 
-def reconstruct(codec, audio, chunk_samples: int | None = None):
+def reconstruct(codec, audio, chunk_samples: int | None = None, usage=None):
     """``codec.encode`` then ``decode`` of ``audio [B, C, T]``, over chunks of at most ``chunk_samples`` samples.
 
     The length is split into ``n = ceil(T / chunk_samples)`` near-equal chunks (multiples of the hop; no tiny tail),
     each encoded as its own segment (with its own EnCodec scale) and decoded; the pieces are concatenated. Peak
-    memory is one chunk's activations whatever ``T`` is. ``None``: one piece.
+    memory is one chunk's activations whatever ``T`` is. ``None``: one piece. ``usage`` (a
+    :class:`~lightning_stability.metrics.CodebookUsage`), when given, counts the codes.
     """
     import torch
 
@@ -260,6 +263,8 @@ def reconstruct(codec, audio, chunk_samples: int | None = None):
         for size in sizes:
             x = audio[..., start : start + size]
             codes, scale = codec.encode(x)
+            if usage is not None:
+                usage.update(codes)
             pieces.append(codec.decode(codes, scale, length=size))
             start += size
     return torch.cat(pieces, dim=-1)
@@ -320,7 +325,10 @@ def evaluate_held_out(
         items = items[:max_utterances]
     if not items:
         raise RuntimeError("nothing is held out to evaluate (val_fraction is 0?)")
+    from lightning_stability.metrics.codebook import CodebookUsage
+
     codec = codec.eval().cpu()
+    usage = CodebookUsage(codec.quantizer.n_q, codec.quantizer.codebook_size)
     rate = codec.sample_rate
     cap = None if max_seconds is None else round(max_seconds * rate)
     chunk = None if chunk_seconds is None else round(chunk_seconds * rate)
@@ -334,7 +342,7 @@ def evaluate_held_out(
             audio = datamodule.load(item.path)[None]  # [1, 1, T]: the data module's pipeline (mono, rate, -16 LUFS)
             if cap is not None and audio.shape[-1] > cap:
                 audio, capped = audio[..., :cap], capped + 1
-            recon = reconstruct(codec, audio, chunk)
+            recon = reconstruct(codec, audio, chunk, usage=usage)
             si_snr.append(float(scale_invariant_signal_noise_ratio(recon, audio).mean()))
             mel.append(float(mel_distance(recon, audio, rate)))
             for key, (value, why) in _quality(recon, audio, rate).items():
@@ -377,6 +385,7 @@ def evaluate_held_out(
         "eval_max_seconds": max_seconds,
         "eval_chunk_seconds": chunk_seconds,
         "bitrate_kbps": codec.bitrate / 1000.0,
+        **codebook_health(codec, usage),
         "example_name": item.name,
         "example_text": item.text,
         "example_voice": item.voice,
@@ -435,6 +444,50 @@ def prepare_folder(datamodule) -> dict[str, Any]:
     }
 
 
+def codebook_health(codec, usage) -> dict[str, Any]:
+    """Per-stage codebook health of a trained codec: the quantizer's own view (EMA counts: the fraction of codes
+    below its dead-code threshold, and the normalised entropy of the counts, 1 = uniform use) and the held-out view
+    (``usage``, a :class:`~lightning_stability.metrics.CodebookUsage` over every held-out frame: perplexity and the
+    fraction of codes never chosen, which also counts codes that are merely rare in a small held-out set)."""
+    import math as _math
+
+    dead, entropy = [], []
+    for layer in codec.quantizer.layers:
+        counts = layer.cluster_size.float()
+        dead.append(float((counts < layer._dead_threshold()).float().mean()))
+        p = counts / counts.sum().clamp(min=1e-12)
+        entropy.append(float(-(p * p.clamp(min=1e-12).log()).sum()) / _math.log(layer.codebook_size))
+    held_out = usage.compute()
+    return {
+        "codebook_size": codec.quantizer.codebook_size,
+        "dead_codes": [round(v, 4) for v in dead],
+        "codebook_entropy": [round(v, 4) for v in entropy],
+        "heldout_perplexity": [round(float(v), 1) for v in held_out["perplexity"]],
+        "heldout_unused_codes": [round(float(v), 4) for v in held_out["dead_fraction"]],
+    }
+
+
+def scale_factor_summary(trainer) -> dict[str, Any]:
+    """Over the last quarter of training, per factor that ``ScaleFactorClamp`` watched: its mean value and the fraction
+    of steps it sat at a bound (``{}`` without a ``ScaleFactorClamp``)."""
+    from lightning_stability.callbacks import ScaleFactorClamp
+
+    clamp = next((cb for cb in trainer.callbacks if isinstance(cb, ScaleFactorClamp)), None)
+    if clamp is None:
+        return {}
+    start = 0.75 * trainer.global_step
+    factors, at_bound = {}, {}
+    for name, points in clamp.event_log.traces.items():
+        tail = [v for step, v in points if step >= start and math.isfinite(v)]
+        if not tail:
+            continue
+        if name.endswith("/clamped_fraction"):
+            at_bound[name[: -len("/clamped_fraction")]] = round(sum(tail) / len(tail), 4)
+        else:
+            factors[name] = round(sum(tail) / len(tail), 4)
+    return {"scale_factor_last_quarter": factors, "scale_factor_at_bound_last_quarter": at_bound}
+
+
 def run_demo(config: DemoConfig) -> dict[str, Any]:
     """Run the demo; returns the held-out metrics plus where the files went."""
     import lightning.pytorch as pl
@@ -489,6 +542,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     ckpt = next((cb for cb in trainer.callbacks if type(cb).__name__ == "ModelCheckpoint"), None)
     results.update(
         {
+            **scale_factor_summary(trainer),
             "steps": int(trainer.global_step),
             "corpus_seconds": round(corpus_seconds, 1),
             "train_seconds": round(train_seconds, 1),
@@ -543,6 +597,15 @@ def _summary(results: dict[str, Any]) -> str:
         f"  STOI                : {_fmt(results.get('stoi'), '.3f')} (pystoi, at its 10 kHz)" + skips("stoi"),
         f"  loudness error      : {_fmt(results.get('loudness_error_lu'), '.2f', ' LU')} mean |L(recon) - L(orig)|, "
         f"signed mean {_fmt(results.get('loudness_diff_lu'), '+.2f', ' LU')} (BS.1770)" + skips("loudness"),
+        *(
+            f"  scale factor        : {name} {value:.3f} (at a bound {100 * bounds.get(name, 0.0):.0f} % of the last "
+            "quarter)"
+            for bounds in [results.get("scale_factor_at_bound_last_quarter", {})]
+            for name, value in results.get("scale_factor_last_quarter", {}).items()
+        ),
+        f"  dead codes          : {100 * max(results['dead_codes']):.1f} % (worst stage; quantizer's EMA counts)",
+        f"  held-out perplexity : {min(results['heldout_perplexity']):.0f} .. {max(results['heldout_perplexity']):.0f}"
+        f" of {results['codebook_size']} codes per stage",
         f"  bitrate             : {results['bitrate_kbps']:.2f} kbps",
         f"  reconstruction      : {results['reconstruction_wav']}",
         f"  original            : {results['original_wav']}",

@@ -7,7 +7,6 @@ from lightning_stability._lazy import lazy_getattr
 _NAMES = {
     "LossWeights": ".weights",
     "LossBalancer": ".balancer",
-    "GainInvariantL1Loss": ".spectral",
     "MultiResolutionMelLoss": ".spectral",
     "MultiResolutionSTFTLoss": ".spectral",
     "RMSMatchingLoss": ".spectral",

@@ -18,7 +18,6 @@ from torchmetrics.audio import ScaleInvariantSignalNoiseRatio
 from lightning_stability.losses.spectral import (
     DAC_MEL_N_MELS,
     DAC_MEL_WINDOWS,
-    GainInvariantL1Loss,
     MultiResolutionMelLoss,
     MultiResolutionSTFTLoss,
     RMSMatchingLoss,
@@ -48,7 +47,7 @@ DEFAULT_LOSS_WEIGHTS: dict[str, float] = {
     "vq": 1.0,  # codebook + commitment_weight * commitment (DAC: 1 and 0.25)
 }
 ADVERSARIAL_LOSS_WEIGHTS: dict[str, float] = {"adv": 1.0, "feat": 2.0}  # DAC's generator / feature-matching weights
-KNOWN_LOSSES = ("mel", "l1", "si_l1", "stft", "sisnr", "rms", "vq", "adv", "feat")
+KNOWN_LOSSES = ("mel", "l1", "stft", "sisnr", "rms", "vq", "adv", "feat")
 
 
 @dataclass
@@ -60,12 +59,15 @@ class CodecOutput:
         codes: ``[B, n_q_used, F]`` code indices, ``F = ceil(T / hop)``.
         scale: ``[B, 1, 1]`` per-segment RMS scale sent with the codes (``None`` without scale normalisation).
         quantized: the quantizer's :class:`~lightning_stability.nn.quantize.QuantizedResult` (losses, metrics).
+        decoded: the decoder's own output at the input's scale, before the ``output_rms_clamp`` factor (the same
+            tensor as ``audio`` without one). The ``rms`` term measures it, so the factor cannot hide a quiet decoder.
     """
 
     audio: Tensor
     codes: Tensor
     scale: Tensor | None
     quantized: QuantizedResult
+    decoded: Tensor | None = None
 
 
 def _audio_from_batch(batch: Any) -> Tensor:
@@ -229,6 +231,7 @@ class CodecModule(pl.LightningModule):
         gradient_clip_val: float | None = None,
         seed: int = 0,
         quality_metrics: str | Sequence[str] | None = "auto",
+        rms_correlation_gate: tuple[float, float] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate < 1:
@@ -284,8 +287,10 @@ class CodecModule(pl.LightningModule):
             mag_weight=mel_mag_weight,
         )
         self.stft_loss = MultiResolutionSTFTLoss() if "stft" in self.loss_weights else None
-        self.rms_loss = RMSMatchingLoss()
-        self.si_l1_loss = GainInvariantL1Loss()
+        try:
+            self.rms_loss = RMSMatchingLoss(correlation_gate=rms_correlation_gate)
+        except ValueError as err:  # name the argument as the caller spelled it
+            raise ValueError(str(err).replace("`correlation_gate`", "`rms_correlation_gate`")) from None
         self.discriminator = (
             MultiScaleSTFTDiscriminator(filters=disc_filters, in_channels=channels, n_ffts=disc_n_ffts)
             if adversarial
@@ -377,10 +382,15 @@ class CodecModule(pl.LightningModule):
         x, scale = normalize(audio) if self.hparams.normalize_scale else (audio, None)
         z = self.encoder(self._pad(x))
         q = self.quantizer(z, n_q=n_q)
-        y = self._rescale(self._remove_dc(self.decoder(q.quantized)[..., :length]))
+        decoded = self._remove_dc(self.decoder(q.quantized)[..., :length])
+        y = self._rescale(decoded)
         if scale is not None:
             y = denormalize(y, scale)
-        return CodecOutput(audio=y, codes=q.codes, scale=scale, quantized=q)
+        if self.output_scale is None:
+            decoded = y
+        elif scale is not None:
+            decoded = denormalize(decoded, scale)
+        return CodecOutput(audio=y, codes=q.codes, scale=scale, quantized=q, decoded=decoded)
 
     def _remove_dc(self, y: Tensor) -> Tensor:
         # the decoder's DC offset over the segment: y - mean_t(y) per item and channel (``remove_dc=True``)
@@ -421,10 +431,11 @@ class CodecModule(pl.LightningModule):
         fns = {
             "mel": lambda: self.mel_loss(recon, audio),
             "l1": lambda: F.l1_loss(recon.float(), audio.float()),
-            "si_l1": lambda: self.si_l1_loss(recon, audio),
             "stft": lambda: self.stft_loss(recon, audio),
             "sisnr": lambda: -self._si_snr(recon, audio).mean(),
-            "rms": lambda: self.rms_loss(recon, audio),
+            # the decoder's own level, before any safety-net factor: inside its range that factor makes the output's
+            # RMS exact, so an RMS term on ``recon`` would see no error while the decoder drifts to the factor's bound
+            "rms": lambda: self.rms_loss(recon if out.decoded is None else out.decoded, audio),
             "vq": lambda: out.quantized.penalty(self.hparams.codebook_weight, self.hparams.commitment_weight),
         }
         losses = {}

@@ -237,7 +237,8 @@ class VectorQuantizer(nn.Module):
         # EnCodec keeps the k-means counts as the initial EMA counts; a floor (the absolute threshold, or with the
         # relative rule the uniform share a replaced code gets) leaves the codes that k-means could not seed some
         # steps to be used before they are replaced.
-        floor = self.threshold_ema_dead_code if self.dead_code_usage_ratio is None else counts.sum() / self.codebook_size
+        uniform_share = counts.sum() / self.codebook_size
+        floor = self.threshold_ema_dead_code if self.dead_code_usage_ratio is None else uniform_share
         self.cluster_size.data.copy_(counts.clamp(min=floor))
         if self.ema:
             self.embed_avg.data.copy_(means * self.cluster_size[:, None])

@@ -18,6 +18,7 @@ LOSSES = {
     "stft": lambda: MultiResolutionSTFTLoss(fft_sizes=(512, 256, 128)),
     "rms": lambda: RMSMatchingLoss(),
     "rms_frames": lambda: RMSMatchingLoss(frame_length=160),
+    "rms_gated": lambda: RMSMatchingLoss(correlation_gate=(0.2, 0.6)),
 }
 
 
@@ -73,6 +74,28 @@ def _noise():
     return 0.3 * torch.randn(2, 1, 4000)  # broadband: every mel bin is above the clamp floor
 
 
+def test_correlation_gated_rms_matching_weights_each_item_by_its_correlation():
+    torch.manual_seed(0)
+    target = _chirp(batch=3)
+    noise = torch.randn_like(target)
+    # item 0: the target itself at half level (rho 1), item 1: uncorrelated noise (rho ~ 0), item 2: rho = 0.4
+    mix = 0.4 * target[2] / target[2].norm() + math.sqrt(1 - 0.4**2) * noise[2] / noise[2].norm()
+    pred = torch.stack([0.5 * target[0], noise[1] * target[1].norm() / noise[1].norm() * 2.0, mix * 3.0])
+    loss = RMSMatchingLoss(correlation_gate=(0.2, 0.6))
+    gate = loss.gate(pred, target)
+    assert gate[0] == pytest.approx(1.0)
+    assert gate[1] == 0.0  # the level of noise is not matched: |rho| < 0.2
+    pc, tc = pred[2] - pred[2].mean(), target[2] - target[2].mean()
+    rho = float((pc * tc).sum() / (pc.norm() * tc.norm()))
+    assert gate[2] == pytest.approx((rho - 0.2) / 0.4, abs=1e-5)
+    err = (RMSMatchingLoss()._log_rms(pred) - RMSMatchingLoss()._log_rms(target)).abs()
+    torch.testing.assert_close(loss(pred, target), (gate * err).mean())
+    pred = pred.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(loss(pred, target), pred)
+    assert grad[1].abs().max() == 0  # no pull on the uncorrelated item's level
+    assert grad[0].abs().max() > 0
+
+
 def test_mel_loss_is_scale_sensitive_and_sums_resolutions():
     x = _noise()
     one = MultiResolutionMelLoss(SR, window_lengths=(256,), n_mels=(40,))
@@ -123,6 +146,8 @@ def test_shape_errors_name_the_arguments():
         (lambda: MultiResolutionSTFTLoss(fft_sizes=(512,), hop_sizes=(0,)), "`hop_sizes`"),
         (lambda: RMSMatchingLoss(eps=-1.0), "`eps`"),
         (lambda: RMSMatchingLoss(frame_length=0), "`frame_length`"),
+        (lambda: RMSMatchingLoss(correlation_gate=(0.6, 0.2)), "`correlation_gate`"),
+        (lambda: RMSMatchingLoss(correlation_gate=(0.2,)), "`correlation_gate`"),
     ],
 )
 def test_bad_arguments(factory, match):

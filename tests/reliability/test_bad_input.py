@@ -109,6 +109,9 @@ CASES = [
     (CodecModule, (), {"betas": (0.9, 1.0)}, "betas", None),
     (CodecModule, (), {"adversarial_loss": "wgan"}, "adversarial_loss", None),
     (CodecModule, (), {"output_rms_clamp": (0.7,)}, "output_rms_clamp", None),
+    (CodecModule, (), {"dead_code_usage_ratio": 1.5}, "dead_code_usage_ratio", None),
+    (CodecModule, (), {"dead_code_check_every": 0}, "dead_code_check_every", None),
+    (CodecModule, (), {"rms_correlation_gate": (0.9, 0.1)}, "rms_correlation_gate", None),
     (CodecModule, (), {"loss_weights": [("mel", 1.0)]}, "loss_weights", None),
     (CodecModule, (), {"loss_weights": {"adv": 1.0}}, "loss_weights", None),
     (CodecModule, (), {"loss_weights": {"mel": -1.0}}, "mel", None),
@@ -161,6 +164,7 @@ CASES = [
     (MultiResolutionSTFTLoss, (), {"mag_weight": NAN}, "mag_weight", None),
     (RMSMatchingLoss, (), {"eps": 0.0}, "eps", None),
     (RMSMatchingLoss, (), {"frame_length": 0}, "frame_length", None),
+    (RMSMatchingLoss, (), {"correlation_gate": (0.5, 1.5)}, "correlation_gate", None),
     # --- metrics
     (PeakAmplitude, (), {"clip_level": 0.0}, "clip_level", None),
     (PeakAmplitude, (), {"clip_level": NAN}, "clip_level", None),
