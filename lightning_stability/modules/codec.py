@@ -152,6 +152,11 @@ class CodecModule(pl.LightningModule):
             :class:`~lightning_stability.nn.seanet.SEANetEncoder`); defaults are EnCodec 24 kHz's.
         n_q, codebook_size, codebook_dim, l2_normalize, ema_codebook, codebook_decay, kmeans_init, kmeans_iters,
             threshold_ema_dead_code, quantizer_dropout: the quantizer.
+        dead_code_usage_ratio: Moshi's dead-code rule (default 0.1): a code whose EMA count falls below this
+            fraction of uniform use (``ratio * total / codebook_size``) is replaced by a batch vector, so the
+            threshold does not depend on the batch size; ``None`` uses the absolute ``threshold_ema_dead_code``
+            (EnCodec's rule, a count per batch).
+        dead_code_check_every: steps between dead-code checks (the check runs on the device, no host read).
         normalize_scale: EnCodec-style per-segment RMS normalisation.
         remove_dc: subtract the decoder output's mean over time, ``y - mean_t(y)`` per item and channel, before the
             output scale (a DC block for a decoder with a bias in its last convolution: measured on the demo, the
@@ -184,6 +189,12 @@ class CodecModule(pl.LightningModule):
             cannot score (silent, shorter than PESQ's 0.25 s or one 400 ms loudness block, NaN output) are skipped,
             counted in ``val/<name>_skipped`` and named in a warning; the epoch never fails on them. Exact under DDP
             (summed scores and counts).
+        rms_correlation_gate: ``None`` (default) or ``(rho0, rho1)``: the ``rms`` term's weight per item ramps from
+            0 at correlation ``rho0`` to 1 at ``rho1`` between the decoder's output and the input (detached; see
+            :class:`~lightning_stability.losses.spectral.RMSMatchingLoss`). An L1-trained output is shrunk by its
+            correlation with the target (the L1/L2-optimal gain is about ``rho``): early in training, matching the
+            level of an uncorrelated output only makes loud noise, while late the gate is open and the term pulls the
+            decoder's level to the target's, so a safety-net factor is not left pinned at its bound.
     """
 
     def __init__(
@@ -232,6 +243,7 @@ class CodecModule(pl.LightningModule):
         seed: int = 0,
         quality_metrics: str | Sequence[str] | None = "auto",
         rms_correlation_gate: tuple[float, float] | None = None,
+        l1_gain_gate: tuple[float, float] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate < 1:
@@ -291,6 +303,10 @@ class CodecModule(pl.LightningModule):
             self.rms_loss = RMSMatchingLoss(correlation_gate=rms_correlation_gate)
         except ValueError as err:  # name the argument as the caller spelled it
             raise ValueError(str(err).replace("`correlation_gate`", "`rms_correlation_gate`")) from None
+        try:
+            self.l1_gate = None if l1_gain_gate is None else RMSMatchingLoss(correlation_gate=l1_gain_gate)
+        except ValueError as err:
+            raise ValueError(str(err).replace("`correlation_gate`", "`l1_gain_gate`")) from None
         self.discriminator = (
             MultiScaleSTFTDiscriminator(filters=disc_filters, in_channels=channels, n_ffts=disc_n_ffts)
             if adversarial
@@ -422,6 +438,20 @@ class CodecModule(pl.LightningModule):
         return denormalize(y, scale) if scale is not None else y
 
     # ---------------------------------------------------------------------------------------------- losses
+    def _l1_input(self, recon: Tensor, out: CodecOutput, audio: Tensor) -> Tensor:
+        """What the ``l1`` term compares with the input: ``recon``, or with ``l1_gain_gate`` the decoder's output
+        rescaled to the input's RMS (gain-invariant: the L1 then shapes the waveform but cannot pull the level down)
+        blended in per item by the correlation gate."""
+        if self.l1_gate is None:
+            return recon
+        y = recon if out.decoded is None else out.decoded
+        dims = tuple(range(1, y.dim()))
+        eps = torch.finfo(torch.float32).eps
+        rms_y = y.float().pow(2).mean(dim=dims, keepdim=True).add(eps).sqrt()
+        rms_x = audio.float().pow(2).mean(dim=dims, keepdim=True).add(eps).sqrt()
+        g = self.l1_gate.gate(y, audio).view(-1, *([1] * (y.dim() - 1)))
+        return g * (y.float() * (rms_x / rms_y)) + (1 - g) * recon.float()
+
     def compute_losses(self, audio: Tensor, out: CodecOutput) -> dict[str, Tensor]:
         """Unweighted reconstruction and quantizer terms named in ``self.loss_weights`` (not ``adv``/``feat``).
 
@@ -430,7 +460,7 @@ class CodecModule(pl.LightningModule):
         lw, recon = self.loss_weights, out.audio
         fns = {
             "mel": lambda: self.mel_loss(recon, audio),
-            "l1": lambda: F.l1_loss(recon.float(), audio.float()),
+            "l1": lambda: F.l1_loss(self._l1_input(recon, out, audio).float(), audio.float()),
             "stft": lambda: self.stft_loss(recon, audio),
             "sisnr": lambda: -self._si_snr(recon, audio).mean(),
             # the decoder's own level, before any safety-net factor: inside its range that factor makes the output's

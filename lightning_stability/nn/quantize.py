@@ -419,8 +419,10 @@ class ResidualVectorQuantizer(nn.Module):
                 f"`dead_code_usage_ratio` must be None or a fraction of uniform usage in [0, 1), "
                 f"got {dead_code_usage_ratio!r}"
             )
-        if isinstance(dead_code_check_every, bool) or not isinstance(dead_code_check_every, int) or (
-            dead_code_check_every < 1
+        if (
+            isinstance(dead_code_check_every, bool)
+            or not isinstance(dead_code_check_every, int)
+            or (dead_code_check_every < 1)
         ):
             raise ValueError(f"`dead_code_check_every` must be a positive int, got {dead_code_check_every!r}")
         if not 0.0 <= quantizer_dropout <= 1.0:

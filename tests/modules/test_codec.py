@@ -314,7 +314,8 @@ def test_remove_dc_and_sisnr_term():
         _codec(remove_dc="yes")
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_trained_codec_output_is_aligned_with_its_input(tmp_path):
     # Regression (issue 6 follow-up): the demo codec's output was uncorrelated with its input (SI-SNR -33.6 dB, a DC
     # offset of -0.1). With a waveform term and the DC block, a short fit on fixed clips must give an output in phase
@@ -333,3 +334,82 @@ def test_trained_codec_output_is_aligned_with_its_input(tmp_path):
     assert _best_shift(recon, audio) == 0
     assert _best_shift(torch.roll(recon, 3, dims=-1), audio) == 3  # the measurement sees a 3-sample delay
     assert recon.mean(dim=-1).abs().max() < 1e-5
+
+
+class _FactorRecorder(pl.Callback):
+    """The output factor's clamped fraction and mean raw value at every training step."""
+
+    def __init__(self):
+        self.clamped, self.raw = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.clamped.append(float(pl_module.output_scale.last_clamped_fraction))
+        self.raw.append(float(pl_module.output_scale.last_raw_scale.mean()))
+
+
+def _amplitude_fit(tmp_path, rms_weight, gate, steps=300):
+    torch.manual_seed(0)
+    codec = _codec(
+        remove_dc=True,
+        output_rms_clamp=(0.5, 1.5),
+        loss_weights={"mel": 2.5, "l1": 1000.0, "rms": rms_weight, "vq": 1.0},
+        rms_correlation_gate=gate,
+        quality_metrics=None,
+    )
+    rec = _FactorRecorder()
+    make_trainer(tmp_path / f"rms{rms_weight}", max_steps=steps, callbacks=[rec]).fit(codec, loader(16, batch_size=8))
+    audio = chirps(8, seed=1)  # held out: other pitches and syllable rates
+    codec.eval()
+    with torch.no_grad():
+        out = codec(audio)
+    rms = lambda x: x.pow(2).mean().sqrt()  # noqa: E731
+    last = len(rec.clamped) // 4
+    return {
+        "output_ratio": float(rms(out.audio) / rms(audio)),
+        "decoder_ratio": float(rms(out.decoded) / rms(audio)),
+        "clamped_last_quarter": sum(rec.clamped[-last:]) / last,
+        "factor_last_quarter": sum(rec.raw[-last:]) / last,
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_short_fit_learns_the_amplitude_instead_of_pinning_the_factor(tmp_path):
+    # Issue 13: with L1 dominating, the decoder's output is shrunk by its correlation with the input and the
+    # safety-net factor sits at its bound; the correlation-gated RMS term on the decoder's own output makes the
+    # decoder learn the level, so the factor stays inside its range and the output's RMS is right.
+    without = _amplitude_fit(tmp_path, 0.0, None)
+    fixed = _amplitude_fit(tmp_path, 20.0, (0.2, 0.6))
+    assert without["decoder_ratio"] < 0.75, without  # the failure, reproduced: a quiet decoder ...
+    assert without["clamped_last_quarter"] > 0.3, without  # ... and a factor at its bound
+    assert 0.85 <= fixed["decoder_ratio"] <= 1.15, fixed
+    assert 0.95 <= fixed["output_ratio"] <= 1.05, fixed
+    assert fixed["clamped_last_quarter"] < 0.1, fixed
+    assert fixed["factor_last_quarter"] < 1.4, fixed
+
+
+def test_l1_gain_gate_leaves_the_level_to_the_other_terms():
+    # With the gate open the l1 term compares the decoder's output rescaled to the input's RMS: its gradient has no
+    # component along the decoder's output (it shapes the waveform, it cannot shrink it). Closed, it is the plain L1
+    # of the emitted output.
+    from lightning_stability.modules.codec import CodecOutput
+
+    codec = _codec(loss_weights={"l1": 1.0}, l1_gain_gate=(0.2, 0.6))
+    audio = chirps(4)
+    torch.manual_seed(0)
+    decoded = (0.5 * audio + 0.05 * torch.randn_like(audio)).requires_grad_()  # correlation ~0.97: gate open
+    emitted = decoded * 1.7  # a safety-net factor (a constant in backward)
+    loss = codec.compute_losses(
+        audio, CodecOutput(audio=emitted, codes=None, scale=None, quantized=None, decoded=decoded)
+    )["l1"]
+    (grad,) = torch.autograd.grad(loss, decoded)
+    radial = (grad * decoded).sum(dim=(1, 2)) / decoded.norm(dim=(1, 2))
+    assert (radial.abs() < 1e-4 * grad.norm(dim=(1, 2))).all(), radial  # float32 rounding only
+    plain = torch.nn.functional.l1_loss(decoded * 1.7, audio)
+    (plain_grad,) = torch.autograd.grad(plain, decoded)
+    assert ((plain_grad * decoded).sum(dim=(1, 2)) > 0).all()  # plain L1 on a too-loud output: shrink it
+    noise = torch.randn_like(audio).requires_grad_()  # uncorrelated: gate closed
+    closed = codec.compute_losses(
+        audio, CodecOutput(audio=noise * 2, codes=None, scale=None, quantized=None, decoded=noise)
+    )["l1"]
+    torch.testing.assert_close(closed, torch.nn.functional.l1_loss(noise * 2, audio))

@@ -112,6 +112,7 @@ CASES = [
     (CodecModule, (), {"dead_code_usage_ratio": 1.5}, "dead_code_usage_ratio", None),
     (CodecModule, (), {"dead_code_check_every": 0}, "dead_code_check_every", None),
     (CodecModule, (), {"rms_correlation_gate": (0.9, 0.1)}, "rms_correlation_gate", None),
+    (CodecModule, (), {"l1_gain_gate": (0.5, 0.5)}, "l1_gain_gate", None),
     (CodecModule, (), {"loss_weights": [("mel", 1.0)]}, "loss_weights", None),
     (CodecModule, (), {"loss_weights": {"adv": 1.0}}, "loss_weights", None),
     (CodecModule, (), {"loss_weights": {"mel": -1.0}}, "mel", None),
