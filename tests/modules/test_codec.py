@@ -347,13 +347,14 @@ class _FactorRecorder(pl.Callback):
         self.raw.append(float(pl_module.output_scale.last_raw_scale.mean()))
 
 
-def _amplitude_fit(tmp_path, rms_weight, gate, steps=300):
+def _amplitude_fit(tmp_path, rms_weight, gate, l1_gate=None, steps=300):
     torch.manual_seed(0)
     codec = _codec(
         remove_dc=True,
         output_rms_clamp=(0.5, 1.5),
         loss_weights={"mel": 2.5, "l1": 1000.0, "rms": rms_weight, "vq": 1.0},
         rms_correlation_gate=gate,
+        l1_gain_gate=l1_gate,
         quality_metrics=None,
     )
     rec = _FactorRecorder()
@@ -376,16 +377,21 @@ def _amplitude_fit(tmp_path, rms_weight, gate, steps=300):
 @pytest.mark.timeout(900)
 def test_short_fit_learns_the_amplitude_instead_of_pinning_the_factor(tmp_path):
     # Issue 13: with L1 dominating, the decoder's output is shrunk by its correlation with the input and the
-    # safety-net factor sits at its bound; the correlation-gated RMS term on the decoder's own output makes the
-    # decoder learn the level, so the factor stays inside its range and the output's RMS is right.
+    # safety-net factor sits at its bound; the correlation-gated RMS term on the decoder's own output (alone, or with
+    # the demo's gain-invariant L1) makes the decoder learn the level, so the factor stays inside its range.
     without = _amplitude_fit(tmp_path, 0.0, None)
-    fixed = _amplitude_fit(tmp_path, 20.0, (0.2, 0.6))
+    from lightning_stability.demo import DEMO_CORRELATION_GATE, DEMO_LOSS_WEIGHTS
+
+    gated = _amplitude_fit(tmp_path, 20.0, (0.2, 0.6))  # the RMS term alone, earlier gate
+    fixed = _amplitude_fit(tmp_path, DEMO_LOSS_WEIGHTS["rms"], DEMO_CORRELATION_GATE, l1_gate=DEMO_CORRELATION_GATE)
     assert without["decoder_ratio"] < 0.75, without  # the failure, reproduced: a quiet decoder ...
     assert without["clamped_last_quarter"] > 0.3, without  # ... and a factor at its bound
     assert 0.85 <= fixed["decoder_ratio"] <= 1.15, fixed
     assert 0.95 <= fixed["output_ratio"] <= 1.05, fixed
     assert fixed["clamped_last_quarter"] < 0.1, fixed
     assert fixed["factor_last_quarter"] < 1.4, fixed
+    assert 0.85 <= gated["decoder_ratio"] <= 1.15, gated
+    assert gated["clamped_last_quarter"] < 0.1, gated
 
 
 def test_l1_gain_gate_leaves_the_level_to_the_other_terms():
