@@ -50,13 +50,15 @@ def main() -> None:
         lstm=1,
         n_q=8,
         codebook_size=1024,
-        threshold_ema_dead_code=0.05,  # small batches: see configs/codec.yaml
+        dead_code_usage_ratio=0.1,  # Moshi's dead-code rule: independent of the batch size
         output_rms_clamp=(0.7, 1.5),
         # short budget (the demo's, measured in docs/codec_demo_experiments.md): a dominant time-domain L1 +
         # multi-resolution STFT + linear mel (EnCodec) + DC block; for a long run DAC's mel_log_weight=1, mel 15
         mel_log_weight=0.0,
         mel_mag_weight=1.0,
-        loss_weights={"mel": 2.5, "l1": 1000.0, "stft": 3.0, "rms": 1.0, "vq": 1.0},
+        loss_weights={"mel": 2.5, "l1": 1000.0, "stft": 3.0, "rms": 10.0, "vq": 1.0},
+        rms_correlation_gate=(0.4, 0.8),  # the decoder learns the level (issue 13): see docs/guides/codec.md
+        l1_gain_gate=(0.4, 0.8),
         remove_dc=True,
         lr=1e-3,
     )
