@@ -97,7 +97,9 @@ def _finite(state: dict) -> bool:
 @pytest.mark.timeout(180)
 def test_codec_faults_on_one_rank_are_skipped_on_both(tmp_path):
     faults = {"nan_batch": {2}, "inf_grad": {4}, "spike": {7}}
-    ranks, error = _ddp(tmp_path, "codec", faults)
+    # a x1000 spike on one rank is about x500 after DDP's average: with the codec's healthy norms of 17-35 that sits
+    # right at the stack's max_norm of 1e4, so the bound is 1e3 here (as in the sharded rows), 30x the healthy norm
+    ranks, error = _ddp(tmp_path, "codec", faults, guard={"max_norm": 1e3})
     assert error is None
     assert ranks[0]["injected"] == []  # rank 0 saw clean data...
     assert [s for s, _ in ranks[1]["injected"]] == [2, 4, 7]  # ...rank 1 all three faults
