@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -277,6 +278,39 @@ class MultiResolutionSTFTLoss(nn.Module):
             return loss / len(self.fft_sizes)
 
 
+def check_correlation_gate(gate: Any, name: str = "correlation_gate") -> tuple[float, float] | None:
+    """``gate`` as ``(rho_0, rho_1)`` floats with ``-1 <= rho_0 < rho_1 <= 1`` (or ``None``); a ``ValueError`` naming
+    the argument ``name`` otherwise."""
+    if gate is None:
+        return None
+    try:
+        values = tuple(gate)
+    except TypeError:
+        values = ()
+    if (
+        len(values) != 2
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        or not -1 <= values[0] < values[1] <= 1
+    ):
+        raise ValueError(f"`{name}` must be None or (rho_0, rho_1) with -1 <= rho_0 < rho_1 <= 1, got {gate!r}")
+    return float(values[0]), float(values[1])
+
+
+@torch.no_grad()
+def correlation_gate_weights(preds: Tensor, target: Tensor, gate: tuple[float, float] | None) -> Tensor:
+    """Per-item weights ``clip((rho_b - rho_0) / (rho_1 - rho_0), 0, 1)`` ``[B]`` of ``[B, C, T]`` pairs, ``rho_b`` the
+    correlation of ``preds_b`` and ``target_b`` (zero-mean over time, all channels; detached); ones for ``None``."""
+    if gate is None:
+        return preds.new_ones(preds.shape[0])
+    p = preds - preds.mean(dim=-1, keepdim=True)
+    t = target - target.mean(dim=-1, keepdim=True)
+    rho = (p * t).sum(dim=(1, 2)) / (p.pow(2).sum(dim=(1, 2)).sqrt() * t.pow(2).sum(dim=(1, 2)).sqrt()).clamp(
+        min=torch.finfo(p.dtype).tiny
+    )
+    lo, hi = gate
+    return ((rho - lo) / (hi - lo)).clamp(0.0, 1.0)
+
+
 class RMSMatchingLoss(nn.Module):
     r"""RMS matching: ``mean_b g_b | log rms(pred_b) - log rms(target_b) |`` (the amplitude term of DESIGN.md §1.2).
 
@@ -316,18 +350,7 @@ class RMSMatchingLoss(nn.Module):
             raise ValueError(f"`eps` must be a finite number > 0, got {eps!r}")
         if frame_length is not None and (not isinstance(frame_length, int) or frame_length < 1):
             raise ValueError(f"`frame_length` must be None or a positive int, got {frame_length!r}")
-        if correlation_gate is not None:
-            gate = tuple(correlation_gate)
-            if (
-                len(gate) != 2
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in gate)
-                or not -1 <= gate[0] < gate[1] <= 1
-            ):
-                raise ValueError(
-                    f"`correlation_gate` must be None or (rho_0, rho_1) with -1 <= rho_0 < rho_1 <= 1, "
-                    f"got {correlation_gate!r}"
-                )
-            correlation_gate = (float(gate[0]), float(gate[1]))
+        correlation_gate = check_correlation_gate(correlation_gate)
         self.eps = float(eps)
         self.frame_length = frame_length
         self.correlation_gate = correlation_gate
@@ -347,15 +370,7 @@ class RMSMatchingLoss(nn.Module):
     def gate(self, preds: Tensor, target: Tensor) -> Tensor:
         """The per-item weights ``g_b`` ``[B]`` (ones without ``correlation_gate``)."""
         p, t = _check_pair(preds, target)
-        if self.correlation_gate is None:
-            return p.new_ones(p.shape[0])
-        p = p - p.mean(dim=-1, keepdim=True)
-        t = t - t.mean(dim=-1, keepdim=True)
-        rho = (p * t).sum(dim=(1, 2)) / (p.pow(2).sum(dim=(1, 2)).sqrt() * t.pow(2).sum(dim=(1, 2)).sqrt()).clamp(
-            min=torch.finfo(p.dtype).tiny
-        )
-        lo, hi = self.correlation_gate
-        return ((rho - lo) / (hi - lo)).clamp(0.0, 1.0)
+        return correlation_gate_weights(p, t, self.correlation_gate)
 
     def forward(self, preds: Tensor, target: Tensor) -> Tensor:
         p, t = _check_pair(preds, target)

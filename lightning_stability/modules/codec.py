@@ -21,6 +21,8 @@ from lightning_stability.losses.spectral import (
     MultiResolutionMelLoss,
     MultiResolutionSTFTLoss,
     RMSMatchingLoss,
+    check_correlation_gate,
+    correlation_gate_weights,
     mel_distance,
 )
 from lightning_stability.losses.weights import LossWeights
@@ -299,14 +301,10 @@ class CodecModule(pl.LightningModule):
             mag_weight=mel_mag_weight,
         )
         self.stft_loss = MultiResolutionSTFTLoss() if "stft" in self.loss_weights else None
-        try:
-            self.rms_loss = RMSMatchingLoss(correlation_gate=rms_correlation_gate)
-        except ValueError as err:  # name the argument as the caller spelled it
-            raise ValueError(str(err).replace("`correlation_gate`", "`rms_correlation_gate`")) from None
-        try:
-            self.l1_gate = None if l1_gain_gate is None else RMSMatchingLoss(correlation_gate=l1_gain_gate)
-        except ValueError as err:
-            raise ValueError(str(err).replace("`correlation_gate`", "`l1_gain_gate`")) from None
+        self.rms_loss = RMSMatchingLoss(
+            correlation_gate=check_correlation_gate(rms_correlation_gate, "rms_correlation_gate")
+        )
+        self.l1_gain_gate = check_correlation_gate(l1_gain_gate, "l1_gain_gate")
         self.discriminator = (
             MultiScaleSTFTDiscriminator(filters=disc_filters, in_channels=channels, n_ffts=disc_n_ffts)
             if adversarial
@@ -442,14 +440,14 @@ class CodecModule(pl.LightningModule):
         """What the ``l1`` term compares with the input: ``recon``, or with ``l1_gain_gate`` the decoder's output
         rescaled to the input's RMS (gain-invariant: the L1 then shapes the waveform but cannot pull the level down)
         blended in per item by the correlation gate."""
-        if self.l1_gate is None:
+        if self.l1_gain_gate is None:
             return recon
         y = recon if out.decoded is None else out.decoded
         dims = tuple(range(1, y.dim()))
         eps = torch.finfo(torch.float32).eps
         rms_y = y.float().pow(2).mean(dim=dims, keepdim=True).add(eps).sqrt()
         rms_x = audio.float().pow(2).mean(dim=dims, keepdim=True).add(eps).sqrt()
-        g = self.l1_gate.gate(y, audio).view(-1, *([1] * (y.dim() - 1)))
+        g = correlation_gate_weights(y, audio, self.l1_gain_gate).view(-1, *([1] * (y.dim() - 1)))
         return g * (y.float() * (rms_x / rms_y)) + (1 - g) * recon.float()
 
     def compute_losses(self, audio: Tensor, out: CodecOutput) -> dict[str, Tensor]:
