@@ -1,10 +1,13 @@
-"""Gradient norms for ``GradientGuard``: foreach kernels grouped by device and dtype, accumulated in float32."""
+"""Gradient norms for ``GradientGuard``: foreach kernels grouped by device and dtype, accumulated in float32; and the
+diagnosis of a step built from them (non-finite parameters, largest layers)."""
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
 from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -127,3 +130,37 @@ def layer_norms(names: list[str], per_tensor: list[float], top_k: int) -> list[t
         sums[layer] = sums.get(layer, 0.0) + n * n
     ranked = sorted(sums.items(), key=lambda kv: (kv[1] == kv[1], -kv[1] if kv[1] == kv[1] else 0.0))
     return [(layer, float(s) ** 0.5 if s == s else float("nan")) for layer, s in ranked[:top_k]]
+
+
+def diagnose(
+    params: list[Tensor],
+    param_names: dict[int, str],
+    per_tensor: list[float],
+    action: IntEnum,
+    norm: float,
+    thr: float | None,
+    top_k: int,
+) -> dict[str, Any]:
+    """What the event of a step that was not simply accepted records: its cause, norm and threshold, the parameters
+    whose gradient norm is non-finite (module paths from ``param_names``, keyed by ``id``), the ``top_k`` largest
+    layers."""
+    names = [param_names.get(id(p), f"param[{i}]") for i, p in enumerate(params)]
+    if len(names) != len(per_tensor):
+        names = [f"param[{i}]" for i in range(len(per_tensor))]
+    data: dict[str, Any] = {"cause": action.name.lower(), "norm": norm}
+    if thr is not None:
+        data["threshold"] = thr
+    data["nonfinite_params"] = [n for n, v in zip(names, per_tensor) if not math.isfinite(v)]
+    data["top_layers"] = layer_norms(names, per_tensor, top_k)
+    return data
+
+
+def describe(data: dict[str, Any]) -> str:
+    """The one-line summary of a :func:`diagnose` record that the guard's warnings end with."""
+    parts = [f"norm={data['norm']:.4g}"]
+    if data.get("nonfinite_params"):
+        shown = data["nonfinite_params"][:8]
+        more = len(data["nonfinite_params"]) - len(shown)
+        parts.append("non-finite gradients in: " + ", ".join(shown) + (f" (+{more} more)" if more > 0 else ""))
+    parts.append("largest layers: " + ", ".join(f"{n}={v:.3g}" for n, v in data["top_layers"]))
+    return "; ".join(parts)

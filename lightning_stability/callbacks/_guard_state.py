@@ -1,4 +1,4 @@
-"""State that ``GradientGuard`` copies and restores: protected buffers (every step) and rollback snapshots.
+"""``GradientGuard``'s state: protected buffers (every step), rollback snapshots, what it keeps per optimizer.
 
 ``BufferSnapshot`` keeps one preallocated copy of the selected module buffers. ``capture()`` copies the buffers into
 it with one ``torch._foreach_copy_`` per (device, dtype) group; ``restore()`` copies them back; ``restore_where(flag)``
@@ -13,18 +13,22 @@ step and memory equal to their size; parameters are never touched.
 Sharded state (``DTensor`` parameters, buffers and optimizer state under FSDP2 / tensor parallelism): each rank copies
 and restores only its local shard (memory: 1/world of the above per rank); a snapshot's DTensor is rebuilt from its
 local copy on the shard's own device with the same mesh and placements, so a CPU snapshot of GPU shards restores.
+
+``OptimizerState`` is what the guard remembers about one optimizer: running statistics and counters, as host
+numbers, or as device tensors (built with ``filled``, no host-to-device copy) in sync-free mode.
 """
 
 from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lightning_stability.callbacks._guard_policy import NormStats
 from lightning_stability.callbacks._sharding import is_dtensor, local_tensor
 
 BufferSelector = bool | str | Sequence[str] | Callable[[str, Tensor], bool]
@@ -270,3 +274,62 @@ def _rebuilt(obj: Any) -> Any:
     if isinstance(obj, tuple):
         return tuple(_rebuilt(v) for v in obj)
     return obj
+
+
+# counters kept per optimizer, in this order in the device vector of sync-free mode
+COUNTERS = ("num_skipped", "num_amp_overflows", "num_clipped", "consecutive", "consecutive_amp", "last_skip_step",
+            "num_rebased")  # fmt: skip
+
+
+@dataclass
+class OptimizerState:
+    """What the guard remembers about one optimizer (host numbers, or device tensors in sync-free mode)."""
+
+    stats: NormStats = field(default_factory=NormStats)
+    num_skipped: int = 0
+    num_amp_overflows: int = 0
+    num_clipped: int = 0
+    consecutive: int = 0
+    consecutive_amp: int = 0
+    last_skip_step: int = -1
+    num_rebased: int = 0
+    # sync-free mode only
+    stats_t: Tensor | None = None  # float32, NormStats.as_list()
+    counters_t: Tensor | None = None  # int64, see COUNTERS
+    last_code_t: Tensor | None = None
+    last_skip_code_t: Tensor | None = None
+    last_skip_norms_t: Tensor | None = None  # per-tensor norms of the last skipped step, for a deferred diagnosis
+    last_thr_t: Tensor | None = None
+    # first-moment signal (track_first_moment / first_moment_zscore)
+    mstats: NormStats = field(default_factory=NormStats)
+    mstats_t: Tensor | None = None
+    moment_t: Tensor | None = None  # this step's first-moment norm (0-dim, device)
+
+    def host_counters(self) -> list[int]:
+        return [self.num_skipped, self.num_amp_overflows, self.num_clipped, self.consecutive, self.consecutive_amp,
+                self.last_skip_step, self.num_rebased]  # fmt: skip
+
+    def to_device(self, device: torch.device) -> bool:
+        """Sync-free mode: hold the statistics and counters as tensors on ``device``, built from the host numbers
+        (``filled``: no host-to-device copy) unless they are there already; True when they were built."""
+        if self.stats_t is not None and self.stats_t.device == device:
+            return False
+        self.stats_t = filled(self.stats.as_list(), torch.float32, device)
+        self.counters_t = filled(self.host_counters(), torch.int64, device)
+        self.last_skip_code_t = torch.zeros((), dtype=torch.int32, device=device)
+        self.mstats_t = filled(self.mstats.as_list(), torch.float32, device)
+        return True
+
+    def read_counters(self) -> list[int]:
+        """The counters in ``COUNTERS`` order (in sync-free mode read from the device: one host sync)."""
+        if self.counters_t is not None:
+            return [int(v) for v in self.counters_t.tolist()]
+        return self.host_counters()
+
+
+def filled(values: list[float] | list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A device tensor holding ``values``, written with ``fill_`` kernels (no host-to-device copy, no sync)."""
+    out = torch.empty(len(values), dtype=dtype, device=device)
+    for i, v in enumerate(values):
+        out[i].fill_(v)
+    return out

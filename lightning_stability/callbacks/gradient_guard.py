@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -21,8 +20,16 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_stability.callbacks._events import EventLog
+from lightning_stability.callbacks._guard_checks import check_int, check_positive
 from lightning_stability.callbacks._guard_moments import first_moment_norm, has_first_moment
-from lightning_stability.callbacks._guard_norm import all_finite, collect_grads, grad_norms, layer_norms
+from lightning_stability.callbacks._guard_norm import collect_grads, describe, diagnose, grad_norms
+from lightning_stability.callbacks._guard_optim import (
+    StepSkipper,
+    active_scaler,
+    is_fused,
+    optimizer_index,
+    scaler_state,
+)
 from lightning_stability.callbacks._guard_policy import (
     GUARD_SKIPS,
     MOMENT_JUDGED,
@@ -42,9 +49,17 @@ from lightning_stability.callbacks._guard_policy import (
     update_stats,
     update_stats_on_device,
 )
+from lightning_stability.callbacks._guard_rollback import (
+    after_decision,
+    check_persistent,
+    state_is_finite,
+    take_snapshot,
+)
 from lightning_stability.callbacks._guard_state import (
+    COUNTERS,
     BufferSelector,
     BufferSnapshot,
+    OptimizerState,
     TrainingSnapshot,
     select_buffers,
 )
@@ -55,72 +70,9 @@ from lightning_stability.callbacks._state_key import cached_state_key
 _ON_PERSISTENT = ("rollback", "stop", "raise")
 _SPIKE_ACTIONS = ("skip", "clip")
 _SNAPSHOT_DEVICES = ("cpu", "same")
-# counters kept per optimizer, in this order in the device vector of sync-free mode
-_COUNTERS = ("num_skipped", "num_amp_overflows", "num_clipped", "consecutive", "consecutive_amp", "last_skip_step",
-             "num_rebased")  # fmt: skip
 #: ``state_dict()["version"]``: 1 in 0.1.0 (no streak statistics, no ``num_rebased``; still loads), 2 since
 _STATE_VERSION = 2
 _STATS_KEYS = ("mean", "var", "count", "streak_mean", "streak_var", "streak_count")
-
-
-@dataclass
-class _OptimizerState:
-    """What the guard remembers about one optimizer (host numbers, or device tensors in sync-free mode)."""
-
-    stats: NormStats = field(default_factory=NormStats)
-    num_skipped: int = 0
-    num_amp_overflows: int = 0
-    num_clipped: int = 0
-    consecutive: int = 0
-    consecutive_amp: int = 0
-    last_skip_step: int = -1
-    num_rebased: int = 0
-    # sync-free mode only
-    stats_t: Tensor | None = None  # float32, NormStats.as_list()
-    counters_t: Tensor | None = None  # int64, see _COUNTERS
-    last_code_t: Tensor | None = None
-    last_skip_code_t: Tensor | None = None
-    last_skip_norms_t: Tensor | None = None  # per-tensor norms of the last skipped step, for a deferred diagnosis
-    last_thr_t: Tensor | None = None
-    # first-moment signal (track_first_moment / first_moment_zscore)
-    mstats: NormStats = field(default_factory=NormStats)
-    mstats_t: Tensor | None = None
-    moment_t: Tensor | None = None  # this step's first-moment norm (0-dim, device)
-
-    def host_counters(self) -> list[int]:
-        return [self.num_skipped, self.num_amp_overflows, self.num_clipped, self.consecutive, self.consecutive_amp,
-                self.last_skip_step, self.num_rebased]  # fmt: skip
-
-
-def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"`{name}` must be an int{' or None' if allow_none else ''}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {value!r}")
-
-
-def _check_positive(name: str, value: Any, allow_none: bool = True) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"`{name}` must be a positive number or None, got {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}")
-
-
-def _filled(values: list[float] | list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A device tensor holding ``values``, written with ``fill_`` kernels (no host-to-device copy, no sync)."""
-    out = torch.empty(len(values), dtype=dtype, device=device)
-    for i, v in enumerate(values):
-        out[i].fill_(v)
-    return out
-
-
-def _is_fused(optimizer: torch.optim.Optimizer) -> bool:
-    """Optimizers that accept ``found_inf`` / ``grad_scale`` tensors and skip on the device (fused Adam/AdamW/SGD)."""
-    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
 
 
 class GradientGuard(Callback):
@@ -290,30 +242,30 @@ class GradientGuard(Callback):
         diagnose_top_k: int = 5,
         agree_across_ranks: bool = False,
     ) -> None:
-        _check_positive("max_norm", max_norm)
-        _check_positive("zscore", zscore)
+        check_positive("max_norm", max_norm)
+        check_positive("zscore", zscore)
         if isinstance(zscore_alpha, bool) or not isinstance(zscore_alpha, (int, float)):
             raise TypeError(f"`zscore_alpha` must be a number in (0, 1), got {zscore_alpha!r}")
         if not 0.0 < zscore_alpha < 1.0:
             raise ValueError(f"`zscore_alpha` must be in (0, 1), got {zscore_alpha!r}")
-        _check_int("zscore_warmup", zscore_warmup, 1)
-        _check_int("zscore_rebase_after", zscore_rebase_after, 2, allow_none=True)
+        check_int("zscore_warmup", zscore_warmup, 1)
+        check_int("zscore_rebase_after", zscore_rebase_after, 2, allow_none=True)
         if not isinstance(track_first_moment, bool):
             raise TypeError(f"`track_first_moment` must be a bool, got {track_first_moment!r}")
-        _check_positive("first_moment_zscore", first_moment_zscore)
+        check_positive("first_moment_zscore", first_moment_zscore)
         if spike_action not in _SPIKE_ACTIONS:
             raise ValueError(f"`spike_action` must be one of {_SPIKE_ACTIONS}, got {spike_action!r}")
         if spike_action == "clip" and zscore is None:
             raise ValueError("`spike_action='clip'` needs `zscore` (the threshold it clips to), got zscore=None")
-        _check_int("max_consecutive_skips", max_consecutive_skips, 1, allow_none=True)
-        _check_int("max_consecutive_amp_overflows", max_consecutive_amp_overflows, 1, allow_none=True)
+        check_int("max_consecutive_skips", max_consecutive_skips, 1, allow_none=True)
+        check_int("max_consecutive_amp_overflows", max_consecutive_amp_overflows, 1, allow_none=True)
         if on_persistent not in _ON_PERSISTENT:
             raise ValueError(f"`on_persistent` must be one of {_ON_PERSISTENT}, got {on_persistent!r}")
-        _check_int("snapshot_every", snapshot_every, 1)
+        check_int("snapshot_every", snapshot_every, 1)
         if snapshot_device not in _SNAPSHOT_DEVICES:
             raise ValueError(f"`snapshot_device` must be one of {_SNAPSHOT_DEVICES}, got {snapshot_device!r}")
-        _check_int("skip_batches_after_rollback", skip_batches_after_rollback, 0)
-        _check_int("max_rollbacks", max_rollbacks, 0)
+        check_int("skip_batches_after_rollback", skip_batches_after_rollback, 0)
+        check_int("max_rollbacks", max_rollbacks, 0)
         if not isinstance(sync_free, bool):
             raise TypeError(f"`sync_free` must be a bool, got {sync_free!r}")
         if not (
@@ -325,9 +277,9 @@ class GradientGuard(Callback):
                 "`protect_buffers` must be a bool, a glob pattern, a list of patterns or a callable"
                 f" (name, buffer) -> bool, got {protect_buffers!r}"
             )
-        _check_int("log_every_n_steps", log_every_n_steps, 1, allow_none=True)
-        _check_int("warn_every_n_steps", warn_every_n_steps, 1)
-        _check_int("diagnose_top_k", diagnose_top_k, 1)
+        check_int("log_every_n_steps", log_every_n_steps, 1, allow_none=True)
+        check_int("warn_every_n_steps", warn_every_n_steps, 1)
+        check_int("diagnose_top_k", diagnose_top_k, 1)
         if not isinstance(agree_across_ranks, bool):
             raise TypeError(f"`agree_across_ranks` must be a bool, got {agree_across_ranks!r}")
 
@@ -365,7 +317,7 @@ class GradientGuard(Callback):
         self.event_log = EventLog(source=self.state_key)
         self.num_rollbacks = 0
         self.last_grad_norm: Tensor | None = None
-        self._opt_states: dict[int, _OptimizerState] = {}
+        self._opt_states: dict[int, OptimizerState] = {}
         self._skip_remaining = 0
         self._rolled_back_this_batch = False
         self._good_since_snapshot = 0
@@ -377,13 +329,7 @@ class GradientGuard(Callback):
         self._stepped_this_batch = False
         self._param_names: dict[int, str] = {}
         self._loss_bad: Tensor | None = None
-        self._pending_found_inf: dict[int, Tensor] = {}
-        self._we_set_found_inf: dict[int, bool] = {}
-        self._fresh: dict[int, list[Tensor]] = {}
-        self._initialized: set[int] = set()
-        self._host_skipped: dict[int, bool] = {}
-        self._hook_handles: list[Any] = []
-        self._hooked: set[int] = set()
+        self._skipper = StepSkipper()  # p.grad = None, or found_inf for fused optimizers (with its step hooks)
         self._warned_fallback = False
         self._log_every = 50
         self._last_read: dict[int, list[int]] = {}
@@ -401,30 +347,24 @@ class GradientGuard(Callback):
     @property
     def num_skipped(self) -> int:
         """Optimizer steps the guard skipped (AMP overflows excluded)."""
-        return sum(self._read(s)[0] for s in self._opt_states.values())
+        return sum(s.read_counters()[0] for s in self._opt_states.values())
 
     @property
     def num_amp_overflows(self) -> int:
-        return sum(self._read(s)[1] for s in self._opt_states.values())
+        return sum(s.read_counters()[1] for s in self._opt_states.values())
 
     @property
     def num_clipped(self) -> int:
-        return sum(self._read(s)[2] for s in self._opt_states.values())
+        return sum(s.read_counters()[2] for s in self._opt_states.values())
 
     @property
     def num_rebased(self) -> int:
         """Level shifts: steps at which a streak of ``zscore_rebase_after`` spikes became the new baseline."""
-        return sum(self._read(s)[6] for s in self._opt_states.values())
+        return sum(s.read_counters()[6] for s in self._opt_states.values())
 
     @property
     def consecutive_skips(self) -> int:
-        return max((self._read(s)[3] for s in self._opt_states.values()), default=0)
-
-    @staticmethod
-    def _read(st: _OptimizerState) -> list[int]:
-        if st.counters_t is not None:
-            return [int(v) for v in st.counters_t.tolist()]
-        return st.host_counters()
+        return max((s.read_counters()[3] for s in self._opt_states.values()), default=0)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -434,7 +374,7 @@ class GradientGuard(Callback):
             stats = dict(zip(_STATS_KEYS, values))
             for key in ("count", "streak_count"):
                 stats[key] = int(stats[key])
-            optimizers[idx] = {"stats": stats, "counters": dict(zip(_COUNTERS, self._read(st)))}
+            optimizers[idx] = {"stats": stats, "counters": dict(zip(COUNTERS, st.read_counters()))}
             if self._cfg_m is not None:
                 values = st.mstats_t.tolist() if st.mstats_t is not None else st.mstats.as_list()
                 optimizers[idx]["first_moment_stats"] = dict(zip(_STATS_KEYS, values))
@@ -458,11 +398,11 @@ class GradientGuard(Callback):
             )
         self._opt_states = {}
         for idx, saved in state_dict["optimizers"].items():
-            st = _OptimizerState()
+            st = OptimizerState()
             s = saved["stats"]
             # version 1 has no streak and no rebase counter: an empty streak, no rebases so far
             st.stats = NormStats.from_list([s.get(k, 0.0) for k in _STATS_KEYS])
-            for name in _COUNTERS:
+            for name in COUNTERS:
                 setattr(st, name, int(saved["counters"].get(name, 0)))
             if "first_moment_stats" in saved:
                 st.mstats = NormStats.from_list([saved["first_moment_stats"][k] for k in _STATS_KEYS])
@@ -490,7 +430,7 @@ class GradientGuard(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the precision plugin and the strategy are fixed from here on: look them up once, not every step
-        self._active_scaler = self._scaler(trainer)
+        self._active_scaler = active_scaler(trainer)
         self._shards = ShardReducer.for_trainer(trainer)  # None unless parameters are sharded (FSDP, DTensor)
         # a plain SUM over every rank: right for sums over data-parallel shards only; `self._shards` handles any mesh
         self._process_group = torch.distributed.group.WORLD if self._shards is not None else None
@@ -505,14 +445,14 @@ class GradientGuard(Callback):
         self._buffers_armed = False
         self._snapshot = None
         if self.on_persistent == "rollback":
-            self._take_snapshot(trainer, pl_module)
+            take_snapshot(self, trainer, pl_module)
 
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self._snapshot_due:
-            self._take_snapshot(trainer, pl_module)
+            take_snapshot(self, trainer, pl_module)
         if self._buffers is not None and not self._buffers_armed:
             self._buffers.capture()
             self._buffers_armed = True
@@ -543,10 +483,10 @@ class GradientGuard(Callback):
     ) -> None:
         if trainer.sanity_checking:
             return
-        idx = self._optimizer_index(trainer, optimizer)
+        idx = optimizer_index(trainer, optimizer)
         st = self._opt_states.get(idx)
         if st is None:  # not `setdefault`: it would build (and drop) a fresh state every step
-            st = self._opt_states[idx] = _OptimizerState()
+            st = self._opt_states[idx] = OptimizerState()
         params, grads = collect_grads(optimizer)
         loss_bad, self._loss_bad = self._loss_bad, None
         self._stepped_this_batch = True
@@ -554,11 +494,11 @@ class GradientGuard(Callback):
         # every rank has the same set of gradients, so none here means none anywhere
         if not grads and (self._shards is None or self._shards.kind != "fsdp"):
             return
-        fused = _is_fused(optimizer)
+        fused = is_fused(optimizer)
         if fused:
-            self._install_step_hooks(optimizer)
+            self._skipper.install_hooks(optimizer)
         scaler = self._active_scaler
-        amp_state = self._scaler_state(scaler, optimizer)
+        amp_state = scaler_state(scaler, optimizer)
         inv_scale = None
         if scaler is not None and amp_state is not None and amp_state.get("stage_ready", False):
             inv_scale = scaler._get_scale_async().double().reciprocal().float()  # grads still scaled (fused optimizer)
@@ -583,7 +523,7 @@ class GradientGuard(Callback):
                     loss_bad = flag > 0
         st.moment_t = self._moment_norm(optimizer, inv_scale) if self.track_first_moment else None
         forced = self._skip_remaining > 0
-        device_mode = self.sync_free and fused and not self._has_fresh_params(optimizer)
+        device_mode = self.sync_free and fused and not self._skipper.has_fresh_params(optimizer)
         if self.sync_free and not fused and not self._warned_fallback:
             self._warned_fallback = True
             rank_zero_warn(
@@ -592,21 +532,16 @@ class GradientGuard(Callback):
                 " (pass `fused=True` to the optimizer for a step without host synchronisation)."
             )
         if device_mode:
-            self._host_skipped[id(optimizer)] = False
+            self._skipper.host_skipped[id(optimizer)] = False
             self._device_step(trainer, pl_module, optimizer, idx, st, params, grads, norms, amp_found, loss_bad, forced)
         else:
             self._host_step(trainer, pl_module, optimizer, idx, st, params, grads, norms, amp_found, loss_bad, forced)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for handle in self._hook_handles:
-            handle.remove()
-        self._hook_handles.clear()
         # keyed by id(optimizer): a later fit may create new optimizers at the same addresses
-        for per_optimizer in (self._hooked, self._initialized, self._fresh, self._pending_found_inf, self._no_moment):
-            per_optimizer.clear()
-        self._we_set_found_inf.clear()
-        self._host_skipped.clear()
+        self._skipper.clear()
+        self._no_moment.clear()
         self._snapshot = None
         self._buffers = None
         self._shards = None
@@ -654,10 +589,10 @@ class GradientGuard(Callback):
                 g.mul_(factor)
         skipped = action in NOT_STEPPED
         if skipped:
-            self._skip_optimizer(optimizer, params, fused=_is_fused(optimizer))
+            self._skipper.skip(optimizer, params, fused=is_fused(optimizer))
             if self._buffers is not None and self._buffers_armed:
                 self._buffers.restore()
-        self._host_skipped[id(optimizer)] = skipped
+        self._skipper.host_skipped[id(optimizer)] = skipped
 
         # the gradient-norm statistics follow the gradient-norm rule's own decision (see `combine`)
         st.stats = update_stats(st.stats, g_decision if action is Action.MOMENT_SPIKE else decision, norm, self._cfg)
@@ -683,7 +618,10 @@ class GradientGuard(Callback):
         if moment is not None:
             self.event_log.trace("first_moment_norm", step, moment)
         if action is not Action.ACCEPT:
-            data = self._diagnose(params, norms.per_tensor.tolist(), action, norm, decision.threshold)
+            per_tensor = norms.per_tensor.tolist()
+            data = diagnose(
+                params, self._param_names, per_tensor, action, norm, decision.threshold, self.diagnose_top_k
+            )
             if moment is not None:
                 data["first_moment_norm"] = moment
                 if moment_thr is not None:
@@ -692,7 +630,7 @@ class GradientGuard(Callback):
             kind = kinds.get(action, "skip")
             self.event_log.add(step, kind, decision.reason, **data)
             if action in GUARD_SKIPS:
-                self._warn(step, f"GradientGuard skipped step {step}: {decision.reason}. {self._describe(data)}")
+                self._warn(step, f"GradientGuard skipped step {step}: {decision.reason}. {describe(data)}")
             elif action is Action.REBASE:
                 self._warn(
                     step,
@@ -702,9 +640,9 @@ class GradientGuard(Callback):
 
         # a non-finite step may come from weights that are themselves corrupted (a stray in-place write, an update
         # that overflowed): skipping cannot repair them, and every checkpoint written from now on would hold them
-        corrupted = action is Action.NONFINITE and not self._state_is_finite(trainer, pl_module)
+        corrupted = action is Action.NONFINITE and not state_is_finite(trainer, pl_module)
         accepted = action in STEPPED
-        self._after_decision(trainer, pl_module, st, accepted=accepted, corrupted=corrupted)
+        after_decision(self, trainer, pl_module, st, accepted=accepted, corrupted=corrupted)
         if (step + 1) % self._log_every == 0:
             thr = decision.threshold if decision.threshold is not None else None
             self._log(pl_module, norm, thr, moment)
@@ -714,7 +652,8 @@ class GradientGuard(Callback):
 
     def _device_step(self, trainer, pl_module, optimizer, idx, st, params, grads, norms, amp_found, loss_bad, forced):
         device = norms.total.device
-        self._to_device(st, device, norms.per_tensor.numel())
+        if st.to_device(device):  # device state just built from the host numbers (first step, or a new device)
+            self._last_read[id(st)] = st.host_counters()
         code, thr = evaluate_on_device(
             norms.total, st.stats_t, self._cfg, amp_overflow=amp_found, nonfinite_loss=loss_bad, forced=forced
         )
@@ -732,7 +671,7 @@ class GradientGuard(Callback):
             factor = torch.where(code == int(Action.CLIP), thr / norms.total, 1.0)
             torch._foreach_mul_(grads, factor)
         not_stepped = code >= int(Action.FORCED)
-        self._set_found_inf(optimizer, not_stepped.to(torch.float32))
+        self._skipper.set_found_inf(optimizer, not_stepped.to(torch.float32))
         if self._buffers is not None and self._buffers_armed:
             self._buffers.restore_where(not_stepped)
         stats_code = torch.where(code == int(Action.MOMENT_SPIKE), g_code, code)  # see `combine`
@@ -763,14 +702,6 @@ class GradientGuard(Callback):
         if (trainer.global_step + 1) % self._log_every == 0:
             self._sync_point(trainer, pl_module, optimizer, idx, st, params, norms)
 
-    def _to_device(self, st: _OptimizerState, device: torch.device, n: int) -> None:
-        if st.stats_t is None or st.stats_t.device != device:
-            st.stats_t = _filled(st.stats.as_list(), torch.float32, device)
-            st.counters_t = _filled(st.host_counters(), torch.int64, device)
-            st.last_skip_code_t = torch.zeros((), dtype=torch.int32, device=device)
-            st.mstats_t = _filled(st.mstats.as_list(), torch.float32, device)
-            self._last_read[id(st)] = st.host_counters()
-
     def _sync_point(self, trainer, pl_module, optimizer, idx, st, params, norms) -> None:
         """Sync-free mode: the host reads the device state (once per ``log_every_n_steps`` steps) and acts on it."""
         values = torch.cat(
@@ -784,7 +715,7 @@ class GradientGuard(Callback):
             ]
         ).tolist()
         moment = values[-1] if st.moment_t is not None else None
-        nc, ns = len(_COUNTERS), NormStats.SIZE
+        nc, ns = len(COUNTERS), NormStats.SIZE
         counters = [int(v) for v in values[:nc]]
         norm, thr = values[nc + ns], values[nc + ns + 1]
         code, last_skip_code = Action(int(values[nc + ns + 2])), Action(int(values[nc + ns + 3]))
@@ -802,7 +733,7 @@ class GradientGuard(Callback):
         if new_skips > 0 or new_amp > 0:
             per_tensor = st.last_skip_norms_t.tolist()
             last_norm = math.sqrt(sum(v * v for v in per_tensor))  # the last skipped step's total norm
-            data = self._diagnose(params, per_tensor, last_skip_code, last_norm, None)
+            data = diagnose(params, self._param_names, per_tensor, last_skip_code, last_norm, None, self.diagnose_top_k)
             data.update(new_skips=new_skips, new_amp_overflows=new_amp, last_skip_step=counters[5])
             kind = "amp_overflow" if new_skips == 0 else "skip"
             reason = (
@@ -810,12 +741,12 @@ class GradientGuard(Callback):
             )
             self.event_log.add(step, kind, reason, **data)
             if new_skips > 0:
-                self._warn(step, f"GradientGuard: {reason}. {self._describe(data)}")
+                self._warn(step, f"GradientGuard: {reason}. {describe(data)}")
         # mirror the host numbers so persistent trouble and snapshots use the same code as the host path
         st.consecutive, st.consecutive_amp = counters[3], counters[4]
         accepted = code in STEPPED
-        if self._check_persistent(trainer, pl_module, st):
-            self._set_found_inf(optimizer, torch.ones((), dtype=torch.float32, device=norms.total.device))
+        if check_persistent(self, trainer, pl_module, st):
+            self._skipper.set_found_inf(optimizer, torch.ones((), dtype=torch.float32, device=norms.total.device))
         elif accepted and self.on_persistent == "rollback":
             # the steps since the last read that were neither skipped nor overflowed were accepted
             self._good_since_snapshot += max(self._log_every - new_skips - new_amp, 0)
@@ -825,137 +756,6 @@ class GradientGuard(Callback):
 
     # ------------------------------------------------------------------------------------------------------------------
     # shared pieces
-
-    def _after_decision(self, trainer, pl_module, st: _OptimizerState, accepted: bool, corrupted: bool = False) -> None:
-        if self._check_persistent(trainer, pl_module, st, corrupted=corrupted):
-            return
-        if accepted and self.on_persistent == "rollback":
-            self._good_since_snapshot += 1
-            if self._good_since_snapshot >= self.snapshot_every:
-                self._snapshot_due = True
-
-    def _check_persistent(self, trainer, pl_module, st: _OptimizerState, corrupted: bool = False) -> bool:
-        """Act on persistent trouble; True when the current step must be skipped (rollback).
-
-        ``corrupted`` (the parameters or the optimizer state are not finite) is persistent trouble at once: no skip
-        can repair it. It is rolled back when a snapshot is available; otherwise the guard raises even with
-        ``on_persistent="stop"``, because a clean stop would let checkpoint callbacks save the corrupted weights over
-        the last good checkpoint."""
-        too_many_skips = self.max_consecutive_skips is not None and st.consecutive >= self.max_consecutive_skips
-        too_many_amp = (
-            self.max_consecutive_amp_overflows is not None and st.consecutive_amp >= self.max_consecutive_amp_overflows
-        )
-        if not (too_many_skips or too_many_amp or corrupted):
-            return False
-        step = trainer.global_step
-        if corrupted:
-            what = "non-finite parameters or optimizer state (skipping steps cannot repair them)"
-        elif too_many_skips:
-            what = f"{st.consecutive} consecutive skipped steps"
-        else:
-            what = f"{st.consecutive_amp} consecutive fp16 overflows (the loss scale is collapsing)"
-        last = self.event_log.events[-1].to_dict() if self.event_log.events else {}
-        diagnosis = f"GradientGuard: persistent trouble at step {step}: {what}. Last event: {last}"
-        if self.on_persistent == "raise":
-            self.event_log.add(step, "raise", what)
-            raise RuntimeError(diagnosis)
-        if self.on_persistent == "rollback" and self.num_rollbacks < self.max_rollbacks and self._snapshot is not None:
-            self._rollback(trainer, pl_module, what)
-            return True
-        if corrupted:
-            self.event_log.add(step, "raise", what)
-            raise RuntimeError(
-                f"{diagnosis}. Not stopping cleanly (`on_persistent={self.on_persistent!r}`): the run would end with"
-                " these weights and checkpoint callbacks would save them over the last good checkpoint. Resume from"
-                " that checkpoint, or use `on_persistent='rollback'`."
-            )
-        reason = what if self.on_persistent == "stop" else f"{what}; `max_rollbacks={self.max_rollbacks}` reached"
-        self.event_log.add(step, "stop", reason)
-        rank_zero_warn(f"{diagnosis}. Stopping the run (`trainer.should_stop = True`).")
-        trainer.should_stop = True
-        st.consecutive = 0
-        st.consecutive_amp = 0
-        if st.counters_t is not None:
-            st.counters_t[3:5] = 0
-        return False
-
-    def _rollback(self, trainer, pl_module, what: str) -> None:
-        snap = self._snapshot
-        assert snap is not None
-        extra = snap.restore(pl_module, trainer.optimizers)
-        for idx, saved in extra.items():
-            st = self._opt_states.setdefault(idx, _OptimizerState())
-            st.stats = NormStats.from_list(saved[: NormStats.SIZE])
-            st.mstats = NormStats.from_list(saved[NormStats.SIZE :])
-            if st.stats_t is not None:
-                st.stats_t = _filled(st.stats.as_list(), torch.float32, st.stats_t.device)
-                st.mstats_t = _filled(st.mstats.as_list(), torch.float32, st.stats_t.device)
-        for st in self._opt_states.values():
-            st.consecutive = 0
-            st.consecutive_amp = 0
-            if st.counters_t is not None:
-                st.counters_t[3:5] = 0
-        for opt in trainer.optimizers:
-            params, _ = collect_grads(opt)
-            self._skip_optimizer(opt, params, fused=_is_fused(opt))
-        self._initialized.clear()  # the snapshot may predate the optimizers' first step
-        self.num_rollbacks += 1
-        self._skip_remaining = self.skip_batches_after_rollback
-        self._rolled_back_this_batch = True
-        self._good_since_snapshot = 0
-        step = trainer.global_step
-        self.event_log.add(
-            step,
-            "rollback",
-            f"{what}: restored the snapshot of step {snap.step}",
-            to_step=snap.step,
-            rollbacks=self.num_rollbacks,
-            skip_batches=self.skip_batches_after_rollback,
-        )
-        rank_zero_warn(
-            f"GradientGuard: {what} at step {step}; rolled back to the snapshot of step {snap.step}"
-            f" (rollback {self.num_rollbacks}/{self.max_rollbacks}), skipping the next"
-            f" {self.skip_batches_after_rollback} batches."
-        )
-
-    def _take_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._snapshot_due = False
-        if not self._state_is_finite(trainer, pl_module):
-            # never save a corrupted state as "last good": a NaN written by a step that looked healthy (an overflowing
-            # update, a stray in-place write) would otherwise be restored by every later rollback
-            self._good_since_snapshot = 0
-            kept = "no snapshot yet" if self._snapshot is None else f"kept the snapshot of step {self._snapshot.step}"
-            self.event_log.add(
-                trainer.global_step, "snapshot_refused", f"non-finite parameters or optimizer state; {kept}"
-            )
-            rank_zero_warn(
-                f"GradientGuard: not taking a rollback snapshot at step {trainer.global_step}: the parameters or the"
-                f" optimizer state are not finite ({kept})."
-            )
-            return
-        extra = {}
-        for idx, st in self._opt_states.items():
-            extra[idx] = st.stats_t.tolist() if st.stats_t is not None else st.stats.as_list()
-            extra[idx] += st.mstats_t.tolist() if st.mstats_t is not None else st.mstats.as_list()
-        device = "cpu" if self.snapshot_device == "cpu" else None
-        self._snapshot = TrainingSnapshot(trainer.global_step, pl_module, trainer.optimizers, device, extra)
-        self._snapshot_due = False
-        self._good_since_snapshot = 0
-
-    @staticmethod
-    @torch.no_grad()
-    def _state_is_finite(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
-        """Whether every parameter and every floating optimizer state tensor is finite, agreed across ranks (a
-        weight corrupted on one rank only must not leave the ranks with snapshots of different steps)."""
-        tensors = [p.detach() for p in pl_module.parameters()]
-        for opt in trainer.optimizers:
-            for state in opt.state.values():
-                tensors += [v for v in state.values() if isinstance(v, Tensor) and v.is_floating_point()]
-        # sharded: each rank checks its own shards (some may be empty), the flag is combined below
-        finite = bool(all_finite(tensors))  # one host read per snapshot
-        if trainer.world_size > 1:
-            finite = bool(trainer.strategy.reduce_boolean_decision(finite, all=True))
-        return finite
 
     def _moment_norm(self, optimizer: torch.optim.Optimizer, inv_scale: Tensor | None) -> Tensor | None:
         if id(optimizer) in self._no_moment:
@@ -969,122 +769,6 @@ class GradientGuard(Callback):
             return None
         return first_moment_norm(optimizer, inv_scale=inv_scale, process_group=self._process_group)
 
-    def _skip_optimizer(self, optimizer: torch.optim.Optimizer, params: list[Tensor], fused: bool) -> None:
-        if fused:  # the kernel skips on the device; p.grad = None would break GradScaler.update() (no inf checks)
-            device = params[0].device if params else torch.device("cpu")
-            self._set_found_inf(optimizer, torch.ones((), dtype=torch.float32, device=device))
-        else:
-            for p in params:
-                p.grad = None
-
-    def _install_step_hooks(self, optimizer: torch.optim.Optimizer) -> None:
-        if id(optimizer) in self._hooked:
-            return
-        self._hooked.add(id(optimizer))
-        self._hook_handles.append(optimizer.register_step_pre_hook(self._pre_step))
-        self._hook_handles.append(optimizer.register_step_post_hook(self._post_step))
-
-    def _set_found_inf(self, optimizer: torch.optim.Optimizer, flag: Tensor) -> None:
-        """Skip a fused optimizer's step on the device when ``flag`` (0-dim float32) is 1.
-
-        Without a GradScaler the hook runs inside ``optimizer.step(closure)``, after the step pre-hooks: the flag is set
-        here. With fp16 AMP, ``GradScaler.step`` sets its own ``found_inf`` after this hook: the pre-hook then ORs ours
-        into it.
-        """
-        key = id(optimizer)
-        existing = getattr(optimizer, "found_inf", None)
-        if existing is not None and existing is not self._pending_found_inf.get(key):
-            optimizer.found_inf = torch.maximum(existing, flag.to(existing.device, existing.dtype))
-        else:
-            optimizer.found_inf = flag
-        self._pending_found_inf[key] = optimizer.found_inf
-        self._we_set_found_inf[key] = True
-        if key not in self._initialized:
-            self._fresh[key] = [p for g in optimizer.param_groups for p in g["params"] if not optimizer.state.get(p)]
-
-    def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        key = id(optimizer)
-        ours = self._pending_found_inf.get(key)
-        if ours is None:
-            return
-        existing = getattr(optimizer, "found_inf", None)
-        if existing is not None and existing is not ours:  # GradScaler replaced the flag: OR them, never clobber
-            optimizer.found_inf = torch.maximum(existing, ours.to(existing.device, existing.dtype))
-            self._we_set_found_inf[key] = False  # the scaler deletes the attribute after the step
-
-    def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        key = id(optimizer)
-        if self._pending_found_inf.pop(key, None) is None:
-            return
-        if self._we_set_found_inf.pop(key, False) and hasattr(optimizer, "found_inf"):
-            del optimizer.found_inf
-        fresh = self._fresh.pop(key, [])
-        if fresh and self._host_skipped.get(key, False):
-            # a fused kernel initialises the state of new parameters even when found_inf skips the step (and torch's
-            # fused SGD leaves its momentum buffer uninitialised, `empty_like`): drop it, as if the step never ran
-            for p in fresh:
-                optimizer.state.pop(p, None)
-        elif not fresh:
-            self._initialized.add(key)
-
-    def _has_fresh_params(self, optimizer: torch.optim.Optimizer) -> bool:
-        """True until every parameter has optimizer state (the first step of a fused optimizer is decided on the host,
-        so that a skipped first step can drop the state the kernel initialised)."""
-        key = id(optimizer)
-        if key in self._initialized:
-            return False
-        if all(optimizer.state.get(p) for g in optimizer.param_groups for p in g["params"]):
-            self._initialized.add(key)
-            return False
-        return True
-
-    @staticmethod
-    def _optimizer_index(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> int:
-        for i, opt in enumerate(trainer.optimizers):
-            if opt is optimizer:
-                return i
-        return 0
-
-    @staticmethod
-    def _scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is None or not scaler.is_enabled():
-            return None
-        return scaler
-
-    @staticmethod
-    def _scaler_state(scaler: torch.amp.GradScaler | None, optimizer: torch.optim.Optimizer) -> dict | None:
-        """The scaler's overflow flag for this optimizer (after ``unscale_``), or ``stage_ready`` when the gradients
-        are still scaled (fused optimizers: Lightning leaves unscaling to the kernel)."""
-        if scaler is None:
-            return None
-        state = scaler._per_optimizer_states.get(id(optimizer)) if hasattr(scaler, "_per_optimizer_states") else None
-        found = state.get("found_inf_per_device") if state else None
-        if found:
-            return {"found_inf": sum(v.to(next(iter(found.values())).device) for v in found.values())}
-        return {"stage_ready": _is_fused(optimizer)}
-
-    def _diagnose(self, params, per_tensor: list[float], action: Action, norm: float, thr: float | None) -> dict:
-        names = [self._param_names.get(id(p), f"param[{i}]") for i, p in enumerate(params)]
-        if len(names) != len(per_tensor):
-            names = [f"param[{i}]" for i in range(len(per_tensor))]
-        data: dict[str, Any] = {"cause": action.name.lower(), "norm": norm}
-        if thr is not None:
-            data["threshold"] = thr
-        data["nonfinite_params"] = [n for n, v in zip(names, per_tensor) if not math.isfinite(v)]
-        data["top_layers"] = layer_norms(names, per_tensor, self.diagnose_top_k)
-        return data
-
-    @staticmethod
-    def _describe(data: dict) -> str:
-        parts = [f"norm={data['norm']:.4g}"]
-        if data.get("nonfinite_params"):
-            shown = data["nonfinite_params"][:8]
-            more = len(data["nonfinite_params"]) - len(shown)
-            parts.append("non-finite gradients in: " + ", ".join(shown) + (f" (+{more} more)" if more > 0 else ""))
-        parts.append("largest layers: " + ", ".join(f"{n}={v:.3g}" for n, v in data["top_layers"]))
-        return "; ".join(parts)
-
     def _warn(self, step: int, message: str) -> None:
         if self._last_warn_step is not None and step - self._last_warn_step < self.warn_every_n_steps:
             return
@@ -1092,7 +776,7 @@ class GradientGuard(Callback):
         rank_zero_warn(message)
 
     def _log(self, pl_module: pl.LightningModule, norm: float, thr: float | None, moment: float | None = None) -> None:
-        totals = [self._read(s) for s in self._opt_states.values()]
+        totals = [s.read_counters() for s in self._opt_states.values()]
         metrics = {
             "guard/grad_norm": norm,
             "guard/skipped": float(sum(c[0] for c in totals)),
