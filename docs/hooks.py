@@ -197,12 +197,17 @@ def _overhead_summary(r: Results) -> str:
     return "; ".join(parts)
 
 
+def _with_kit(case: dict) -> str:
+    """The label suffix of a cascade run trained with the example's callbacks (``kit``)."""
+    return ", callbacks" if case.get("callbacks", "none") != "none" else ""
+
+
 def _cascade_summary(r: Results) -> str:
     f = "cascade_amplitude.json"
     parts = []
     for case in r.get(f, "cases"):
         st = case["stages"]
-        parts.append(f"{case['latents']} latents ({case['steps']} steps): gain over doing nothing "
+        parts.append(f"{case['latents']} latents ({case['steps']} steps{_with_kit(case)}): gain over doing nothing "
                      + " / ".join(fmt(s["gain_over_input"], "%") for s in st) + ", output/target RMS "
                      + " / ".join(f"{s['rms_ratio']:.2f}" for s in st) + ", windows clamped "
                      + " / ".join(f"{100 * s['clamped_fraction']:.0f} %" for s in st))
@@ -211,7 +216,8 @@ def _cascade_summary(r: Results) -> str:
 
 def _met(r: Results, f: str) -> str:
     if f == "cascade_amplitude.json":
-        return "; ".join(f"{c['latents']} ({c['steps']} steps): {fmt(c['target_met'])}" for c in r.get(f, "cases"))
+        return "; ".join(f"{c['latents']} ({c['steps']} steps{_with_kit(c)}): {fmt(c['target_met'])}"
+                         for c in r.get(f, "cases"))
     s = r.get(f, "summary")
     if f == "overhead.json" and not s.get("target_met", False):
         both = [(name, r.get(name, "summary", {})) for name in ("overhead_codec.json", "overhead.json")]
@@ -231,7 +237,7 @@ def benchmark_summary(r: Results) -> str:
         ("overhead", "overhead.json", _overhead_summary, "time <= 1.03, peak memory <= 1.05"),
         ("peers", "peers.json", _peers_summary, "guard best or tied on every failure case, no skips on the clean run"),
         ("cascade_amplitude", "cascade_amplitude.json", _cascade_summary,
-         "every stage: < 10 % of windows clamped, RMS ratio in [0.9, 1.1], gain >= 15 %"),
+         "every stage: < 10 % of windows clamped, RMS ratio in [0.9, 1.1]; the output (stage 3): gain >= 15 %"),
     ]
     rows = []
     for name, f, result, target in specs:
@@ -322,8 +328,8 @@ def cascade_amplitude(r: Results) -> str:
     for case in r.get(f, "cases"):
         for s in case["stages"]:
             met = s["met"]
-            rows.append([f"{case['latents']}, {case['steps']} steps", s["stage"], f"{case['input_l1']:.3f}",
-                         f"{s['l1']:.3f}",
+            rows.append([f"{case['latents']}, {case['steps']} steps{_with_kit(case)}", s["stage"],
+                         f"{case['input_l1']:.3f}", f"{s['l1']:.3f}",
                          fmt(s["gain_over_input"], "%"), f"{100 * s['clamped_fraction']:.0f} %",
                          f"{s['rms_ratio']:.3f}", f"{s['rms_factor']:.3f}",
                          ", ".join(k for k, ok in met.items() if not ok) or "all met"])
@@ -478,7 +484,9 @@ def peers(r: Results) -> str:
         runs_ = case["runs"]
         scores = {m: run["relative_to_clean"] for m, run in runs_.items()
                   if run.get("finished_finite") and _finite(run.get("relative_to_clean"))}
-        best = min(scores.values()) if scores and case["kind"] != "healthy" else None
+        # a failure case's best finished run; not the divergence (there, the only run that ends finite may be a loss
+        # of 1e10 times clean) and not the healthy runs (no best: only disturbed or not)
+        best = min(scores.values()) if scores and case["kind"] == "failure" else None
         label = RESCUE_LABELS.get(case["name"], case["name"].replace("_", " "))
         rows.append([f"{label} ({case['kind']})"]
                     + [_peer_cell(runs_.get(m), best is not None and scores.get(m) == best) for m in methods])
@@ -539,12 +547,14 @@ def lead_time(r: Results) -> str:
 def _peers_summary(r: Results) -> str:
     s = r.get("peers.json", "summary")
     rescued = s["rescued_within_tolerance"]
+    wins = sorted({w.split(":")[0] for w in s["peer_wins"]})  # one entry per (case, peer): name each case once
     best_peer = max((m for m in rescued if not m.startswith("guard") and m != "plain"),
                     key=lambda m: int(rescued[m].split("/")[0]))
     return (f"`GradientGuard(zscore=2.5)` best or tied on {s['guard_z_best_or_tied']} failure cases, within 10 % of "
             f"clean on {rescued.get('guard_z')} (best peer: {PEER_LABELS.get(best_peer, best_peer)} "
-            f"{rescued[best_peer]}); skips on the healthy runs {s['false_positive_skips'].get('guard_z')}; "
-            f"{len(s['peer_wins'])} case(s) where a peer beats it")
+            f"{rescued[best_peer]}); skips on the healthy runs {s['false_positive_skips'].get('guard_z')} (default "
+            f"`GradientGuard()`: {s['false_positive_skips'].get('guard')}); case(s) where a peer beats it: "
+            f"{', '.join(wins) or 'none'}")
 
 
 # ------------------------------------------------------------------------------------------------------- hooks
