@@ -452,6 +452,7 @@ PEER_LABELS = {
     "adagc": "AdaGC",
     "guard": "guard",
     "guard_z": "guard z 2.5",
+    "guard_zr": "guard z 2.5, min ratio 3",
     "guard_z_strict": "guard z 2.5, 0.1.0 rule",
 }
 
@@ -546,15 +547,19 @@ def lead_time(r: Results) -> str:
 
 def _peers_summary(r: Results) -> str:
     s = r.get("peers.json", "summary")
-    rescued = s["rescued_within_tolerance"]
+    rescued, skips = s["rescued_within_tolerance"], s["false_positive_skips"]
     wins = sorted({w.split(":")[0] for w in s["peer_wins"]})  # one entry per (case, peer): name each case once
     best_peer = max((m for m in rescued if not m.startswith("guard") and m != "plain"),
                     key=lambda m: int(rescued[m].split("/")[0]))
-    return (f"`GradientGuard(zscore=2.5)` best or tied on {s['guard_z_best_or_tied']} failure cases, within 10 % of "
+    text = (f"`GradientGuard(zscore=2.5)` best or tied on {s['guard_z_best_or_tied']} failure cases, within 10 % of "
             f"clean on {rescued.get('guard_z')} (best peer: {PEER_LABELS.get(best_peer, best_peer)} "
-            f"{rescued[best_peer]}); skips on the healthy runs {s['false_positive_skips'].get('guard_z')} (default "
-            f"`GradientGuard()`: {s['false_positive_skips'].get('guard')}); case(s) where a peer beats it: "
-            f"{', '.join(wins) or 'none'}")
+            f"{rescued[best_peer]}), skips on the healthy runs {skips.get('guard_z')}")
+    zr = s.get("by_guard", {}).get("guard_zr")
+    if zr is not None:
+        text += (f"; with `zscore_min_ratio=3`: best or tied on {zr['best_or_tied']}, within 10 % of clean on "
+                 f"{rescued.get('guard_zr')}, skips on the healthy runs {skips.get('guard_zr')}")
+    return (text + f"; default `GradientGuard()`: skips on the healthy runs {skips.get('guard')}; case(s) where a "
+            f"peer beats the guard: {', '.join(wins) or 'none'}")
 
 
 # ------------------------------------------------------------------------------------------------------- hooks

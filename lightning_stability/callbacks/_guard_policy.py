@@ -13,8 +13,9 @@ The rule, for the total gradient norm ``g`` of one optimizer (most severe first)
    finite; the scaler skips the step and lowers its scale: calibration, not instability), otherwise ``NONFINITE``.
 2. a forced skip (the batches right after a rollback): ``FORCED``.
 3. ``max_norm`` set and ``g > max_norm``: ``OVER_MAX``.
-4. ``zscore`` set, warm-up over and ``g > mean + zscore * std``: ``SPIKE`` (skip) or ``CLIP`` (scale the gradients
-   down to the threshold and step); ``REBASE`` (step) when it is the ``rebase_after``-th outlier in a row (below).
+4. ``zscore`` set, warm-up over and ``g > mean + zscore * std`` (and, with ``min_ratio``, ``g > min_ratio * mean``:
+   the threshold is the larger of the two): ``SPIKE`` (skip) or ``CLIP`` (scale the gradients down to the threshold
+   and step); ``REBASE`` (step) when it is the ``rebase_after``-th outlier in a row (below).
 5. otherwise ``ACCEPT``.
 
 Running statistics (ZClip, Kumar et al. 2025, "ZClip: Adaptive Spike Mitigation for LLM Pre-Training"): during the
@@ -101,6 +102,7 @@ class PolicyConfig:
     warmup: int = 25
     clip: bool = False  # spike_action == "clip"
     rebase_after: int | None = None  # consecutive outliers after which the statistics restart from them (None: never)
+    min_ratio: float | None = None  # an outlier must also exceed this multiple of the running mean (None: no floor)
 
 
 @dataclass
@@ -142,10 +144,12 @@ class Decision:
 
 
 def threshold(stats: NormStats, cfg: PolicyConfig) -> float | None:
-    """``mean + zscore * std`` once ``warmup`` accepted norms were seen, else ``None``."""
+    """``mean + zscore * std`` (at least ``min_ratio * mean``) once ``warmup`` accepted norms were seen, else
+    ``None``."""
     if cfg.zscore is None or stats.count < cfg.warmup:
         return None
-    return stats.mean + cfg.zscore * math.sqrt(max(stats.var, 0.0))
+    thr = stats.mean + cfg.zscore * math.sqrt(max(stats.var, 0.0))
+    return thr if cfg.min_ratio is None else max(thr, cfg.min_ratio * stats.mean)
 
 
 def evaluate(
@@ -223,10 +227,13 @@ def update_stats(stats: NormStats, decision: Decision, norm: float, cfg: PolicyC
 
 
 def threshold_on_device(stats: Tensor, cfg: PolicyConfig) -> Tensor:
-    """``mean + zscore * std`` (``inf`` during warm-up or without ``zscore``), a 0-dim float32 tensor."""
+    """``mean + zscore * std``, at least ``min_ratio * mean`` (``inf`` during warm-up or without ``zscore``), a 0-dim
+    float32 tensor."""
     if cfg.zscore is None:
         return torch.full_like(stats[0], math.inf)
     thr = stats[0] + cfg.zscore * stats[1].clamp_min(0).sqrt()
+    if cfg.min_ratio is not None:
+        thr = torch.maximum(thr, cfg.min_ratio * stats[0])
     return torch.where(stats[2] >= cfg.warmup, thr, math.inf)
 
 

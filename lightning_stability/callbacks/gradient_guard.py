@@ -107,6 +107,12 @@ class GradientGuard(Callback):
       an accepted step ends a streak, non-finite / ``max_norm`` / forced steps neither end nor extend it. With
       ``max_consecutive_skips <= zscore_rebase_after - 1`` persistent trouble fires first. ``None``: outliers never
       enter (the 0.1.0 rule, which stalls on a level shift). The rule is in ``_guard_policy``.
+    - ``zscore_min_ratio`` (off by default): a spike must also exceed this multiple of the running mean (the
+      threshold becomes ``max(mean + zscore * std, zscore_min_ratio * mean)``). A small model's gradient norm is noisy
+      (coefficient of variation 0.3-0.6), so ``mean + 2.5 std`` is crossed by healthy steps every few dozen steps;
+      ``zscore_min_ratio=3`` removed every such false positive in ``benchmarks/peers.py``'s healthy runs while the
+      spikes a skip is for (x40-x100 the mean there) are still caught. The trade-off: a finite spike under that
+      multiple is never skipped (``spike_action="clip"`` clips to the same threshold).
 
     **Skip.** A skip sets every gradient of the optimizer to ``None``: torch optimizers then leave those parameters
     entirely alone (no moment update, no step count, no weight decay). Zeroing gradients would not be a skip (Adam's
@@ -192,6 +198,8 @@ class GradientGuard(Callback):
         zscore_warmup: accepted steps before spikes are detected (>= 1).
         zscore_rebase_after: consecutive finite spikes after which the statistics restart from them (>= 2; ``None``:
             never), see above.
+        zscore_min_ratio: a spike must also exceed this multiple of the running mean (> 1; ``None``: no floor), see
+            above; needs ``zscore``.
         track_first_moment: compute and log the first-moment norm, see above.
         first_moment_zscore: also skip a step whose first-moment norm spikes this many standard deviations above its
             own running statistics (``None``: off; implies ``track_first_moment``).
@@ -225,6 +233,7 @@ class GradientGuard(Callback):
         zscore_alpha: float = 0.97,
         zscore_warmup: int = 25,
         zscore_rebase_after: int | None = 8,
+        zscore_min_ratio: float | None = None,
         track_first_moment: bool = False,
         first_moment_zscore: float | None = None,
         spike_action: Literal["skip", "clip"] = "skip",
@@ -250,6 +259,14 @@ class GradientGuard(Callback):
             raise ValueError(f"`zscore_alpha` must be in (0, 1), got {zscore_alpha!r}")
         check_int("zscore_warmup", zscore_warmup, 1)
         check_int("zscore_rebase_after", zscore_rebase_after, 2, allow_none=True)
+        check_positive("zscore_min_ratio", zscore_min_ratio)
+        if zscore_min_ratio is not None and zscore_min_ratio <= 1:
+            raise ValueError(
+                f"`zscore_min_ratio` must be > 1 (a spike is at least this multiple of the running mean), got "
+                f"{zscore_min_ratio!r}"
+            )
+        if zscore_min_ratio is not None and zscore is None:
+            raise ValueError("`zscore_min_ratio` is a floor of the z-score threshold: it needs `zscore`, got None")
         if not isinstance(track_first_moment, bool):
             raise TypeError(f"`track_first_moment` must be a bool, got {track_first_moment!r}")
         check_positive("first_moment_zscore", first_moment_zscore)
@@ -288,6 +305,7 @@ class GradientGuard(Callback):
         self.zscore_alpha = float(zscore_alpha)
         self.zscore_warmup = zscore_warmup
         self.zscore_rebase_after = zscore_rebase_after
+        self.zscore_min_ratio = None if zscore_min_ratio is None else float(zscore_min_ratio)
         self.first_moment_zscore = None if first_moment_zscore is None else float(first_moment_zscore)
         self.track_first_moment = track_first_moment or first_moment_zscore is not None
         self.spike_action = spike_action
@@ -305,7 +323,13 @@ class GradientGuard(Callback):
         self.diagnose_top_k = diagnose_top_k
         self.agree_across_ranks = agree_across_ranks
         self._cfg = PolicyConfig(
-            self.max_norm, self.zscore, self.zscore_alpha, zscore_warmup, spike_action == "clip", zscore_rebase_after
+            self.max_norm,
+            self.zscore,
+            self.zscore_alpha,
+            zscore_warmup,
+            spike_action == "clip",
+            zscore_rebase_after,
+            self.zscore_min_ratio,
         )
         self._cfg_m = None  # the first-moment detector: its own z-score, the same EMA, warm-up and rebase rule
         if self.first_moment_zscore is not None:

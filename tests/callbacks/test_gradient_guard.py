@@ -447,3 +447,58 @@ def test_ddp_inf_gradient_on_one_rank_is_skipped_on_both(tmp_path):
             assert torch.isfinite(r["state"][k]).all()
     for k in ranks[0]["state"]:
         assert torch.equal(ranks[0]["state"][k], ranks[1]["state"][k]), k
+
+
+class _NoisyScale:
+    """A healthy run whose gradient scale is noisy, as a small batch's is: the loss times a fixed log-normal factor
+    per step (``exp(0.25 z)``, coefficient of variation about 0.25)."""
+
+    FACTORS = torch.exp(0.25 * torch.randn(200, generator=torch.Generator().manual_seed(1))).tolist()
+
+    def compute(self, batch):
+        out = super().compute(batch)
+        out["loss"] = out["loss"] * self.FACTORS[self.global_step]
+        return out
+
+
+class NoisyFaulty(_NoisyScale, FaultyModule):
+    pass
+
+
+class FusedNoisyFaulty(_NoisyScale, FusedFaultyModule):
+    pass
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_zscore_min_ratio_spares_noisy_healthy_steps_and_still_skips_a_spike(tmp_path, sync_free):
+    """``mean + 2.5 std`` of a noisy gradient norm is crossed by healthy steps; the ratio floor keeps only the
+    injected x100 loss spike, which is a true skip (parameters and optimizer state unchanged)."""
+    spike, steps = 90, 110
+    skipped = {}
+    for floor in (None, 3.0):
+        torch.manual_seed(0)
+        module = (FusedNoisyFaulty if sync_free else NoisyFaulty)(spike_steps={spike}, lr=3e-3)
+        guard = GradientGuard(zscore=2.5, zscore_min_ratio=floor, on_persistent="raise", sync_free=sync_free)
+        rec = StepRecorder()
+        make_trainer(tmp_path / str(floor), [guard, rec], max_steps=steps).fit(module)
+        skipped[floor] = [s for s in range(steps - 1) if _unchanged(rec, s)]
+        if floor is not None:
+            assert_same(rec.snaps[spike], rec.snaps[spike + 1])
+            assert guard.num_skipped == 1
+    assert skipped[3.0] == [spike]
+    assert spike in skipped[None]
+    assert len(skipped[None]) > 1  # without the floor, healthy steps were skipped too
+
+
+def _unchanged(rec: StepRecorder, step: int) -> bool:
+    before, after = rec.snaps[step]["module"], rec.snaps[step + 1]["module"]
+    return all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_zscore_min_ratio_is_checked():
+    with pytest.raises(ValueError, match="zscore_min_ratio"):
+        GradientGuard(zscore=2.5, zscore_min_ratio=1.0)
+    with pytest.raises(ValueError, match="needs `zscore`"):
+        GradientGuard(zscore_min_ratio=3.0)
+    with pytest.raises(TypeError, match="zscore_min_ratio"):
+        GradientGuard(zscore=2.5, zscore_min_ratio="3")

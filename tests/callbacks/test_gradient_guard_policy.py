@@ -17,6 +17,8 @@ from lightning_stability.callbacks._guard_policy import (
     PolicyConfig,
     evaluate,
     evaluate_on_device,
+    threshold,
+    threshold_on_device,
     update_stats,
     update_stats_on_device,
 )
@@ -157,12 +159,16 @@ finite_or_not = st.one_of(
     norms=st.lists(finite_or_not, min_size=1, max_size=40),
     clip=st.booleans(),
     overflow=st.lists(st.booleans(), min_size=40, max_size=40),
+    min_ratio=st.sampled_from([None, 1.5]),
 )
 @example(  # a level shift with a NaN inside the streak: spikes, a rebase, then the new level is ordinary
-    norms=[1.0, 1.2, 0.9, 5.0, 5.2, math.nan, 4.8, 5.1, 4.9, 5.3], clip=False, overflow=[False] * 40
+    norms=[1.0, 1.2, 0.9, 5.0, 5.2, math.nan, 4.8, 5.1, 4.9, 5.3], clip=False, overflow=[False] * 40, min_ratio=None
 )
-def test_device_rule_matches_host_rule(norms, clip, overflow):
-    cfg = PolicyConfig(max_norm=150.0, zscore=2.0, alpha=0.8, warmup=3, clip=clip, rebase_after=3)
+@example(  # the ratio floor decides: 1.3x the mean is above mean + 2 std of these norms but below 1.5x the mean
+    norms=[1.0, 1.02, 0.98, 1.0, 1.3, 1.01, 2.0, 1.0], clip=False, overflow=[False] * 40, min_ratio=1.5
+)
+def test_device_rule_matches_host_rule(norms, clip, overflow, min_ratio):
+    cfg = PolicyConfig(max_norm=150.0, zscore=2.0, alpha=0.8, warmup=3, clip=clip, rebase_after=3, min_ratio=min_ratio)
     host = NormStats()
     dev = torch.zeros(NormStats.SIZE)
     for i, n in enumerate(norms):
@@ -176,6 +182,22 @@ def test_device_rule_matches_host_rule(norms, clip, overflow):
         assert dev.tolist() == pytest.approx(host.as_list(), rel=1e-4, abs=1e-4)
     if norms[:4] == [1.0, 1.2, 0.9, 5.0]:
         assert host.mean > 4  # the example above rebased (a guard on the example itself)
+
+
+def test_min_ratio_is_a_floor_of_the_zscore_threshold():
+    stats = NormStats(mean=2.0, var=0.04, count=10)  # std 0.2: mean + 2.5 std = 2.5
+    plain = PolicyConfig(zscore=2.5, warmup=4)
+    floored = PolicyConfig(zscore=2.5, warmup=4, min_ratio=3.0)
+    assert threshold(stats, plain) == pytest.approx(2.5)
+    assert threshold(stats, floored) == pytest.approx(6.0)  # max(2.5, 3 x 2.0)
+    assert evaluate(4.0, stats, plain).action is Action.SPIKE
+    assert evaluate(4.0, stats, floored).action is Action.ACCEPT
+    assert evaluate(6.5, stats, floored).action is Action.SPIKE
+    wide = NormStats(mean=2.0, var=4.0, count=10)  # std 2: the z-score threshold 7 is above the floor 6
+    assert threshold(wide, floored) == pytest.approx(7.0)
+    assert threshold(NormStats(mean=2.0, var=0.04, count=3), floored) is None  # still warming up
+    dev = threshold_on_device(torch.tensor(stats.as_list()), floored)
+    assert float(dev) == pytest.approx(6.0)
 
 
 def test_foreach_norm_matches_a_float64_reference_for_mixed_dtypes():
