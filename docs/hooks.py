@@ -163,9 +163,14 @@ def _rescue_summary(r: Results) -> str:
 def _lr_summary(r: Results) -> str:
     f = "lr_sensitivity.json"
     grid = r.get(f, "config.lr_grid")
-    return (f"LR sensitivity plain {r.get(f, 'summary.plain_sensitivity'):.2f}, kit "
+    text = (f"LR sensitivity plain {r.get(f, 'summary.plain_sensitivity'):.2f}, kit "
             f"{r.get(f, 'summary.kit_sensitivity'):.2f} (ratio {r.get(f, 'summary.ratio'):.2f}) over lr "
             f"{grid[0]:g}..{grid[-1]:g}")
+    guards = {v: x["sensitivity"] for v, x in r.get(f, "summary.by_variant", {}).items() if v not in ("plain", "kit")}
+    if guards:  # the peers' spike guards, and ours, on the plain configuration
+        text += (f"; spike guards alone on the plain model ({', '.join(sorted(guards))}): "
+                 f"{min(guards.values()):.2f}-{max(guards.values()):.2f}")
+    return text
 
 
 def _codec_case(r: Results, recipe: str) -> dict:
