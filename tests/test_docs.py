@@ -69,6 +69,8 @@ def test_tables_with_missing_keys_say_not_measured(tmp_path):
 def test_optional_codec_metrics_appear_once_measured(tmp_path):
     data = json.loads((hooks.RESULTS / "codec_quality.json").read_text())
     assert "PESQ" in hooks.render_table("codec_quality", hooks.Results()) or "pesq" in data["cases"][0]["eval"]
+    for case in data["cases"]:  # only the first case measured PESQ: the column appears, the others say so
+        case["eval"].pop("pesq", None)
     data["cases"][0]["eval"]["pesq"] = 2.345
     (tmp_path / "codec_quality.json").write_text(json.dumps(data))
     text = hooks.render_table("codec_quality", hooks.Results(tmp_path))
