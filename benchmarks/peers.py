@@ -899,19 +899,29 @@ def _score(r: dict[str, Any]) -> float:
     return r["relative_to_clean"] if r["finished_finite"] and r["relative_to_clean"] is not None else math.inf
 
 
+def _best_peer_score(case: dict[str, Any]) -> float:
+    """The best (lowest) relative final loss of a non-guard method on a case."""
+    return min((_score(r) for m, r in case["runs"].items() if not m.startswith("guard")), default=math.inf)
+
+
+def _guard_best_or_tied(case: dict[str, Any], guard: str, tolerance: float) -> bool:
+    """The guard configuration ends at least as well as every peer (1 % slack), or both within the tolerance."""
+    score, best = _score(case["runs"].get(guard, {"finished_finite": False})), _best_peer_score(case)
+    return bool(score <= best + 0.01 or (score <= tolerance and best <= tolerance))
+
+
 def summarise(results: list[dict[str, Any]], methods: list[str], tolerance: float) -> dict[str, Any]:
     failures = [r for r in results if r["kind"] == "failure"]
     healthy = [r for r in results if r["kind"] == "healthy"]
     rescued = {m: sum(_score(c["runs"][m]) <= tolerance for c in failures) for m in methods}
-    best_or_tied: dict[str, bool] = {}
+    best_or_tied = {c["name"]: _guard_best_or_tied(c, "guard_z", tolerance) for c in failures}
     peer_wins: list[str] = []
     for c in failures:
+        if best_or_tied[c["name"]]:
+            continue
         guard = _score(c["runs"].get("guard_z", {"finished_finite": False}))
-        best_other = min((_score(r) for m, r in c["runs"].items() if not m.startswith("guard")), default=math.inf)
-        tied = guard <= tolerance and best_other <= tolerance
-        best_or_tied[c["name"]] = bool(guard <= best_other + 0.01 or tied)
         for m, r in c["runs"].items():
-            if not m.startswith("guard") and _score(r) < guard - 0.01 and not tied:
+            if not m.startswith("guard") and _score(r) < guard - 0.01:
                 peer_wins.append(f"{c['name']}: {m} {_score(r):+.1%} vs guard_z {guard:+.1%}")
     false_positives = {m: sum(c["runs"][m]["skipped_steps"] for c in healthy) for m in methods}
     disturbed = {
@@ -921,11 +931,7 @@ def summarise(results: list[dict[str, Any]], methods: list[str], tolerance: floa
     clean = next((c for c in healthy if c["name"] == "healthy_clean"), None)
     by_guard = {}  # the target, per guard configuration: best or tied on every failure case, no skip on the clean run
     for g in (m for m in methods if m.startswith("guard")):
-        wins = {}
-        for c in failures:
-            score = _score(c["runs"].get(g, {"finished_finite": False}))
-            best_other = min((_score(r) for m, r in c["runs"].items() if not m.startswith("guard")), default=math.inf)
-            wins[c["name"]] = bool(score <= best_other + 0.01 or (score <= tolerance and best_other <= tolerance))
+        wins = {c["name"]: _guard_best_or_tied(c, g, tolerance) for c in failures}
         clean_skips = clean["runs"][g]["skipped_steps"] if clean is not None and g in clean["runs"] else None
         by_guard[g] = {
             "best_or_tied": f"{sum(wins.values())}/{len(wins)}",
@@ -933,11 +939,10 @@ def summarise(results: list[dict[str, Any]], methods: list[str], tolerance: floa
             "clean_run_skips": clean_skips,
             "target_met": bool(failures and all(wins.values()) and clean_skips == 0),
         }
-    target_met = any(v["target_met"] for v in by_guard.values())
     return {
         "target": "a GradientGuard configuration best or tied (within the tolerance of clean) on every failure case, "
         "with zero false-positive skips on the clean run",
-        "target_met": target_met,
+        "target_met": any(v["target_met"] for v in by_guard.values()),
         "by_guard": by_guard,
         "guard_z_best_or_tied": f"{sum(best_or_tied.values())}/{len(best_or_tied)}",
         "best_or_tied": best_or_tied,
