@@ -462,11 +462,11 @@ class _NoisyScale:
 
 
 class NoisyFaulty(_NoisyScale, FaultyModule):
-    pass
+    """The noisy healthy run on a torch Adam (the guard skips from the host)."""
 
 
 class FusedNoisyFaulty(_NoisyScale, FusedFaultyModule):
-    pass
+    """The same on a fused Adam (the guard can skip on the device)."""
 
 
 @pytest.mark.parametrize("sync_free", [False, True])

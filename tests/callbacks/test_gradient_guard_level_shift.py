@@ -37,11 +37,11 @@ class _Switch:
 
 
 class LossWeightSwitch(_Switch, FaultyModule):
-    pass
+    """The switch on a torch Adam (the guard skips from the host)."""
 
 
 class FusedLossWeightSwitch(_Switch, FusedFaultyModule):
-    pass
+    """The switch on a fused Adam (the guard can skip on the device)."""
 
 
 def _module(fused: bool = False):
