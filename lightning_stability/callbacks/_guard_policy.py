@@ -13,10 +13,23 @@ The rule, for the total gradient norm ``g`` of one optimizer (most severe first)
    finite; the scaler skips the step and lowers its scale: calibration, not instability), otherwise ``NONFINITE``.
 2. a forced skip (the batches right after a rollback): ``FORCED``.
 3. ``max_norm`` set and ``g > max_norm``: ``OVER_MAX``.
-4. ``zscore`` set, warm-up over and ``g > mean + zscore * std`` (and, with ``min_ratio``, ``g > min_ratio * mean``:
-   the threshold is the larger of the two): ``SPIKE`` (skip) or ``CLIP`` (scale the gradients down to the threshold
-   and step); ``REBASE`` (step) when it is the ``rebase_after``-th outlier in a row (below).
+4. warm-up over and ``g`` above the spike threshold, the larger of ``mean + zscore * std`` (with ``zscore``) and
+   ``min_ratio * mean`` (with ``min_ratio``): an *outlier*. Without ``loss_zscore`` every outlier is a spike; with it
+   an outlier is a spike only when the step's loss confirms it (below). A spike is ``SPIKE`` (skip) or ``CLIP`` (scale
+   the gradients down to the threshold and step); an outlier the loss does not confirm is ``CLIP`` when
+   ``g > clip_ratio * mean`` (an extreme norm, whatever the loss says) and ``ACCEPT`` otherwise. Either is ``REBASE``
+   (step) when it is the ``rebase_after``-th acted-upon outlier in a row (below).
 5. otherwise ``ACCEPT``.
+
+Loss confirmation (``loss_zscore``; the default ``GradientGuard()`` rule). A data fault (a corrupt or wrongly scaled
+batch, a loss term that blows up for one step) moves the loss and the gradient norm at once; the legitimate changes of
+a healthy run that move the gradient norm (the end of a learning-rate warm-up, unfrozen layers, a smaller batch) do
+not move the loss that way, and the noise of a small model's gradient norm (coefficient of variation 0.3-0.6) is not
+matched by a loss excursion. So the step's loss ``L`` (summed over micro-batches, averaged over ranks) keeps running
+statistics of its own, updated exactly like the norm's (same warm-up, EMA, streak and rebase), and confirms an outlier
+when ``|L - loss mean| > loss_zscore * loss std`` (two-sided: a loss may be negative, as a GAN generator's hinge loss
+is). A step whose loss is unknown (no ``backward`` went through Lightning), or whose loss statistics are still warming
+up, is unconfirmed: only the ``clip_ratio`` backstop acts on it.
 
 Running statistics (ZClip, Kumar et al. 2025, "ZClip: Adaptive Spike Mitigation for LLM Pre-Training"): during the
 first ``warmup`` accepted steps the mean and (population) variance are exact (Welford); afterwards they are exponential
@@ -84,9 +97,9 @@ MOMENT_JUDGED = frozenset({Action.ACCEPT, Action.REBASE, Action.CLIP, Action.SPI
 REASONS = {
     Action.ACCEPT: "accepted",
     Action.REBASE: "level shift: a streak of z-score outliers became the new baseline",
-    Action.CLIP: "gradient-norm spike clipped to the z-score threshold",
+    Action.CLIP: "gradient-norm spike clipped to the spike threshold",
     Action.FORCED: "skipping batches after a rollback",
-    Action.SPIKE: "gradient-norm spike above the z-score threshold",
+    Action.SPIKE: "gradient-norm spike above the spike threshold",
     Action.MOMENT_SPIKE: "first-moment-norm spike above its z-score threshold",
     Action.OVER_MAX: "gradient norm above `max_norm`",
     Action.AMP_OVERFLOW: "fp16 GradScaler overflow (the scaler skips the step and lowers its scale)",
@@ -103,6 +116,13 @@ class PolicyConfig:
     clip: bool = False  # spike_action == "clip"
     rebase_after: int | None = None  # consecutive outliers after which the statistics restart from them (None: never)
     min_ratio: float | None = None  # an outlier must also exceed this multiple of the running mean (None: no floor)
+    loss_zscore: float | None = None  # a spike must also move the loss this many loss stds (None: the norm alone)
+    clip_ratio: float | None = None  # an unconfirmed outlier above this multiple of the mean is clipped (None: taken)
+
+    @property
+    def detects(self) -> bool:
+        """Whether finite spikes are detected at all (a threshold exists after the warm-up)."""
+        return self.zscore is not None or self.min_ratio is not None
 
 
 @dataclass
@@ -144,12 +164,37 @@ class Decision:
 
 
 def threshold(stats: NormStats, cfg: PolicyConfig) -> float | None:
-    """``mean + zscore * std`` (at least ``min_ratio * mean``) once ``warmup`` accepted norms were seen, else
-    ``None``."""
-    if cfg.zscore is None or stats.count < cfg.warmup:
+    """The larger of ``mean + zscore * std`` and ``min_ratio * mean`` (each when set) once ``warmup`` accepted norms
+    were seen, else ``None``."""
+    if not cfg.detects or stats.count < cfg.warmup:
         return None
-    thr = stats.mean + cfg.zscore * math.sqrt(max(stats.var, 0.0))
+    thr = -math.inf if cfg.zscore is None else stats.mean + cfg.zscore * math.sqrt(max(stats.var, 0.0))
     return thr if cfg.min_ratio is None else max(thr, cfg.min_ratio * stats.mean)
+
+
+def loss_confirms(loss: float | None, loss_stats: NormStats | None, cfg: PolicyConfig) -> bool:
+    """Whether the step's loss confirms a gradient-norm outlier (always, without ``loss_zscore``; see the module
+    docstring)."""
+    if cfg.loss_zscore is None:
+        return True
+    if loss is None or loss_stats is None or loss_stats.count < cfg.warmup:
+        return False
+    if not math.isfinite(loss):
+        return True
+    return abs(loss - loss_stats.mean) > cfg.loss_zscore * math.sqrt(max(loss_stats.var, 0.0))
+
+
+def loss_evidence(loss: float, loss_stats: NormStats, cfg: PolicyConfig) -> dict[str, float | bool]:
+    """What the loss said about a step, for its event: the loss, its running mean, how many standard deviations it
+    was off it and whether that confirmed a spike (``loss_zscore``)."""
+    std = math.sqrt(max(loss_stats.var, 0.0))
+    off = abs(loss - loss_stats.mean) / std if std > 0 else (math.inf if loss != loss_stats.mean else 0.0)
+    return {
+        "loss": loss,
+        "loss_mean": loss_stats.mean,
+        "loss_zscore": off,
+        "loss_confirmed": cfg.loss_zscore is not None and loss_confirms(loss, loss_stats, cfg),
+    }
 
 
 def evaluate(
@@ -160,8 +205,11 @@ def evaluate(
     amp_overflow: bool = False,
     nonfinite_loss: bool = False,
     forced: bool = False,
+    loss: float | None = None,
+    loss_stats: NormStats | None = None,
 ) -> Decision:
-    """Classify one step from its total gradient norm (see the module docstring for the rule)."""
+    """Classify one step from its total gradient norm and, with ``cfg.loss_zscore``, its loss (see the module
+    docstring for the rule)."""
     thr = threshold(stats, cfg)
     if not math.isfinite(norm):
         overflow = amp_overflow and not nonfinite_loss
@@ -173,9 +221,15 @@ def evaluate(
     if cfg.max_norm is not None and norm > cfg.max_norm:
         return Decision(Action.OVER_MAX, thr)
     if thr is not None and norm > thr:
+        if loss_confirms(loss, loss_stats, cfg):
+            action = Action.CLIP if cfg.clip else Action.SPIKE
+        elif cfg.clip_ratio is not None and norm > cfg.clip_ratio * stats.mean:
+            action = Action.CLIP
+        else:
+            return Decision(Action.ACCEPT, thr)
         if cfg.rebase_after is not None and stats.streak_count + 1 >= cfg.rebase_after:
             return Decision(Action.REBASE, thr)
-        return Decision(Action.CLIP if cfg.clip else Action.SPIKE, thr)
+        return Decision(action, thr)
     return Decision(Action.ACCEPT, thr)
 
 
@@ -196,10 +250,17 @@ def _welford(mean: float, var: float, count: int, value: float) -> tuple[float, 
     return new_mean, (count * var + delta * (value - new_mean)) / n1, n1
 
 
-def update_stats(stats: NormStats, decision: Decision, norm: float, cfg: PolicyConfig) -> NormStats:
+def update_stats(
+    stats: NormStats, decision: Decision, norm: float, cfg: PolicyConfig, *, clip_value: float | None = None
+) -> NormStats:
     """Statistics after ``decision`` (see the module docstring: accepted and clipped norms enter the running
-    statistics, outliers the streak, a ``REBASE`` restarts them from the streak, anything else changes nothing)."""
+    statistics, outliers the streak, a ``REBASE`` restarts them from the streak, anything else changes nothing).
+
+    ``clip_value``: what a ``CLIP`` step enters into the running statistics (default: the threshold it was clipped to;
+    the loss statistics pass the loss itself). A non-finite ``norm`` changes nothing (an unknown loss neither)."""
     action = decision.action
+    if not math.isfinite(norm):
+        return stats
     if action not in STEPPED and action is not Action.SPIKE:
         return stats
     streak = (stats.streak_mean, stats.streak_var, stats.streak_count)
@@ -207,13 +268,15 @@ def update_stats(stats: NormStats, decision: Decision, norm: float, cfg: PolicyC
         streak = _welford(*streak, norm)
     if action is Action.REBASE:
         s_mean, s_var, _ = streak
-        carried = stats.var * (s_mean / stats.mean) ** 2 if stats.mean > 0 else 0.0
+        carried = stats.var * (s_mean / stats.mean) ** 2 if stats.mean != 0 else 0.0
         return NormStats(s_mean, max(s_var, carried), stats.count)
     if action is Action.SPIKE:
         return NormStats(stats.mean, stats.var, stats.count, *streak)
     if action is Action.ACCEPT:
         streak = (0.0, 0.0, 0)
-    value = decision.threshold if action is Action.CLIP else norm
+    value = norm
+    if action is Action.CLIP:
+        value = decision.threshold if clip_value is None else clip_value
     if stats.count < cfg.warmup:  # Welford, population variance
         return NormStats(*_welford(stats.mean, stats.var, stats.count, value), *streak)
     delta = value - stats.mean
@@ -227,14 +290,27 @@ def update_stats(stats: NormStats, decision: Decision, norm: float, cfg: PolicyC
 
 
 def threshold_on_device(stats: Tensor, cfg: PolicyConfig) -> Tensor:
-    """``mean + zscore * std``, at least ``min_ratio * mean`` (``inf`` during warm-up or without ``zscore``), a 0-dim
-    float32 tensor."""
-    if cfg.zscore is None:
+    """:func:`threshold` as a 0-dim float32 tensor (``inf`` during warm-up or without a rule)."""
+    if not cfg.detects:
         return torch.full_like(stats[0], math.inf)
-    thr = stats[0] + cfg.zscore * stats[1].clamp_min(0).sqrt()
-    if cfg.min_ratio is not None:
-        thr = torch.maximum(thr, cfg.min_ratio * stats[0])
+    if cfg.zscore is None:
+        thr = cfg.min_ratio * stats[0]
+    else:
+        thr = stats[0] + cfg.zscore * stats[1].clamp_min(0).sqrt()
+        if cfg.min_ratio is not None:
+            thr = torch.maximum(thr, cfg.min_ratio * stats[0])
     return torch.where(stats[2] >= cfg.warmup, thr, math.inf)
+
+
+def loss_confirms_on_device(loss: Tensor | None, loss_stats: Tensor | None, cfg: PolicyConfig) -> Tensor | None:
+    """:func:`loss_confirms` as a 0-dim bool tensor (``None``: always, no ``loss_zscore``)."""
+    if cfg.loss_zscore is None:
+        return None
+    if loss is None or loss_stats is None:
+        return torch.zeros((), dtype=torch.bool, device=loss_stats.device if loss_stats is not None else None)
+    loss = loss.to(torch.float32)
+    off = (loss - loss_stats[0]).abs() > cfg.loss_zscore * loss_stats[1].clamp_min(0).sqrt()
+    return (loss_stats[2] >= cfg.warmup) & (off | ~torch.isfinite(loss))
 
 
 def evaluate_on_device(
@@ -245,15 +321,29 @@ def evaluate_on_device(
     amp_overflow: Tensor | None = None,
     nonfinite_loss: Tensor | None = None,
     forced: bool = False,
+    loss: Tensor | None = None,
+    loss_stats: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Same rule as :func:`evaluate`; returns ``(action code int32, threshold)`` as 0-dim device tensors."""
     thr = threshold_on_device(stats, cfg)
     code = torch.zeros((), dtype=torch.int32, device=norm.device)
-    if cfg.zscore is not None:
+    if cfg.detects:
         outlier = norm > thr  # False during warm-up (thr = inf) and for NaN
-        code = torch.where(outlier, int(Action.CLIP if cfg.clip else Action.SPIKE), code)
+        confirmed = loss_confirms_on_device(loss, loss_stats, cfg)
+        if confirmed is not None:
+            spike = outlier & confirmed.to(norm.device)
+            clipped = outlier & ~spike
+            if cfg.clip_ratio is not None:
+                clipped = clipped & (norm > cfg.clip_ratio * stats[0])
+            else:
+                clipped = torch.zeros_like(outlier)
+            acted = spike | clipped
+        else:
+            spike, clipped, acted = outlier, torch.zeros_like(outlier), outlier
+        code = torch.where(spike, int(Action.CLIP if cfg.clip else Action.SPIKE), code)
+        code = torch.where(clipped, int(Action.CLIP), code)
         if cfg.rebase_after is not None:
-            code = torch.where(outlier & (stats[5] + 1 >= cfg.rebase_after), int(Action.REBASE), code)
+            code = torch.where(acted & (stats[5] + 1 >= cfg.rebase_after), int(Action.REBASE), code)
     if cfg.max_norm is not None:
         code = torch.where(norm > cfg.max_norm, int(Action.OVER_MAX), code)
     if forced:
@@ -269,8 +359,10 @@ def evaluate_on_device(
 
 def update_stats_on_device(stats: Tensor, code: Tensor, norm: Tensor, thr: Tensor, cfg: PolicyConfig) -> Tensor:
     """Statistics after a step with action ``code`` (a new tensor; ``stats`` is not modified); the same rule as
-    :func:`update_stats`, every branch computed and the right one selected with ``torch.where``."""
+    :func:`update_stats` (``thr``: what a clipped step enters, as ``clip_value`` there), every branch computed and the
+    right one selected with ``torch.where``."""
     mean, var, count, s_mean, s_var, s_count = stats.unbind()
+    norm = norm.to(stats.dtype)
     value = torch.where(code == int(Action.CLIP), thr, norm)
     w_mean, w_var, w_count = _welford_t(mean, var, count, value)
     delta = value - mean
@@ -280,8 +372,8 @@ def update_stats_on_device(stats: Tensor, code: Tensor, norm: Tensor, thr: Tenso
     main = [torch.where(warm, w_mean, e_mean), torch.where(warm, w_var, e_var), torch.where(warm, w_count, count)]
     sm, sv, sc = _welford_t(s_mean, s_var, s_count, norm)  # the streak with this outlier
     zero = torch.zeros_like(mean)
-    ratio = sm / torch.where(mean > 0, mean, 1.0)
-    carried = torch.where(mean > 0, var * ratio * ratio, zero)
+    ratio = sm / torch.where(mean != 0, mean, 1.0)
+    carried = torch.where(mean != 0, var * ratio * ratio, zero)
     candidates = {
         Action.ACCEPT: torch.stack([*main, zero, zero, zero]),
         Action.CLIP: torch.stack([*main, sm, sv, sc]),
@@ -291,7 +383,7 @@ def update_stats_on_device(stats: Tensor, code: Tensor, norm: Tensor, thr: Tenso
     out = stats
     for action, new in candidates.items():
         out = torch.where(code == int(action), new, out)
-    return out
+    return torch.where(torch.isfinite(norm), out, stats)
 
 
 def combine_on_device(code: Tensor, moment_code: Tensor) -> Tensor:

@@ -90,11 +90,14 @@ def rollback(guard: GradientGuard, trainer, pl_module, what: str) -> None:
     extra = snap.restore(pl_module, trainer.optimizers)
     for idx, saved in extra.items():
         st = guard._opt_states.setdefault(idx, OptimizerState())
-        st.stats = NormStats.from_list(saved[: NormStats.SIZE])
-        st.mstats = NormStats.from_list(saved[NormStats.SIZE :])
+        n = NormStats.SIZE
+        st.stats = NormStats.from_list(saved[:n])
+        st.mstats = NormStats.from_list(saved[n : 2 * n])
+        st.lstats = NormStats.from_list(saved[2 * n : 3 * n])
         if st.stats_t is not None:
             st.stats_t = filled(st.stats.as_list(), torch.float32, st.stats_t.device)
             st.mstats_t = filled(st.mstats.as_list(), torch.float32, st.stats_t.device)
+            st.lstats_t = filled(st.lstats.as_list(), torch.float32, st.stats_t.device)
     for st in guard._opt_states.values():
         st.consecutive = 0
         st.consecutive_amp = 0
@@ -143,6 +146,7 @@ def take_snapshot(guard: GradientGuard, trainer: pl.Trainer, pl_module: pl.Light
     for idx, st in guard._opt_states.items():
         extra[idx] = st.stats_t.tolist() if st.stats_t is not None else st.stats.as_list()
         extra[idx] += st.mstats_t.tolist() if st.mstats_t is not None else st.mstats.as_list()
+        extra[idx] += st.lstats_t.tolist() if st.lstats_t is not None else st.lstats.as_list()
     device = "cpu" if guard.snapshot_device == "cpu" else None
     guard._snapshot = TrainingSnapshot(trainer.global_step, pl_module, trainer.optimizers, device, extra)
     guard._snapshot_due = False

@@ -304,6 +304,9 @@ class OptimizerState:
     mstats: NormStats = field(default_factory=NormStats)
     mstats_t: Tensor | None = None
     moment_t: Tensor | None = None  # this step's first-moment norm (0-dim, device)
+    # loss confirmation (loss_zscore): running statistics of the step's loss
+    lstats: NormStats = field(default_factory=NormStats)
+    lstats_t: Tensor | None = None
 
     def host_counters(self) -> list[int]:
         return [self.num_skipped, self.num_amp_overflows, self.num_clipped, self.consecutive, self.consecutive_amp,
@@ -318,6 +321,7 @@ class OptimizerState:
         self.counters_t = filled(self.host_counters(), torch.int64, device)
         self.last_skip_code_t = torch.zeros((), dtype=torch.int32, device=device)
         self.mstats_t = filled(self.mstats.as_list(), torch.float32, device)
+        self.lstats_t = filled(self.lstats.as_list(), torch.float32, device)
         return True
 
     def read_counters(self) -> list[int]:

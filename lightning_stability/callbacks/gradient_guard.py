@@ -20,7 +20,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_stability.callbacks._events import EventLog
-from lightning_stability.callbacks._guard_checks import check_int, check_positive
+from lightning_stability.callbacks._guard_checks import check_int, check_positive, resolve_rule
 from lightning_stability.callbacks._guard_moments import first_moment_norm, has_first_moment
 from lightning_stability.callbacks._guard_norm import collect_grads, describe, diagnose, grad_norms
 from lightning_stability.callbacks._guard_optim import (
@@ -46,6 +46,7 @@ from lightning_stability.callbacks._guard_policy import (
     evaluate,
     evaluate_on_device,
     judged_on_device,
+    loss_evidence,
     update_stats,
     update_stats_on_device,
 )
@@ -70,8 +71,9 @@ from lightning_stability.callbacks._state_key import cached_state_key
 _ON_PERSISTENT = ("rollback", "stop", "raise")
 _SPIKE_ACTIONS = ("skip", "clip")
 _SNAPSHOT_DEVICES = ("cpu", "same")
-#: ``state_dict()["version"]``: 1 in 0.1.0 (no streak statistics, no ``num_rebased``; still loads), 2 since
-_STATE_VERSION = 2
+#: ``state_dict()["version"]``: 1 in 0.1.0 (no streak statistics, no ``num_rebased``; still loads), 2 in 0.2
+#: (no loss statistics; still loads, the loss statistics warm up again), 3 since
+_STATE_VERSION = 3
 _STATS_KEYS = ("mean", "var", "count", "streak_mean", "streak_var", "streak_count")
 
 
@@ -92,28 +94,28 @@ class GradientGuard(Callback):
       finite is its normal calibration: counted in ``num_amp_overflows`` / ``guard/amp_overflows``, not as a skip; the
       scaler skips that step itself and backs off its scale (its bookkeeping is never touched).
     - ``max_norm``: skip a step whose norm exceeds this fixed bound.
-    - ``zscore``: a step whose norm exceeds ``mean + zscore * std`` of the *accepted* norms, after ``zscore_warmup``
-      accepted steps, is a spike; ``spike_action="skip"`` skips it, ``"clip"`` scales the gradients down to the
-      threshold. Statistics: exact mean/variance during the warm-up, then EMA with ``zscore_alpha`` (ZClip: 0.97, 2.5,
-      25). They live in ``state_dict`` so a resumed run makes the same decisions (ZClip itself re-warms).
-    - level shifts (``zscore_rebase_after``, default 8): spikes never enter the statistics, so a burst of them cannot
-      raise its own threshold; but when ``zscore_rebase_after`` finite spikes come *in a row*, the gradient scale has
-      moved for good (a loss weight switched from 1 to 4, the end of a learning-rate warm-up): that step is taken
-      (``guard/rebases``, a ``"rebase"`` event) and the statistics restart from the streak (its mean, and the larger
-      of its variance and the old relative spread carried to the new level). A healthy level shift therefore costs
-      ``zscore_rebase_after - 1`` skipped steps instead of stalling the run into ``on_persistent``; the price is that
-      a burst of that many consecutive finite spikes becomes the baseline too (OLMo-core's window makes the same
-      trade). Non-finite norms never enter any statistics and are always skipped; ``max_norm`` bounds every step;
-      an accepted step ends a streak, non-finite / ``max_norm`` / forced steps neither end nor extend it. With
-      ``max_consecutive_skips <= zscore_rebase_after - 1`` persistent trouble fires first. ``None``: outliers never
-      enter (the 0.1.0 rule, which stalls on a level shift). The rule is in ``_guard_policy``.
-    - ``zscore_min_ratio`` (off by default): a spike must also exceed this multiple of the running mean (the
-      threshold becomes ``max(mean + zscore * std, zscore_min_ratio * mean)``). A small model's gradient norm is noisy
-      (coefficient of variation 0.3-0.6), so ``mean + 2.5 std`` is crossed by healthy steps every few dozen steps. In
-      ``benchmarks/peers.py``, ``zscore_min_ratio=3`` took the clean run's 9 false positives to 0 and still skipped
-      exactly the faulty step of every fault case (the spikes there are 40-100 times the mean); an adversarial
-      codec's gradient norms jump past 3 times their mean and are still skipped now and then. The trade-off: a
-      finite spike under that multiple is never skipped (``spike_action="clip"`` clips to the same threshold).
+    - finite spikes, the default rule (``GradientGuard()``): a step whose norm is above ``spike_ratio`` (3) times the
+      running mean of the accepted norms is an *outlier*. An outlier whose loss is also ``loss_zscore`` (6) standard
+      deviations off the loss's own running mean is a data fault (a corrupt or wrongly scaled batch, a loss term that
+      blew up): it is skipped (``spike_action="clip"``: clipped to the threshold). An outlier the loss does not
+      confirm is a healthy excursion (the noise of a small model's norm, the end of a warm-up, unfrozen layers) and is
+      taken as it is, unless its norm is above ``clip_ratio`` (10) times the mean, where it is clipped to the
+      threshold. The loss is the one Lightning's backward saw (summed over micro-batches, unscaled under fp16,
+      averaged over ranks with one collective on the device); without one (a manual ``loss.backward()``), only the
+      clip backstop acts. Statistics (of the norm and of the loss): exact mean/variance over the first
+      ``zscore_warmup`` (25) accepted steps, then an EMA with ``zscore_alpha`` (0.97); they live in ``state_dict``, so
+      a resumed run makes the same decisions. ``benchmarks/fault_zoo.py`` measures this rule against every peer.
+    - ``zscore`` (the rule of 0.2, ZClip's 2.5): a step whose norm exceeds ``mean + zscore * std`` is a spike, skipped
+      (or clipped); ``zscore_min_ratio`` is a floor of that threshold as a multiple of the mean. Passing ``zscore``
+      selects that rule unchanged: ``spike_ratio``, ``loss_zscore`` and ``clip_ratio`` then default to ``None``
+      (pass them to combine both).
+    - level shifts (``zscore_rebase_after``; default 3, 8 with ``zscore``): spikes never enter the statistics, so a
+      burst of them cannot raise its own threshold; but when ``zscore_rebase_after`` acted-upon outliers come *in a
+      row*, the scale has moved for good (a loss weight switched from 1 to 5, a discriminator switched on): that step
+      is taken (``guard/rebases``, a ``"rebase"`` event) and the statistics restart from the streak. A lasting shift
+      costs ``zscore_rebase_after - 1`` actions instead of stalling the run; the price is that a burst of that many
+      consecutive finite spikes becomes the baseline too (OLMo-core's window makes the same trade). Non-finite norms
+      never enter any statistics; an accepted step ends a streak. ``None``: outliers never enter (the 0.1.0 rule).
 
     **Skip.** A skip sets every gradient of the optimizer to ``None``: torch optimizers then leave those parameters
     entirely alone (no moment update, no step count, no weight decay). Zeroing gradients would not be a skip (Adam's
@@ -165,16 +167,16 @@ class GradientGuard(Callback):
     flag under fp16 AMP) and sharded norms are all-reduced on the device. ``agree_across_ranks=True`` additionally
     all-reduces (MAX) the decision itself every step.
 
-    **Sync-free mode** (``sync_free=True``). With a fused optimizer the whole decision stays on the device: norm,
-    statistics, counters and the buffer restore (``torch.where``) are tensors, and the skip is the optimizer's
-    ``found_inf``; nothing is read back to the host except every ``log_every_n_steps`` steps, where counters are read,
-    events and warnings are emitted (the diagnosis describes the most recent skip), metrics are logged, snapshots are
-    taken and persistent trouble is acted on (so a rollback/stop/raise may come up to ``log_every_n_steps`` steps
-    late; every step in between is still skipped or accepted correctly). Non-fused optimizers can only be skipped from
-    the host (``p.grad = None``): for them sync-free mode falls back to one host read of the decision per step (a
-    warning says so once). The first step of a fused optimizer is also decided on the host: its kernel initialises
-    the state of new parameters even on a skipped step (torch's fused SGD even leaves an uninitialised momentum
-    buffer), which the guard then removes.
+    **Sync-free mode** (``sync_free=True``, and by default on a GPU). With a fused optimizer the whole decision stays on
+    the device: norm, loss, statistics, counters and the buffer restore (``torch.where``) are tensors, and the skip is
+    the optimizer's ``found_inf``; nothing is read back to the host except every ``log_every_n_steps`` steps, where
+    counters are read, events and warnings are emitted (the diagnosis describes the most recent skip), metrics are
+    logged, snapshots are taken and persistent trouble is acted on (so a rollback/stop/raise may come up to
+    ``log_every_n_steps`` steps late; every step in between is still skipped or accepted correctly). Non-fused
+    optimizers can only be skipped from the host (``p.grad = None``): for them sync-free mode falls back to one host
+    read of the decision per step (a warning says so once). The first step of a fused optimizer is also decided on the
+    host: its kernel initialises the state of new parameters even on a skipped step (torch's fused SGD even leaves an
+    uninitialised momentum buffer), which the guard then removes.
 
     **First moment** (``track_first_moment``, ``first_moment_zscore``; Adam-family optimizers). Marin's 32B runs saw
     Adam update-norm spikes (the first moment doubling, the second moment flat) before loss spikes. With
@@ -194,13 +196,20 @@ class GradientGuard(Callback):
 
     Args:
         max_norm: skip steps whose total gradient norm exceeds this (``None``: no fixed bound).
-        zscore: spike threshold in standard deviations above the running mean (``None``: off; ZClip uses 2.5).
+        zscore: spike threshold in standard deviations above the running mean (``None``: off; ZClip uses 2.5); selects
+            the z-score rule of 0.2 (see above).
         zscore_alpha: EMA factor of the running statistics after the warm-up, in (0, 1).
         zscore_warmup: accepted steps before spikes are detected (>= 1).
-        zscore_rebase_after: consecutive finite spikes after which the statistics restart from them (>= 2; ``None``:
-            never), see above.
+        zscore_rebase_after: consecutive acted-upon outliers after which the statistics restart from them (>= 2;
+            ``None``: never; ``"auto"``: 3, or 8 with ``zscore``), see above.
         zscore_min_ratio: a spike must also exceed this multiple of the running mean (> 1; ``None``: no floor), see
             above; needs ``zscore``.
+        spike_ratio: an outlier's norm is above this multiple of the running mean (> 1; ``"auto"``: 3, or ``None``
+            with ``zscore``; ``None`` without ``zscore``: finite spikes are not detected, the default of 0.2).
+        loss_zscore: an outlier is a spike only when the step's loss is this many standard deviations off its
+            running mean (``"auto"``: 6 with the default rule, ``None`` with ``zscore``; ``None``: the norm alone).
+        clip_ratio: an outlier the loss does not confirm is clipped when its norm is above this multiple of the
+            running mean (> 1, needs ``loss_zscore``; ``"auto"``: 10 with ``loss_zscore``).
         track_first_moment: compute and log the first-moment norm, see above.
         first_moment_zscore: also skip a step whose first-moment norm spikes this many standard deviations above its
             own running statistics (``None``: off; implies ``track_first_moment``).
@@ -212,7 +221,8 @@ class GradientGuard(Callback):
         snapshot_device: ``"cpu"`` or ``"same"`` (the parameters' device).
         skip_batches_after_rollback: batches whose optimizer steps are skipped after a rollback.
         max_rollbacks: rollbacks before the guard stops the run instead.
-        sync_free: decide on the device, see above.
+        sync_free: decide on the device, see above (``None``, the default: on the device when the gradients are on a
+            GPU and the optimizer is fused, on the host otherwise, where a host read costs no synchronisation).
         protect_buffers: which buffers a skip restores, see above.
         log_every_n_steps: logging (and, in sync-free mode, host read) interval; ``None``: the Trainer's.
         warn_every_n_steps: minimum number of steps between two rank-zero warnings.
@@ -233,8 +243,11 @@ class GradientGuard(Callback):
         zscore: float | None = None,
         zscore_alpha: float = 0.97,
         zscore_warmup: int = 25,
-        zscore_rebase_after: int | None = 8,
+        zscore_rebase_after: int | None | Literal["auto"] = "auto",
         zscore_min_ratio: float | None = None,
+        spike_ratio: float | None | Literal["auto"] = "auto",
+        loss_zscore: float | None | Literal["auto"] = "auto",
+        clip_ratio: float | None | Literal["auto"] = "auto",
         track_first_moment: bool = False,
         first_moment_zscore: float | None = None,
         spike_action: Literal["skip", "clip"] = "skip",
@@ -245,7 +258,7 @@ class GradientGuard(Callback):
         snapshot_device: Literal["cpu", "same"] = "cpu",
         skip_batches_after_rollback: int = 0,
         max_rollbacks: int = 3,
-        sync_free: bool = False,
+        sync_free: bool | None = None,
         protect_buffers: BufferSelector = True,
         log_every_n_steps: int | None = None,
         warn_every_n_steps: int = 100,
@@ -259,7 +272,6 @@ class GradientGuard(Callback):
         if not 0.0 < zscore_alpha < 1.0:
             raise ValueError(f"`zscore_alpha` must be in (0, 1), got {zscore_alpha!r}")
         check_int("zscore_warmup", zscore_warmup, 1)
-        check_int("zscore_rebase_after", zscore_rebase_after, 2, allow_none=True)
         check_positive("zscore_min_ratio", zscore_min_ratio)
         if zscore_min_ratio is not None and zscore_min_ratio <= 1:
             raise ValueError(
@@ -273,8 +285,6 @@ class GradientGuard(Callback):
         check_positive("first_moment_zscore", first_moment_zscore)
         if spike_action not in _SPIKE_ACTIONS:
             raise ValueError(f"`spike_action` must be one of {_SPIKE_ACTIONS}, got {spike_action!r}")
-        if spike_action == "clip" and zscore is None:
-            raise ValueError("`spike_action='clip'` needs `zscore` (the threshold it clips to), got zscore=None")
         check_int("max_consecutive_skips", max_consecutive_skips, 1, allow_none=True)
         check_int("max_consecutive_amp_overflows", max_consecutive_amp_overflows, 1, allow_none=True)
         if on_persistent not in _ON_PERSISTENT:
@@ -284,8 +294,15 @@ class GradientGuard(Callback):
             raise ValueError(f"`snapshot_device` must be one of {_SNAPSHOT_DEVICES}, got {snapshot_device!r}")
         check_int("skip_batches_after_rollback", skip_batches_after_rollback, 0)
         check_int("max_rollbacks", max_rollbacks, 0)
-        if not isinstance(sync_free, bool):
-            raise TypeError(f"`sync_free` must be a bool, got {sync_free!r}")
+        if sync_free is not None and not isinstance(sync_free, bool):
+            raise TypeError(f"`sync_free` must be a bool or None (automatic), got {sync_free!r}")
+        min_ratio, loss_zscore, clip_ratio, zscore_rebase_after = resolve_rule(
+            zscore, zscore_min_ratio, spike_ratio, loss_zscore, clip_ratio, zscore_rebase_after
+        )
+        if spike_action == "clip" and zscore is None and min_ratio is None:
+            raise ValueError(
+                "`spike_action='clip'` needs a spike threshold to clip to (`zscore` or `spike_ratio`), got both None"
+            )
         if not (
             isinstance(protect_buffers, (bool, str))
             or callable(protect_buffers)
@@ -307,6 +324,9 @@ class GradientGuard(Callback):
         self.zscore_warmup = zscore_warmup
         self.zscore_rebase_after = zscore_rebase_after
         self.zscore_min_ratio = None if zscore_min_ratio is None else float(zscore_min_ratio)
+        self.spike_ratio = min_ratio if zscore is None else (None if spike_ratio in ("auto", None) else min_ratio)
+        self.loss_zscore = loss_zscore
+        self.clip_ratio = clip_ratio
         self.first_moment_zscore = None if first_moment_zscore is None else float(first_moment_zscore)
         self.track_first_moment = track_first_moment or first_moment_zscore is not None
         self.spike_action = spike_action
@@ -330,7 +350,9 @@ class GradientGuard(Callback):
             zscore_warmup,
             spike_action == "clip",
             zscore_rebase_after,
-            self.zscore_min_ratio,
+            min_ratio,
+            loss_zscore,
+            clip_ratio,
         )
         self._cfg_m = None  # the first-moment detector: its own z-score, the same EMA, warm-up and rebase rule
         if self.first_moment_zscore is not None:
@@ -354,6 +376,8 @@ class GradientGuard(Callback):
         self._stepped_this_batch = False
         self._param_names: dict[int, str] = {}
         self._loss_bad: Tensor | None = None
+        self._loss_sum: Tensor | None = None  # the loss of the backward passes since the last optimizer step
+        self._batch_loss: Tensor | None = None  # the last such loss of this batch (a second optimizer reuses it)
         self._skipper = StepSkipper()  # p.grad = None, or found_inf for fused optimizers (with its step hooks)
         self._warned_fallback = False
         self._log_every = 50
@@ -403,6 +427,9 @@ class GradientGuard(Callback):
             if self._cfg_m is not None:
                 values = st.mstats_t.tolist() if st.mstats_t is not None else st.mstats.as_list()
                 optimizers[idx]["first_moment_stats"] = dict(zip(_STATS_KEYS, values))
+            if self._cfg.loss_zscore is not None:
+                values = st.lstats_t.tolist() if st.lstats_t is not None else st.lstats.as_list()
+                optimizers[idx]["loss_stats"] = dict(zip(_STATS_KEYS, values))
         return {
             "version": _STATE_VERSION,
             "optimizers": optimizers,
@@ -416,9 +443,9 @@ class GradientGuard(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         version = state_dict.get("version")
-        if version not in (1, _STATE_VERSION):
+        if version not in (1, 2, _STATE_VERSION):
             raise ValueError(
-                f"`GradientGuard` state has version {version!r}; this release reads versions 1 (0.1.0) and"
+                f"`GradientGuard` state has version {version!r}; this release reads versions 1 (0.1.0), 2 (0.2) and"
                 f" {_STATE_VERSION}. Was the checkpoint written by a newer lightning_stability?"
             )
         self._opt_states = {}
@@ -431,6 +458,8 @@ class GradientGuard(Callback):
                 setattr(st, name, int(saved["counters"].get(name, 0)))
             if "first_moment_stats" in saved:
                 st.mstats = NormStats.from_list([saved["first_moment_stats"][k] for k in _STATS_KEYS])
+            if "loss_stats" in saved:
+                st.lstats = NormStats.from_list([saved["loss_stats"][k] for k in _STATS_KEYS])
             self._opt_states[int(idx)] = st
         self.num_rollbacks = int(state_dict["num_rollbacks"])
         self._skip_remaining = int(state_dict["skip_remaining"])
@@ -476,6 +505,7 @@ class GradientGuard(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        self._batch_loss = None
         if self._snapshot_due:
             take_snapshot(self, trainer, pl_module)
         if self._buffers is not None and not self._buffers_armed:
@@ -496,8 +526,17 @@ class GradientGuard(Callback):
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        # only needed to tell an fp16 overflow (finite loss) from a real NaN/inf loss
-        if self._active_scaler is None or trainer.sanity_checking:
+        if trainer.sanity_checking:
+            return
+        scaler = self._active_scaler
+        if self._cfg.loss_zscore is not None:  # the loss that confirms a spike: summed over micro-batches, unscaled
+            value = loss.detach().to(torch.float32)
+            scale = getattr(scaler, "_scale", None) if scaler is not None else None
+            if scale is not None:  # Lightning hands callbacks the loss already multiplied by the fp16 loss scale
+                value = value / scale.to(value.device)
+            self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
+        # needed to tell an fp16 overflow (finite loss) from a real NaN/inf loss
+        if scaler is None:
             return
         bad = ~torch.isfinite(loss.detach())
         self._loss_bad = bad if self._loss_bad is None else self._loss_bad | bad
@@ -514,6 +553,7 @@ class GradientGuard(Callback):
             st = self._opt_states[idx] = OptimizerState()
         params, grads = collect_grads(optimizer)
         loss_bad, self._loss_bad = self._loss_bad, None
+        loss = self._step_loss(trainer)
         self._stepped_this_batch = True
         # FSDP1: a rank may hold no part of any gradient while others do, and must still join the reduction; elsewhere
         # every rank has the same set of gradients, so none here means none anywhere
@@ -548,7 +588,10 @@ class GradientGuard(Callback):
                     loss_bad = flag > 0
         st.moment_t = self._moment_norm(optimizer, inv_scale) if self.track_first_moment else None
         forced = self._skip_remaining > 0
-        device_mode = self.sync_free and fused and not self._skipper.has_fresh_params(optimizer)
+        # automatic (None): decide on the device where a host read would stall one (CUDA) and the optimizer can be
+        # skipped there (fused); on a CPU the host read costs nothing
+        sync_free = self.sync_free if self.sync_free is not None else norms.total.device.type != "cpu"
+        device_mode = sync_free and fused and not self._skipper.has_fresh_params(optimizer)
         if self.sync_free and not fused and not self._warned_fallback:
             self._warned_fallback = True
             rank_zero_warn(
@@ -558,9 +601,13 @@ class GradientGuard(Callback):
             )
         if device_mode:
             self._skipper.host_skipped[id(optimizer)] = False
-            self._device_step(trainer, pl_module, optimizer, idx, st, params, grads, norms, amp_found, loss_bad, forced)
+            self._device_step(
+                trainer, pl_module, optimizer, idx, st, params, grads, norms, amp_found, loss_bad, forced, loss
+            )
         else:
-            self._host_step(trainer, pl_module, optimizer, idx, st, params, grads, norms, amp_found, loss_bad, forced)
+            self._host_step(
+                trainer, pl_module, optimizer, idx, st, params, grads, norms, amp_found, loss_bad, forced, loss
+            )
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -570,29 +617,42 @@ class GradientGuard(Callback):
         self._snapshot = None
         self._buffers = None
         self._shards = None
+        self._loss_sum = self._batch_loss = None
 
     # ------------------------------------------------------------------------------------------------------------------
     # host-decided step (default)
 
-    def _host_step(self, trainer, pl_module, optimizer, idx, st, params, grads, norms, amp_found, loss_bad, forced):
+    def _host_step(
+        self, trainer, pl_module, optimizer, idx, st, params, grads, norms, amp_found, loss_bad, forced, loss
+    ):
         device = norms.total.device
-        moment = None
-        if amp_found is None and loss_bad is None and st.moment_t is None:
+        moment = loss_value = None
+        if amp_found is None and loss_bad is None and st.moment_t is None and loss is None:
             norm, amp, lossbad = norms.total.item(), False, False  # the one host read of this step
         else:
-            false = torch.zeros((), dtype=torch.bool, device=device)
+            false = torch.zeros((), dtype=torch.float32, device=device)
             packed = torch.stack(
                 [
                     norms.total,
                     (amp_found if amp_found is not None else false).to(torch.float32),
                     (loss_bad if loss_bad is not None else false).to(torch.float32),
-                    st.moment_t.to(device) if st.moment_t is not None else false.to(torch.float32),
+                    st.moment_t.to(device) if st.moment_t is not None else false,
+                    loss.to(device, torch.float32) if loss is not None else false,
                 ]
             ).tolist()  # the one host read of this step
             norm, amp, lossbad = packed[0], bool(packed[1]), bool(packed[2])
             moment = packed[3] if st.moment_t is not None else None
+            loss_value = packed[4] if loss is not None else None
+        loss_stats = st.lstats
         decision = evaluate(
-            norm, st.stats, self._cfg, amp_overflow=amp and amp_found is not None, nonfinite_loss=lossbad, forced=forced
+            norm,
+            st.stats,
+            self._cfg,
+            amp_overflow=amp and amp_found is not None,
+            nonfinite_loss=lossbad,
+            forced=forced,
+            loss=loss_value,
+            loss_stats=loss_stats,
         )
         g_decision = decision
         moment_thr = None
@@ -619,8 +679,11 @@ class GradientGuard(Callback):
                 self._buffers.restore()
         self._skipper.host_skipped[id(optimizer)] = skipped
 
-        # the gradient-norm statistics follow the gradient-norm rule's own decision (see `combine`)
-        st.stats = update_stats(st.stats, g_decision if action is Action.MOMENT_SPIKE else decision, norm, self._cfg)
+        # the gradient-norm (and loss) statistics follow the gradient-norm rule's own decision (see `combine`)
+        stats_decision = g_decision if action is Action.MOMENT_SPIKE else decision
+        st.stats = update_stats(st.stats, stats_decision, norm, self._cfg)
+        if loss_value is not None:
+            st.lstats = update_stats(st.lstats, stats_decision, loss_value, self._cfg, clip_value=loss_value)
         if action in GUARD_SKIPS:
             st.num_skipped += 1
             st.last_skip_step = step
@@ -651,11 +714,16 @@ class GradientGuard(Callback):
                 data["first_moment_norm"] = moment
                 if moment_thr is not None:
                     data["first_moment_threshold"] = moment_thr
+            reason = decision.reason
+            if loss_value is not None:
+                data.update(loss_evidence(loss_value, loss_stats, self._cfg))
+                if data.get("loss_confirmed") and action in (Action.SPIKE, Action.CLIP, Action.REBASE):
+                    reason += f", with the loss {data['loss_zscore']:.1f} standard deviations off its running mean"
             kinds = {Action.AMP_OVERFLOW: "amp_overflow", Action.CLIP: "clip", Action.REBASE: "rebase"}
             kind = kinds.get(action, "skip")
-            self.event_log.add(step, kind, decision.reason, **data)
+            self.event_log.add(step, kind, reason, **data)
             if action in GUARD_SKIPS:
-                self._warn(step, f"GradientGuard skipped step {step}: {decision.reason}. {describe(data)}")
+                self._warn(step, f"GradientGuard skipped step {step}: {reason}. {describe(data)}")
             elif action is Action.REBASE:
                 self._warn(
                     step,
@@ -675,12 +743,22 @@ class GradientGuard(Callback):
     # ------------------------------------------------------------------------------------------------------------------
     # device-decided step (sync_free=True with a fused optimizer)
 
-    def _device_step(self, trainer, pl_module, optimizer, idx, st, params, grads, norms, amp_found, loss_bad, forced):
+    def _device_step(
+        self, trainer, pl_module, optimizer, idx, st, params, grads, norms, amp_found, loss_bad, forced, loss
+    ):
         device = norms.total.device
         if st.to_device(device):  # device state just built from the host numbers (first step, or a new device)
             self._last_read[id(st)] = st.host_counters()
+        loss = loss.to(device, torch.float32) if loss is not None else None
         code, thr = evaluate_on_device(
-            norms.total, st.stats_t, self._cfg, amp_overflow=amp_found, nonfinite_loss=loss_bad, forced=forced
+            norms.total,
+            st.stats_t,
+            self._cfg,
+            amp_overflow=amp_found,
+            nonfinite_loss=loss_bad,
+            forced=forced,
+            loss=loss,
+            loss_stats=st.lstats_t,
         )
         if st.moment_t is not None and self._cfg_m is not None:
             moment = st.moment_t.to(device)
@@ -701,6 +779,8 @@ class GradientGuard(Callback):
             self._buffers.restore_where(not_stepped)
         stats_code = torch.where(code == int(Action.MOMENT_SPIKE), g_code, code)  # see `combine`
         st.stats_t = update_stats_on_device(st.stats_t, stats_code, norms.total, thr, self._cfg)
+        if loss is not None:
+            st.lstats_t = update_stats_on_device(st.lstats_t, stats_code, loss, loss, self._cfg)
         guard_skip = not_stepped & (code != int(Action.AMP_OVERFLOW))
         amp = code == int(Action.AMP_OVERFLOW)
         trouble = guard_skip & (code != int(Action.FORCED)) & (not forced)  # see _host_step
@@ -782,6 +862,22 @@ class GradientGuard(Callback):
     # ------------------------------------------------------------------------------------------------------------------
     # shared pieces
 
+    def _step_loss(self, trainer: pl.Trainer) -> Tensor | None:
+        """The loss of this optimizer step (``None`` without ``loss_zscore``, or when no backward went through
+        Lightning): the backward passes since the last optimizer step, else the last loss of this batch (a second
+        optimizer stepped on the same backward), averaged over ranks (one collective on the device)."""
+        if self._cfg.loss_zscore is None:
+            return None
+        loss, self._loss_sum = self._loss_sum, None
+        if loss is None:
+            return self._batch_loss
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            loss = loss.clone()
+            torch.distributed.all_reduce(loss)
+            loss = loss / trainer.world_size
+        self._batch_loss = loss
+        return loss
+
     def _moment_norm(self, optimizer: torch.optim.Optimizer, inv_scale: Tensor | None) -> Tensor | None:
         if id(optimizer) in self._no_moment:
             return None
@@ -809,11 +905,11 @@ class GradientGuard(Callback):
             "guard/rollbacks": float(self.num_rollbacks),
             "guard/amp_overflows": float(sum(c[1] for c in totals)),
         }
-        if self.zscore is not None and self.zscore_rebase_after is not None:
+        if self._cfg.detects and self.zscore_rebase_after is not None:
             metrics["guard/rebases"] = float(sum(c[6] for c in totals))
         if moment is not None:
             metrics["guard/first_moment_norm"] = moment
-        if self.zscore is not None and thr is not None:
+        if self._cfg.detects and thr is not None:
             metrics["guard/threshold"] = thr
         log_scalars(pl_module.trainer, metrics)
 

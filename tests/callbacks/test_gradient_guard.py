@@ -233,7 +233,7 @@ def test_state_dict_round_trip_and_state_key():
     assert guard.state_key == "GradientGuard{'max_norm': 10.0, 'zscore': 2.5, 'spike_action': 'skip'}"
     assert GradientGuard().state_key != guard.state_key
     state = {
-        "version": 2,
+        "version": 3,
         "optimizers": {
             0: {
                 "stats": {
@@ -267,6 +267,11 @@ def test_state_dict_round_trip_and_state_key():
     assert guard.num_amp_overflows == 2
     assert guard.num_rollbacks == 1
     assert guard.num_rebased == 1
+    # a 0.2 checkpoint (version 2: no loss statistics) still loads, into the same state
+    GradientGuard(max_norm=10.0, zscore=2.5).load_state_dict({**state, "version": 2})
+    older = GradientGuard(max_norm=10.0, zscore=2.5)
+    older.load_state_dict({**state, "version": 2})
+    assert older.state_dict() == state
 
 
 def test_a_0_1_0_guard_state_still_loads_with_an_empty_streak():
@@ -294,14 +299,14 @@ def test_a_0_1_0_guard_state_still_loads_with_an_empty_streak():
     }
     guard.load_state_dict(old)
     new = guard.state_dict()
-    assert new["version"] == 2
+    assert new["version"] == 3
     assert new["optimizers"][0]["stats"] == {
         "mean": 1.5, "var": 0.25, "count": 25, "streak_mean": 0.0, "streak_var": 0.0, "streak_count": 0
     }  # fmt: skip
     assert new["optimizers"][0]["counters"]["num_rebased"] == 0
     assert guard.num_skipped == 3
-    with pytest.raises(ValueError, match="`GradientGuard` state has version 3"):
-        guard.load_state_dict({**old, "version": 3})
+    with pytest.raises(ValueError, match="`GradientGuard` state has version 4"):
+        guard.load_state_dict({**old, "version": 4})
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -390,7 +395,7 @@ def test_logs_under_the_guard_prefix(tmp_path):
         ({"zscore_warmup": 0}, r"`zscore_warmup` must be >= 1, got 0"),
         ({"zscore_rebase_after": 1}, r"`zscore_rebase_after` must be >= 2, got 1"),
         ({"spike_action": "zero"}, r"`spike_action` must be one of .*got 'zero'"),
-        ({"spike_action": "clip"}, "needs `zscore`"),
+        ({"spike_action": "clip", "spike_ratio": None}, "needs a spike threshold"),
         ({"max_consecutive_skips": 0}, r"`max_consecutive_skips` must be >= 1, got 0"),
         ({"on_persistent": "ignore"}, r"`on_persistent` must be one of .*got 'ignore'"),
         ({"snapshot_every": 0}, r"`snapshot_every` must be >= 1, got 0"),

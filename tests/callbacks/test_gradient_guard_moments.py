@@ -107,9 +107,12 @@ def test_tracking_logs_the_first_moment_norm_with_no_extra_host_read(tmp_path, m
 
 @pytest.mark.parametrize("sync_free", [False, True])
 def test_first_moment_zscore_skips_a_spike_the_gradient_rule_does_not_watch(tmp_path, sync_free):
-    # zscore=None: the gradient-norm rule only skips non-finite steps; the first-moment detector catches the spike
+    # spike_ratio=None (and no zscore): the gradient-norm rule only skips non-finite steps; the first-moment detector
+    # catches the spike
     cls = FusedFaultyModule if sync_free else FaultyModule
-    guard = GradientGuard(first_moment_zscore=3.0, zscore_warmup=5, sync_free=sync_free, log_every_n_steps=4)
+    guard = GradientGuard(
+        spike_ratio=None, first_moment_zscore=3.0, zscore_warmup=5, sync_free=sync_free, log_every_n_steps=4
+    )
     rec = StepRecorder()
     torch.manual_seed(0)
     make_trainer(tmp_path, [guard, rec], max_steps=16).fit(cls(spike_steps={10}, spike_factor=100.0))
@@ -125,7 +128,7 @@ def test_first_moment_zscore_skips_a_spike_the_gradient_rule_does_not_watch(tmp_
         assert skips[0].data["first_moment_norm"] > skips[0].data["first_moment_threshold"]
     state = guard.state_dict()
     assert state["optimizers"][0]["first_moment_stats"]["count"] == 5
-    other = GradientGuard(first_moment_zscore=3.0, zscore_warmup=5)
+    other = GradientGuard(spike_ratio=None, first_moment_zscore=3.0, zscore_warmup=5)
     other.load_state_dict(state)
     assert other.state_dict() == state
 

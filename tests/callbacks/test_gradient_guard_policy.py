@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from lightning_stability.callbacks._guard_norm import grad_norms, layer_norms
 from lightning_stability.callbacks._guard_policy import (
     Action,
+    Decision,
     NormStats,
     PolicyConfig,
     evaluate,
@@ -222,3 +223,109 @@ def test_layer_ranking_puts_non_finite_layers_first():
     assert ranked[0][0] == "c"
     assert math.isnan(ranked[0][1])
     assert ranked[1] == ("a", pytest.approx(5.0))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the default rule: a ratio threshold, confirmed by the loss, with a clip backstop
+
+DEFAULT = PolicyConfig(alpha=0.97, warmup=4, rebase_after=3, min_ratio=3.0, loss_zscore=6.0, clip_ratio=10.0)
+NORMS = NormStats(mean=2.0, var=0.25, count=10)  # threshold: 3 x 2.0 = 6
+LOSSES = NormStats(mean=1.0, var=0.01, count=10)  # loss std 0.1: 6 stds = 0.6
+
+
+@pytest.mark.parametrize(
+    ("norm", "loss", "action"),
+    [
+        (5.0, 50.0, Action.ACCEPT),  # under the norm threshold: the loss alone never acts
+        (8.0, 1.05, Action.ACCEPT),  # a norm outlier the loss does not confirm (a healthy excursion)
+        (8.0, 2.0, Action.SPIKE),  # norm and loss together: a data fault, skipped
+        (8.0, 0.2, Action.SPIKE),  # two-sided: a loss 8 stds *below* its mean confirms too
+        (8.0, math.nan, Action.SPIKE),  # a non-finite loss with a finite norm confirms
+        (25.0, 1.05, Action.CLIP),  # above clip_ratio x mean (20) without the loss: clipped, not skipped
+        (8.0, None, Action.ACCEPT),  # unknown loss: unconfirmed
+        (25.0, None, Action.CLIP),
+    ],
+)
+def test_default_rule_acts_on_norm_and_loss_together(norm, loss, action):
+    decision = evaluate(norm, NORMS, DEFAULT, loss=loss, loss_stats=LOSSES)
+    assert decision.action is action
+    assert decision.threshold == pytest.approx(6.0)
+    code, thr = evaluate_on_device(
+        torch.tensor(norm),
+        torch.tensor(NORMS.as_list()),
+        DEFAULT,
+        loss=None if loss is None else torch.tensor(loss),
+        loss_stats=torch.tensor(LOSSES.as_list()),
+    )
+    assert Action(int(code)) is action
+    assert float(thr) == pytest.approx(6.0)
+
+
+def test_loss_statistics_still_warming_up_never_confirm():
+    warming = NormStats(mean=1.0, var=0.01, count=3)  # count < warmup
+    assert evaluate(8.0, NORMS, DEFAULT, loss=100.0, loss_stats=warming).action is Action.ACCEPT
+    assert evaluate(25.0, NORMS, DEFAULT, loss=100.0, loss_stats=warming).action is Action.CLIP
+
+
+def test_without_loss_zscore_the_ratio_alone_decides():
+    cfg = PolicyConfig(alpha=0.97, warmup=4, min_ratio=3.0)
+    assert evaluate(8.0, NORMS, cfg).action is Action.SPIKE
+    assert evaluate(5.0, NORMS, cfg).action is Action.ACCEPT
+    assert threshold(NormStats(mean=2.0, var=0.25, count=3), cfg) is None  # warming up
+
+
+def test_a_level_shift_of_norm_and_loss_costs_two_actions_then_becomes_the_baseline():
+    # a loss weight switched from 1 to 5: norm and loss both jump 5x and stay there
+    norms, losses = NORMS, LOSSES
+    actions = []
+    for _ in range(6):
+        d = evaluate(10.0, norms, DEFAULT, loss=5.0, loss_stats=losses)
+        actions.append(d.action)
+        norms = update_stats(norms, d, 10.0, DEFAULT)
+        losses = update_stats(losses, d, 5.0, DEFAULT, clip_value=5.0)
+    assert actions[:3] == [Action.SPIKE, Action.SPIKE, Action.REBASE]
+    assert actions[3:] == [Action.ACCEPT] * 3
+    assert norms.mean == pytest.approx(10.0)
+    assert losses.mean == pytest.approx(5.0)  # the loss statistics restarted from the streak too
+
+
+def test_loss_statistics_follow_the_norm_decision_and_clip_enters_the_loss_itself():
+    d = Decision(Action.CLIP, 6.0)
+    after = update_stats(LOSSES, d, 1.5, DEFAULT, clip_value=1.5)
+    assert after.mean == pytest.approx(1.0 + 0.03 * 0.5)
+    assert after.streak_count == 1  # a clipped outlier extends the streak
+    assert update_stats(LOSSES, Decision(Action.SPIKE, 6.0), 9.0, DEFAULT).mean == LOSSES.mean
+    assert update_stats(LOSSES, Decision(Action.ACCEPT, 6.0), math.nan, DEFAULT) == LOSSES
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(
+    steps=st.lists(
+        st.tuples(finite_or_not, st.one_of(st.floats(-50.0, 50.0, allow_nan=False, width=32), st.just(math.nan))),
+        min_size=1,
+        max_size=40,
+    ),
+    clip=st.booleans(),
+)
+@example(  # a quiet start, a joint spike, a clipped extreme norm, a level shift of both
+    steps=[(1.0, 1.0), (1.1, 1.1), (0.9, 0.9), (1.0, 1.0), (1.05, 1.0), (9.0, 30.0), (30.0, 1.0), (5.0, 5.0),
+           (5.0, 5.0), (5.0, 5.0), (5.1, 5.0)],
+    clip=False,
+)  # fmt: skip
+def test_device_rule_matches_host_rule_with_the_loss(steps, clip):
+    cfg = PolicyConfig(
+        zscore=None, alpha=0.8, warmup=3, clip=clip, rebase_after=3, min_ratio=3.0, loss_zscore=4.0, clip_ratio=10.0
+    )
+    host, lhost = NormStats(), NormStats()
+    dev, ldev = torch.zeros(NormStats.SIZE), torch.zeros(NormStats.SIZE)
+    for i, (n, loss) in enumerate(steps):
+        d = evaluate(n, host, cfg, loss=loss, loss_stats=lhost)
+        t, lt = torch.tensor(n, dtype=torch.float32), torch.tensor(loss, dtype=torch.float32)
+        code, thr = evaluate_on_device(t, dev, cfg, loss=lt, loss_stats=ldev)
+        assert Action(int(code)) is d.action, (i, n, loss)
+        host = update_stats(host, d, n, cfg)
+        lhost = update_stats(lhost, d, loss, cfg, clip_value=loss)
+        dev = update_stats_on_device(dev, code, t, thr, cfg)
+        ldev = update_stats_on_device(ldev, code, lt, lt, cfg)
+        assert dev.tolist() == pytest.approx(host.as_list(), rel=1e-4, abs=1e-4)
+        assert ldev.tolist() == pytest.approx(lhost.as_list(), rel=1e-4, abs=1e-3)
