@@ -21,6 +21,7 @@ from typing_extensions import override
 
 from lightning_stability.callbacks._events import EventLog
 from lightning_stability.callbacks._guard_checks import check_int, check_positive
+from lightning_stability.callbacks._guard_manual import DeferredRestore, buffer_owners, plain_name, restore_buffers
 from lightning_stability.callbacks._guard_moments import first_moment_norm, has_first_moment
 from lightning_stability.callbacks._guard_norm import collect_grads, describe, diagnose, grad_norms
 from lightning_stability.callbacks._guard_optim import (
@@ -52,6 +53,7 @@ from lightning_stability.callbacks._guard_policy import (
 from lightning_stability.callbacks._guard_rollback import (
     after_decision,
     check_persistent,
+    finish_rollback,
     state_is_finite,
     take_snapshot,
 )
@@ -127,10 +129,11 @@ class GradientGuard(Callback):
     buffers are copied into preallocated storage (foreach copies, cost proportional to the buffers); when the step is
     not taken (guard skip or AMP overflow) they are copied back. With gradient accumulation the copy is taken before
     the *first* micro-batch, so a skip discards the buffer updates of every micro-batch of that step. In manual
-    optimization the copy is taken at the start of the first batch after the last batch that stepped; a skip of any
-    optimizer in a batch restores every selected buffer to that copy (so with two optimizers, the other network's
-    buffer updates of that batch are undone too). ``True`` (default) selects every buffer of the LightningModule,
-    integer ones included (``num_batches_tracked``), so a skipped step is bit-identical; a glob pattern (or a list), or
+    optimization the copy is taken at the start of the first batch after the last batch that stepped; a skip restores,
+    at the end of the batch (a graph of the batch may still await its backward), only the buffers of the modules whose
+    parameters the skipped optimizer updates (``_guard_manual``); a rollback waits for the batch's end too.
+    ``True`` (default) selects every buffer of the LightningModule, integer ones included (``num_batches_tracked``),
+    so a skipped step is bit-identical; a glob pattern (or a list), or
     a callable ``(name, buffer) -> bool``, selects fewer; ``False`` none.
 
     **Persistent trouble.** After ``max_consecutive_skips`` guard skips in a row (AMP overflows neither count nor
@@ -351,6 +354,9 @@ class GradientGuard(Callback):
         self._last_warn_step: int | None = None
         self._buffers: BufferSnapshot | None = None
         self._buffers_armed = False
+        self._manual = False  # manual optimization: restores and rollbacks wait for the end of the batch
+        self._deferred: DeferredRestore | None = None
+        self._rollback_pending = False
         self._stepped_this_batch = False
         self._param_names: dict[int, str] = {}
         self._loss_bad: Tensor | None = None
@@ -462,11 +468,16 @@ class GradientGuard(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._param_names = {id(p): name for name, p in pl_module.named_parameters()}
+        self._param_names = {id(p): plain_name(name) for name, p in pl_module.named_parameters()}
         self._buffers = None
         if self.protect_buffers is not False:
             entries = select_buffers(pl_module, self.protect_buffers)
             self._buffers = BufferSnapshot(entries) if entries else None
+        self._manual = not pl_module.automatic_optimization
+        self._rollback_pending = False
+        self._deferred = None
+        if self._manual and self._buffers is not None:
+            self._deferred = DeferredRestore(buffer_owners(pl_module, self._buffers.names, trainer.optimizers))
         self._buffers_armed = False
         self._snapshot = None
         if self.on_persistent == "rollback":
@@ -486,6 +497,10 @@ class GradientGuard(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self._deferred is not None:  # manual optimization: every backward of the batch has run
+            self._deferred.apply(self._buffers)
+        if self._rollback_pending:
+            finish_rollback(self, trainer, pl_module)
         if self._stepped_this_batch:  # the next batch starts a new optimizer step: take a new buffer copy then
             self._stepped_this_batch = False
             self._buffers_armed = False
@@ -547,7 +562,7 @@ class GradientGuard(Callback):
                     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
                     loss_bad = flag > 0
         st.moment_t = self._moment_norm(optimizer, inv_scale) if self.track_first_moment else None
-        forced = self._skip_remaining > 0
+        forced = self._skip_remaining > 0 or self._rollback_pending  # a rollback due at the end of this batch
         device_mode = self.sync_free and fused and not self._skipper.has_fresh_params(optimizer)
         if self.sync_free and not fused and not self._warned_fallback:
             self._warned_fallback = True
@@ -615,8 +630,7 @@ class GradientGuard(Callback):
         skipped = action in NOT_STEPPED
         if skipped:
             self._skipper.skip(optimizer, params, fused=is_fused(optimizer))
-            if self._buffers is not None and self._buffers_armed:
-                self._buffers.restore()
+            restore_buffers(self, idx, True)
         self._skipper.host_skipped[id(optimizer)] = skipped
 
         # the gradient-norm statistics follow the gradient-norm rule's own decision (see `combine`)
@@ -697,8 +711,7 @@ class GradientGuard(Callback):
             torch._foreach_mul_(grads, factor)
         not_stepped = code >= int(Action.FORCED)
         self._skipper.set_found_inf(optimizer, not_stepped.to(torch.float32))
-        if self._buffers is not None and self._buffers_armed:
-            self._buffers.restore_where(not_stepped)
+        restore_buffers(self, idx, not_stepped)
         stats_code = torch.where(code == int(Action.MOMENT_SPIKE), g_code, code)  # see `combine`
         st.stats_t = update_stats_on_device(st.stats_t, stats_code, norms.total, thr, self._cfg)
         guard_skip = not_stepped & (code != int(Action.AMP_OVERFLOW))
