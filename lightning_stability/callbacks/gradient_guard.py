@@ -57,6 +57,7 @@ from lightning_stability.callbacks._guard_rollback import (
     state_is_finite,
     take_snapshot,
 )
+from lightning_stability.callbacks._guard_sched import SchedulerHold
 from lightning_stability.callbacks._guard_state import (
     COUNTERS,
     BufferSelector,
@@ -221,6 +222,8 @@ class GradientGuard(Callback):
         warn_every_n_steps: minimum number of steps between two rank-zero warnings.
         diagnose_top_k: layers listed in a diagnosis.
         agree_across_ranks: all-reduce the decision every step (only needed for exotic strategies).
+        pause_schedulers_on_skip: a step not taken (guard skip or fp16 overflow) does not advance the optimizer's
+            ``interval="step"`` learning-rate schedulers (automatic optimization; see ``_guard_sched``).
 
     Raises:
         ValueError: an argument out of range or not one of the accepted words.
@@ -254,6 +257,7 @@ class GradientGuard(Callback):
         warn_every_n_steps: int = 100,
         diagnose_top_k: int = 5,
         agree_across_ranks: bool = False,
+        pause_schedulers_on_skip: bool = True,
     ) -> None:
         check_positive("max_norm", max_norm)
         check_positive("zscore", zscore)
@@ -303,6 +307,8 @@ class GradientGuard(Callback):
         check_int("diagnose_top_k", diagnose_top_k, 1)
         if not isinstance(agree_across_ranks, bool):
             raise TypeError(f"`agree_across_ranks` must be a bool, got {agree_across_ranks!r}")
+        if not isinstance(pause_schedulers_on_skip, bool):
+            raise TypeError(f"`pause_schedulers_on_skip` must be a bool, got {pause_schedulers_on_skip!r}")
 
         self.max_norm = None if max_norm is None else float(max_norm)
         self.zscore = None if zscore is None else float(zscore)
@@ -326,6 +332,8 @@ class GradientGuard(Callback):
         self.warn_every_n_steps = warn_every_n_steps
         self.diagnose_top_k = diagnose_top_k
         self.agree_across_ranks = agree_across_ranks
+        self.pause_schedulers_on_skip = pause_schedulers_on_skip
+        self._sched_hold = SchedulerHold()  # see `_guard_sched`
         self._cfg = PolicyConfig(
             self.max_norm,
             self.zscore,
@@ -497,6 +505,7 @@ class GradientGuard(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._sched_hold.undo()  # Lightning stepped the step-interval schedulers before this hook
         if self._deferred is not None:  # manual optimization: every backward of the batch has run
             self._deferred.apply(self._buffers)
         if self._rollback_pending:
@@ -576,11 +585,14 @@ class GradientGuard(Callback):
             self._device_step(trainer, pl_module, optimizer, idx, st, params, grads, norms, amp_found, loss_bad, forced)
         else:
             self._host_step(trainer, pl_module, optimizer, idx, st, params, grads, norms, amp_found, loss_bad, forced)
+        if self.pause_schedulers_on_skip:
+            self._sched_hold.decided(trainer, optimizer, self._skipper, device_mode)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # keyed by id(optimizer): a later fit may create new optimizers at the same addresses
         self._skipper.clear()
+        self._sched_hold.clear()
         self._no_moment.clear()
         self._snapshot = None
         self._buffers = None
