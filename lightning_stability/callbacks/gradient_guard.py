@@ -22,6 +22,7 @@ from typing_extensions import override
 from lightning_stability.callbacks._events import EventLog
 from lightning_stability.callbacks._guard_checks import check_int, check_positive
 from lightning_stability.callbacks._guard_manual import DeferredRestore, buffer_owners, plain_name, restore_buffers
+from lightning_stability.callbacks._guard_metrics import log_guard, publish_latest
 from lightning_stability.callbacks._guard_moments import first_moment_norm, has_first_moment
 from lightning_stability.callbacks._guard_norm import collect_grads, describe, diagnose, grad_norms
 from lightning_stability.callbacks._guard_optim import (
@@ -66,7 +67,6 @@ from lightning_stability.callbacks._guard_state import (
     TrainingSnapshot,
     select_buffers,
 )
-from lightning_stability.callbacks._logging import log_scalars
 from lightning_stability.callbacks._sharding import ShardReducer
 from lightning_stability.callbacks._state_key import cached_state_key
 
@@ -353,6 +353,7 @@ class GradientGuard(Callback):
         self.event_log = EventLog(source=self.state_key)
         self.num_rollbacks = 0
         self.last_grad_norm: Tensor | None = None
+        self._last_host: tuple[float, float | None, float | None] | None = None  # host mode: norm, threshold, moment
         self._opt_states: dict[int, OptimizerState] = {}
         self._skip_remaining = 0
         self._rolled_back_this_batch = False
@@ -510,6 +511,8 @@ class GradientGuard(Callback):
             self._deferred.apply(self._buffers)
         if self._rollback_pending:
             finish_rollback(self, trainer, pl_module)
+        if trainer.is_last_batch:  # monitors checked at the end of the epoch find the keys (`_guard_metrics`)
+            publish_latest(self, trainer)
         if self._stepped_this_batch:  # the next batch starts a new optimizer step: take a new buffer copy then
             self._stepped_this_batch = False
             self._buffers_armed = False
@@ -517,6 +520,14 @@ class GradientGuard(Callback):
             self._rolled_back_this_batch = False
         elif self._skip_remaining > 0:
             self._skip_remaining -= 1
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        publish_latest(self, trainer)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        publish_latest(self, trainer)
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
@@ -693,6 +704,7 @@ class GradientGuard(Callback):
         # that overflowed): skipping cannot repair them, and every checkpoint written from now on would hold them
         corrupted = action is Action.NONFINITE and not state_is_finite(trainer, pl_module)
         accepted = action in STEPPED
+        self._last_host = (norm, decision.threshold, moment)
         after_decision(self, trainer, pl_module, st, accepted=accepted, corrupted=corrupted)
         if (step + 1) % self._log_every == 0:
             thr = decision.threshold if decision.threshold is not None else None
@@ -826,21 +838,7 @@ class GradientGuard(Callback):
         rank_zero_warn(message)
 
     def _log(self, pl_module: pl.LightningModule, norm: float, thr: float | None, moment: float | None = None) -> None:
-        totals = [s.read_counters() for s in self._opt_states.values()]
-        metrics = {
-            "guard/grad_norm": norm,
-            "guard/skipped": float(sum(c[0] for c in totals)),
-            "guard/consecutive_skips": float(max(c[3] for c in totals)),
-            "guard/rollbacks": float(self.num_rollbacks),
-            "guard/amp_overflows": float(sum(c[1] for c in totals)),
-        }
-        if self.zscore is not None and self.zscore_rebase_after is not None:
-            metrics["guard/rebases"] = float(sum(c[6] for c in totals))
-        if moment is not None:
-            metrics["guard/first_moment_norm"] = moment
-        if self.zscore is not None and thr is not None:
-            metrics["guard/threshold"] = thr
-        log_scalars(pl_module.trainer, metrics)
+        log_guard(self, pl_module.trainer, norm, thr, moment)
 
 
 __all__ = ["GradientGuard"]
