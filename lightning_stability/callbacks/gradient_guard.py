@@ -67,6 +67,7 @@ from lightning_stability.callbacks._guard_state import (
     TrainingSnapshot,
     select_buffers,
 )
+from lightning_stability.callbacks._refit import begin_fit, reset_guard
 from lightning_stability.callbacks._sharding import ShardReducer
 from lightning_stability.callbacks._state_key import cached_state_key
 
@@ -460,6 +461,9 @@ class GradientGuard(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        again = begin_fit(self, pl_module)  # a reused guard: this fit's counters; statistics kept for the same module
+        if again is not None:
+            reset_guard(self, keep_statistics=again)
         if "deepspeed" in type(trainer.strategy).__name__.lower():
             raise RuntimeError(
                 f"`GradientGuard` does not support `{type(trainer.strategy).__name__}`: DeepSpeed partitions gradients"
