@@ -362,6 +362,7 @@ class GradientGuard(Callback):
         self._snapshot_due = False
         self._snapshot: TrainingSnapshot | None = None
         self._last_warn_step: int | None = None
+        self._warned_reasons: set[int] = set()  # kinds of skip announced so far (see `_warn`)
         self._buffers: BufferSnapshot | None = None
         self._buffers_armed = False
         self._manual = False  # manual optimization: restores and rollbacks wait for the end of the batch
@@ -696,12 +697,13 @@ class GradientGuard(Callback):
             kind = kinds.get(action, "skip")
             self.event_log.add(step, kind, decision.reason, **data)
             if action in GUARD_SKIPS:
-                self._warn(step, f"GradientGuard skipped step {step}: {decision.reason}. {describe(data)}")
+                self._warn(step, f"GradientGuard skipped step {step}: {decision.reason}. {describe(data)}", action)
             elif action is Action.REBASE:
                 self._warn(
                     step,
                     f"GradientGuard: {self.zscore_rebase_after} gradient-norm spikes in a row at step {step}: taken"
                     f" as a level shift; the z-score statistics restart from them (mean {st.stats.mean:.4g}).",
+                    action,
                 )
 
         # a non-finite step may come from weights that are themselves corrupted (a stray in-place write, an update
@@ -807,7 +809,7 @@ class GradientGuard(Callback):
             )
             self.event_log.add(step, kind, reason, **data)
             if new_skips > 0:
-                self._warn(step, f"GradientGuard: {reason}. {describe(data)}")
+                self._warn(step, f"GradientGuard: {reason}. {describe(data)}", last_skip_code)
         # mirror the host numbers so persistent trouble and snapshots use the same code as the host path
         st.consecutive, st.consecutive_amp = counters[3], counters[4]
         accepted = code in STEPPED
@@ -835,9 +837,14 @@ class GradientGuard(Callback):
             return None
         return first_moment_norm(optimizer, inv_scale=inv_scale, process_group=self._process_group)
 
-    def _warn(self, step: int, message: str) -> None:
-        if self._last_warn_step is not None and step - self._last_warn_step < self.warn_every_n_steps:
+    def _warn(self, step: int, message: str, kind: Action | None = None) -> None:
+        """A rank-zero warning at most every ``warn_every_n_steps`` steps, except that the first one of a new kind
+        of skip (non-finite, spike, over ``max_norm``...) is always announced."""
+        new_kind = kind is not None and int(kind) not in self._warned_reasons
+        if not new_kind and self._last_warn_step is not None and step - self._last_warn_step < self.warn_every_n_steps:
             return
+        if kind is not None:
+            self._warned_reasons.add(int(kind))
         self._last_warn_step = step
         rank_zero_warn(message)
 
