@@ -32,6 +32,7 @@ from lightning_stability.callbacks._guard_optim import (
     optimizer_index,
     scaler_state,
 )
+from lightning_stability.callbacks._guard_persist import guard_state_dict, load_guard_state
 from lightning_stability.callbacks._guard_policy import (
     GUARD_SKIPS,
     MOMENT_JUDGED,
@@ -74,9 +75,6 @@ from lightning_stability.callbacks._state_key import cached_state_key
 _ON_PERSISTENT = ("rollback", "stop", "raise")
 _SPIKE_ACTIONS = ("skip", "clip")
 _SNAPSHOT_DEVICES = ("cpu", "same")
-#: ``state_dict()["version"]``: 1 in 0.1.0 (no streak statistics, no ``num_rebased``; still loads), 2 since
-_STATE_VERSION = 2
-_STATS_KEYS = ("mean", "var", "count", "streak_mean", "streak_var", "streak_count")
 
 
 class GradientGuard(Callback):
@@ -410,50 +408,11 @@ class GradientGuard(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        optimizers = {}
-        for idx, st in self._opt_states.items():
-            values = st.stats_t.tolist() if st.stats_t is not None else st.stats.as_list()
-            stats = dict(zip(_STATS_KEYS, values))
-            for key in ("count", "streak_count"):
-                stats[key] = int(stats[key])
-            optimizers[idx] = {"stats": stats, "counters": dict(zip(COUNTERS, st.read_counters()))}
-            if self._cfg_m is not None:
-                values = st.mstats_t.tolist() if st.mstats_t is not None else st.mstats.as_list()
-                optimizers[idx]["first_moment_stats"] = dict(zip(_STATS_KEYS, values))
-        return {
-            "version": _STATE_VERSION,
-            "optimizers": optimizers,
-            "num_rollbacks": self.num_rollbacks,
-            "skip_remaining": self._skip_remaining,
-            "good_since_snapshot": self._good_since_snapshot,
-            "last_warn_step": self._last_warn_step,
-            "event_log": self.event_log.state_dict(),
-        }
+        return guard_state_dict(self)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        version = state_dict.get("version")
-        if version not in (1, _STATE_VERSION):
-            raise ValueError(
-                f"`GradientGuard` state has version {version!r}; this release reads versions 1 (0.1.0) and"
-                f" {_STATE_VERSION}. Was the checkpoint written by a newer lightning_stability?"
-            )
-        self._opt_states = {}
-        for idx, saved in state_dict["optimizers"].items():
-            st = OptimizerState()
-            s = saved["stats"]
-            # version 1 has no streak and no rebase counter: an empty streak, no rebases so far
-            st.stats = NormStats.from_list([s.get(k, 0.0) for k in _STATS_KEYS])
-            for name in COUNTERS:
-                setattr(st, name, int(saved["counters"].get(name, 0)))
-            if "first_moment_stats" in saved:
-                st.mstats = NormStats.from_list([saved["first_moment_stats"][k] for k in _STATS_KEYS])
-            self._opt_states[int(idx)] = st
-        self.num_rollbacks = int(state_dict["num_rollbacks"])
-        self._skip_remaining = int(state_dict["skip_remaining"])
-        self._good_since_snapshot = int(state_dict["good_since_snapshot"])
-        self._last_warn_step = state_dict["last_warn_step"]
-        self.event_log.load_state_dict(state_dict["event_log"])
+        load_guard_state(self, state_dict)
 
     # ------------------------------------------------------------------------------------------------------------------
     # hooks
