@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -55,6 +56,22 @@ class EventLog:
         self.traces: dict[str, list[tuple[int, float]]] = {}
         self._stride: dict[str, int] = {}
         self._seen: dict[str, int] = {}
+
+    def __iter__(self) -> Iterator[StabilityEvent]:
+        """The kept events, oldest first (``for event in guard.event_log``)."""
+        return iter(list(self.events))
+
+    def __len__(self) -> int:
+        """The number of kept events (``num_events`` counts every event ever added, by kind)."""
+        return len(self.events)
+
+    def reset(self) -> None:
+        """Forget every event and trace (a callback reused in a new fit)."""
+        self.events.clear()
+        self.num_events = {}
+        self.traces = {}
+        self._stride = {}
+        self._seen = {}
 
     def add(self, step: int, kind: str, reason: str, **data: Any) -> StabilityEvent:
         event = StabilityEvent(int(step), self.source, kind, reason, dict(data))

@@ -87,17 +87,12 @@ def check_persistent(guard: GradientGuard, trainer, pl_module, st: OptimizerStat
 def rollback(guard: GradientGuard, trainer, pl_module, what: str) -> None:
     snap = guard._snapshot
     assert snap is not None
-    extra = snap.restore(pl_module, trainer.optimizers)
-    for idx, saved in extra.items():
-        st = guard._opt_states.setdefault(idx, OptimizerState())
-        n = NormStats.SIZE
-        st.stats = NormStats.from_list(saved[:n])
-        st.mstats = NormStats.from_list(saved[n : 2 * n])
-        st.lstats = NormStats.from_list(saved[2 * n : 3 * n])
-        if st.stats_t is not None:
-            st.stats_t = filled(st.stats.as_list(), torch.float32, st.stats_t.device)
-            st.mstats_t = filled(st.mstats.as_list(), torch.float32, st.stats_t.device)
-            st.lstats_t = filled(st.lstats.as_list(), torch.float32, st.stats_t.device)
+    if guard._manual:
+        # manual optimization: a graph of this batch may still wait for its backward (see `_guard_manual`); the
+        # snapshot is restored at the end of the batch, and every optimizer step until then is skipped
+        guard._rollback_pending = True
+    else:
+        finish_rollback(guard, trainer, pl_module)
     for st in guard._opt_states.values():
         st.consecutive = 0
         st.consecutive_amp = 0
@@ -106,7 +101,6 @@ def rollback(guard: GradientGuard, trainer, pl_module, what: str) -> None:
     for opt in trainer.optimizers:
         params, _ = collect_grads(opt)
         guard._skipper.skip(opt, params, fused=is_fused(opt))
-    guard._skipper.initialized.clear()  # the snapshot may predate the optimizers' first step
     guard.num_rollbacks += 1
     guard._skip_remaining = guard.skip_batches_after_rollback
     guard._rolled_back_this_batch = True
@@ -125,6 +119,25 @@ def rollback(guard: GradientGuard, trainer, pl_module, what: str) -> None:
         f" (rollback {guard.num_rollbacks}/{guard.max_rollbacks}), skipping the next"
         f" {guard.skip_batches_after_rollback} batches."
     )
+
+
+def finish_rollback(guard: GradientGuard, trainer, pl_module) -> None:
+    """Restore the rollback snapshot in place: the module, every optimizer and the guard's running statistics."""
+    guard._rollback_pending = False
+    if guard._deferred is not None:
+        guard._deferred.clear()  # the snapshot holds the buffers too
+    extra = guard._snapshot.restore(pl_module, trainer.optimizers)
+    for idx, saved in extra.items():
+        st = guard._opt_states.setdefault(idx, OptimizerState())
+        n = NormStats.SIZE
+        st.stats = NormStats.from_list(saved[:n])
+        st.mstats = NormStats.from_list(saved[n : 2 * n])
+        st.lstats = NormStats.from_list(saved[2 * n : 3 * n])
+        if st.stats_t is not None:
+            st.stats_t = filled(st.stats.as_list(), torch.float32, st.stats_t.device)
+            st.mstats_t = filled(st.mstats.as_list(), torch.float32, st.stats_t.device)
+            st.lstats_t = filled(st.lstats.as_list(), torch.float32, st.stats_t.device)
+    guard._skipper.initialized.clear()  # the snapshot may predate the optimizers' first step
 
 
 def take_snapshot(guard: GradientGuard, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -152,29 +152,32 @@ class BufferSnapshot:
         setattr(mod, attr, value)
 
     @torch.no_grad()
-    def restore(self) -> None:
+    def restore(self, indices: Sequence[int] | None = None) -> None:
+        """Copy the captured values back (only the buffers at ``indices``, positions in ``names``, when given)."""
         current = self._current()
-        replaced = self._replaced(current)
+        chosen = set(range(len(current)) if indices is None else indices)
+        replaced = self._replaced(current) & chosen
         for i in replaced:
             self._put_back(i)
         for idx in self._groups:
-            same = [i for i in idx if i not in replaced]
+            same = [i for i in idx if i in chosen and i not in replaced]
             if same:
                 torch._foreach_copy_([current[i] for i in same], [self._storage[i] for i in same])
 
     @torch.no_grad()
-    def restore_where(self, flag: Tensor) -> None:
+    def restore_where(self, flag: Tensor, indices: Sequence[int] | None = None) -> None:
         """Restore where the 0-dim bool ``flag`` is true, decided on the device (one ``where`` per buffer).
 
         A buffer the module replaced by one of another shape since ``capture`` cannot be selected with ``where``: for
         those (rare: a batch of another size) the flag is read on the host."""
         current = self._current()
-        replaced = self._replaced(current)
+        chosen = set(range(len(current)) if indices is None else indices)
+        replaced = self._replaced(current) & chosen
         if replaced and bool(flag):
             for i in replaced:
                 self._put_back(i)
         for i, (buf, snap) in enumerate(zip(current, self._storage)):
-            if snap is not None and i not in replaced:
+            if snap is not None and i in chosen and i not in replaced:
                 buf.copy_(torch.where(flag.to(buf.device, non_blocking=True), snap, buf))
 
 

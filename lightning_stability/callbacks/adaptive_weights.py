@@ -21,6 +21,7 @@ from typing_extensions import override
 from lightning_stability.callbacks._events import EventLog
 from lightning_stability.callbacks._guard_norm import collect_grads, grad_norms
 from lightning_stability.callbacks._logging import log_scalars
+from lightning_stability.callbacks._refit import begin_fit
 from lightning_stability.callbacks._sharding import ShardReducer
 from lightning_stability.callbacks._state_key import cached_state_key
 from lightning_stability.losses.weights import LossWeights, SpikeDamping
@@ -291,6 +292,18 @@ class AdaptiveLossWeight(Callback):
         self._acc_grad_sq: Tensor | float | None = None
         self._acc_grad_count = 0
 
+    def _new_fit(self, keep_weight: bool) -> None:
+        """This fit's counters, history and events; the weight and loss averages kept when ``keep_weight``."""
+        kept = (self.weight, self.avg, self.published_avg, self._window, self.grad_avg, self._grad_window,
+                self.observed, self.frozen)  # fmt: skip
+        self._reset_state()
+        self.event_log.reset()
+        self._pending, self._seen_global_step = None, None
+        self._acc_loss, self._acc_count, self._acc_grad_sq, self._acc_grad_count = None, 0, None, 0
+        if keep_weight:
+            (self.weight, self.avg, self.published_avg, self._window, self.grad_avg, self._grad_window,
+             self.observed, self.frozen) = kept  # fmt: skip
+
     def _reset_state(self) -> None:
         self.weight: float | None = self.base_weight
         self.avg: float | None = None
@@ -507,6 +520,9 @@ class AdaptiveLossWeight(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        again = begin_fit(self, pl_module)  # a reused callback: see `_refit` for what carries over
+        if again is not None:
+            self._new_fit(keep_weight=again)
         loss_weights = getattr(pl_module, "loss_weights", None)
         if not isinstance(loss_weights, LossWeights):
             found = "no attribute `loss_weights`" if loss_weights is None else f"`loss_weights` = {loss_weights!r}"

@@ -21,6 +21,8 @@ from typing_extensions import override
 
 from lightning_stability.callbacks._events import EventLog
 from lightning_stability.callbacks._guard_checks import check_int, check_positive, resolve_rule
+from lightning_stability.callbacks._guard_manual import DeferredRestore, buffer_owners, plain_name, restore_buffers
+from lightning_stability.callbacks._guard_metrics import log_guard, publish_latest
 from lightning_stability.callbacks._guard_moments import first_moment_norm, has_first_moment
 from lightning_stability.callbacks._guard_norm import collect_grads, describe, diagnose, grad_norms
 from lightning_stability.callbacks._guard_optim import (
@@ -30,6 +32,7 @@ from lightning_stability.callbacks._guard_optim import (
     optimizer_index,
     scaler_state,
 )
+from lightning_stability.callbacks._guard_persist import guard_state_dict, load_guard_state
 from lightning_stability.callbacks._guard_policy import (
     GUARD_SKIPS,
     MOMENT_JUDGED,
@@ -53,9 +56,11 @@ from lightning_stability.callbacks._guard_policy import (
 from lightning_stability.callbacks._guard_rollback import (
     after_decision,
     check_persistent,
+    finish_rollback,
     state_is_finite,
     take_snapshot,
 )
+from lightning_stability.callbacks._guard_sched import SchedulerHold
 from lightning_stability.callbacks._guard_state import (
     COUNTERS,
     BufferSelector,
@@ -64,17 +69,13 @@ from lightning_stability.callbacks._guard_state import (
     TrainingSnapshot,
     select_buffers,
 )
-from lightning_stability.callbacks._logging import log_scalars
+from lightning_stability.callbacks._refit import begin_fit, reset_guard
 from lightning_stability.callbacks._sharding import ShardReducer
 from lightning_stability.callbacks._state_key import cached_state_key
 
 _ON_PERSISTENT = ("rollback", "stop", "raise")
 _SPIKE_ACTIONS = ("skip", "clip")
 _SNAPSHOT_DEVICES = ("cpu", "same")
-#: ``state_dict()["version"]``: 1 in 0.1.0 (no streak statistics, no ``num_rebased``; still loads), 2 in 0.2
-#: (no loss statistics; still loads, the loss statistics warm up again), 3 since
-_STATE_VERSION = 3
-_STATS_KEYS = ("mean", "var", "count", "streak_mean", "streak_var", "streak_count")
 
 
 class GradientGuard(Callback):
@@ -129,10 +130,11 @@ class GradientGuard(Callback):
     buffers are copied into preallocated storage (foreach copies, cost proportional to the buffers); when the step is
     not taken (guard skip or AMP overflow) they are copied back. With gradient accumulation the copy is taken before
     the *first* micro-batch, so a skip discards the buffer updates of every micro-batch of that step. In manual
-    optimization the copy is taken at the start of the first batch after the last batch that stepped; a skip of any
-    optimizer in a batch restores every selected buffer to that copy (so with two optimizers, the other network's
-    buffer updates of that batch are undone too). ``True`` (default) selects every buffer of the LightningModule,
-    integer ones included (``num_batches_tracked``), so a skipped step is bit-identical; a glob pattern (or a list), or
+    optimization the copy is taken at the start of the first batch after the last batch that stepped; a skip restores,
+    at the end of the batch (a graph of the batch may still await its backward), only the buffers of the modules whose
+    parameters the skipped optimizer updates (``_guard_manual``); a rollback waits for the batch's end too.
+    ``True`` (default) selects every buffer of the LightningModule, integer ones included (``num_batches_tracked``),
+    so a skipped step is bit-identical; a glob pattern (or a list), or
     a callable ``(name, buffer) -> bool``, selects fewer; ``False`` none.
 
     **Persistent trouble.** After ``max_consecutive_skips`` guard skips in a row (AMP overflows neither count nor
@@ -228,6 +230,8 @@ class GradientGuard(Callback):
         warn_every_n_steps: minimum number of steps between two rank-zero warnings.
         diagnose_top_k: layers listed in a diagnosis.
         agree_across_ranks: all-reduce the decision every step (only needed for exotic strategies).
+        pause_schedulers_on_skip: a step not taken (guard skip or fp16 overflow) does not advance the optimizer's
+            ``interval="step"`` learning-rate schedulers (automatic optimization; see ``_guard_sched``).
 
     Raises:
         ValueError: an argument out of range or not one of the accepted words.
@@ -264,6 +268,7 @@ class GradientGuard(Callback):
         warn_every_n_steps: int = 100,
         diagnose_top_k: int = 5,
         agree_across_ranks: bool = False,
+        pause_schedulers_on_skip: bool = True,
     ) -> None:
         check_positive("max_norm", max_norm)
         check_positive("zscore", zscore)
@@ -317,6 +322,8 @@ class GradientGuard(Callback):
         check_int("diagnose_top_k", diagnose_top_k, 1)
         if not isinstance(agree_across_ranks, bool):
             raise TypeError(f"`agree_across_ranks` must be a bool, got {agree_across_ranks!r}")
+        if not isinstance(pause_schedulers_on_skip, bool):
+            raise TypeError(f"`pause_schedulers_on_skip` must be a bool, got {pause_schedulers_on_skip!r}")
 
         self.max_norm = None if max_norm is None else float(max_norm)
         self.zscore = None if zscore is None else float(zscore)
@@ -343,6 +350,8 @@ class GradientGuard(Callback):
         self.warn_every_n_steps = warn_every_n_steps
         self.diagnose_top_k = diagnose_top_k
         self.agree_across_ranks = agree_across_ranks
+        self.pause_schedulers_on_skip = pause_schedulers_on_skip
+        self._sched_hold = SchedulerHold()  # see `_guard_sched`
         self._cfg = PolicyConfig(
             self.max_norm,
             self.zscore,
@@ -364,6 +373,7 @@ class GradientGuard(Callback):
         self.event_log = EventLog(source=self.state_key)
         self.num_rollbacks = 0
         self.last_grad_norm: Tensor | None = None
+        self._last_host: tuple[float, float | None, float | None] | None = None  # host mode: norm, threshold, moment
         self._opt_states: dict[int, OptimizerState] = {}
         self._skip_remaining = 0
         self._rolled_back_this_batch = False
@@ -371,8 +381,12 @@ class GradientGuard(Callback):
         self._snapshot_due = False
         self._snapshot: TrainingSnapshot | None = None
         self._last_warn_step: int | None = None
+        self._warned_reasons: set[int] = set()  # kinds of skip announced so far (see `_warn`)
         self._buffers: BufferSnapshot | None = None
         self._buffers_armed = False
+        self._manual = False  # manual optimization: restores and rollbacks wait for the end of the batch
+        self._deferred: DeferredRestore | None = None
+        self._rollback_pending = False
         self._stepped_this_batch = False
         self._param_names: dict[int, str] = {}
         self._loss_bad: Tensor | None = None
@@ -417,55 +431,11 @@ class GradientGuard(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        optimizers = {}
-        for idx, st in self._opt_states.items():
-            values = st.stats_t.tolist() if st.stats_t is not None else st.stats.as_list()
-            stats = dict(zip(_STATS_KEYS, values))
-            for key in ("count", "streak_count"):
-                stats[key] = int(stats[key])
-            optimizers[idx] = {"stats": stats, "counters": dict(zip(COUNTERS, st.read_counters()))}
-            if self._cfg_m is not None:
-                values = st.mstats_t.tolist() if st.mstats_t is not None else st.mstats.as_list()
-                optimizers[idx]["first_moment_stats"] = dict(zip(_STATS_KEYS, values))
-            if self._cfg.loss_zscore is not None:
-                values = st.lstats_t.tolist() if st.lstats_t is not None else st.lstats.as_list()
-                optimizers[idx]["loss_stats"] = dict(zip(_STATS_KEYS, values))
-        return {
-            "version": _STATE_VERSION,
-            "optimizers": optimizers,
-            "num_rollbacks": self.num_rollbacks,
-            "skip_remaining": self._skip_remaining,
-            "good_since_snapshot": self._good_since_snapshot,
-            "last_warn_step": self._last_warn_step,
-            "event_log": self.event_log.state_dict(),
-        }
+        return guard_state_dict(self)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        version = state_dict.get("version")
-        if version not in (1, 2, _STATE_VERSION):
-            raise ValueError(
-                f"`GradientGuard` state has version {version!r}; this release reads versions 1 (0.1.0), 2 (0.2) and"
-                f" {_STATE_VERSION}. Was the checkpoint written by a newer lightning_stability?"
-            )
-        self._opt_states = {}
-        for idx, saved in state_dict["optimizers"].items():
-            st = OptimizerState()
-            s = saved["stats"]
-            # version 1 has no streak and no rebase counter: an empty streak, no rebases so far
-            st.stats = NormStats.from_list([s.get(k, 0.0) for k in _STATS_KEYS])
-            for name in COUNTERS:
-                setattr(st, name, int(saved["counters"].get(name, 0)))
-            if "first_moment_stats" in saved:
-                st.mstats = NormStats.from_list([saved["first_moment_stats"][k] for k in _STATS_KEYS])
-            if "loss_stats" in saved:
-                st.lstats = NormStats.from_list([saved["loss_stats"][k] for k in _STATS_KEYS])
-            self._opt_states[int(idx)] = st
-        self.num_rollbacks = int(state_dict["num_rollbacks"])
-        self._skip_remaining = int(state_dict["skip_remaining"])
-        self._good_since_snapshot = int(state_dict["good_since_snapshot"])
-        self._last_warn_step = state_dict["last_warn_step"]
-        self.event_log.load_state_dict(state_dict["event_log"])
+        load_guard_state(self, state_dict)
 
     # ------------------------------------------------------------------------------------------------------------------
     # hooks
@@ -474,6 +444,9 @@ class GradientGuard(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        again = begin_fit(self, pl_module)  # a reused guard: this fit's counters; statistics kept for the same module
+        if again is not None:
+            reset_guard(self, keep_statistics=again)
         if "deepspeed" in type(trainer.strategy).__name__.lower():
             raise RuntimeError(
                 f"`GradientGuard` does not support `{type(trainer.strategy).__name__}`: DeepSpeed partitions gradients"
@@ -491,11 +464,16 @@ class GradientGuard(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._param_names = {id(p): name for name, p in pl_module.named_parameters()}
+        self._param_names = {id(p): plain_name(name) for name, p in pl_module.named_parameters()}
         self._buffers = None
         if self.protect_buffers is not False:
             entries = select_buffers(pl_module, self.protect_buffers)
             self._buffers = BufferSnapshot(entries) if entries else None
+        self._manual = not pl_module.automatic_optimization
+        self._rollback_pending = False
+        self._deferred = None
+        if self._manual and self._buffers is not None:
+            self._deferred = DeferredRestore(buffer_owners(pl_module, self._buffers.names, trainer.optimizers))
         self._buffers_armed = False
         self._snapshot = None
         if self.on_persistent == "rollback":
@@ -516,6 +494,13 @@ class GradientGuard(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._sched_hold.undo()  # Lightning stepped the step-interval schedulers before this hook
+        if self._deferred is not None:  # manual optimization: every backward of the batch has run
+            self._deferred.apply(self._buffers)
+        if self._rollback_pending:
+            finish_rollback(self, trainer, pl_module)
+        if trainer.is_last_batch:  # monitors checked at the end of the epoch find the keys (`_guard_metrics`)
+            publish_latest(self, trainer)
         if self._stepped_this_batch:  # the next batch starts a new optimizer step: take a new buffer copy then
             self._stepped_this_batch = False
             self._buffers_armed = False
@@ -523,6 +508,14 @@ class GradientGuard(Callback):
             self._rolled_back_this_batch = False
         elif self._skip_remaining > 0:
             self._skip_remaining -= 1
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        publish_latest(self, trainer)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        publish_latest(self, trainer)
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
@@ -587,7 +580,7 @@ class GradientGuard(Callback):
                     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
                     loss_bad = flag > 0
         st.moment_t = self._moment_norm(optimizer, inv_scale) if self.track_first_moment else None
-        forced = self._skip_remaining > 0
+        forced = self._skip_remaining > 0 or self._rollback_pending  # a rollback due at the end of this batch
         # automatic (None): decide on the device where a host read would stall one (CUDA) and the optimizer can be
         # skipped there (fused); on a CPU the host read costs nothing
         sync_free = self.sync_free if self.sync_free is not None else norms.total.device.type != "cpu"
@@ -608,11 +601,14 @@ class GradientGuard(Callback):
             self._host_step(
                 trainer, pl_module, optimizer, idx, st, params, grads, norms, amp_found, loss_bad, forced, loss
             )
+        if self.pause_schedulers_on_skip:
+            self._sched_hold.decided(trainer, optimizer, self._skipper, device_mode)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # keyed by id(optimizer): a later fit may create new optimizers at the same addresses
         self._skipper.clear()
+        self._sched_hold.clear()
         self._no_moment.clear()
         self._snapshot = None
         self._buffers = None
@@ -675,8 +671,7 @@ class GradientGuard(Callback):
         skipped = action in NOT_STEPPED
         if skipped:
             self._skipper.skip(optimizer, params, fused=is_fused(optimizer))
-            if self._buffers is not None and self._buffers_armed:
-                self._buffers.restore()
+            restore_buffers(self, idx, True)
         self._skipper.host_skipped[id(optimizer)] = skipped
 
         # the gradient-norm (and loss) statistics follow the gradient-norm rule's own decision (see `combine`)
@@ -723,18 +718,20 @@ class GradientGuard(Callback):
             kind = kinds.get(action, "skip")
             self.event_log.add(step, kind, reason, **data)
             if action in GUARD_SKIPS:
-                self._warn(step, f"GradientGuard skipped step {step}: {reason}. {describe(data)}")
+                self._warn(step, f"GradientGuard skipped step {step}: {reason}. {describe(data)}", action)
             elif action is Action.REBASE:
                 self._warn(
                     step,
                     f"GradientGuard: {self.zscore_rebase_after} gradient-norm spikes in a row at step {step}: taken"
                     f" as a level shift; the z-score statistics restart from them (mean {st.stats.mean:.4g}).",
+                    action,
                 )
 
         # a non-finite step may come from weights that are themselves corrupted (a stray in-place write, an update
         # that overflowed): skipping cannot repair them, and every checkpoint written from now on would hold them
         corrupted = action is Action.NONFINITE and not state_is_finite(trainer, pl_module)
         accepted = action in STEPPED
+        self._last_host = (norm, decision.threshold, moment)
         after_decision(self, trainer, pl_module, st, accepted=accepted, corrupted=corrupted)
         if (step + 1) % self._log_every == 0:
             thr = decision.threshold if decision.threshold is not None else None
@@ -775,8 +772,7 @@ class GradientGuard(Callback):
             torch._foreach_mul_(grads, factor)
         not_stepped = code >= int(Action.FORCED)
         self._skipper.set_found_inf(optimizer, not_stepped.to(torch.float32))
-        if self._buffers is not None and self._buffers_armed:
-            self._buffers.restore_where(not_stepped)
+        restore_buffers(self, idx, not_stepped)
         stats_code = torch.where(code == int(Action.MOMENT_SPIKE), g_code, code)  # see `combine`
         st.stats_t = update_stats_on_device(st.stats_t, stats_code, norms.total, thr, self._cfg)
         if loss is not None:
@@ -846,7 +842,7 @@ class GradientGuard(Callback):
             )
             self.event_log.add(step, kind, reason, **data)
             if new_skips > 0:
-                self._warn(step, f"GradientGuard: {reason}. {describe(data)}")
+                self._warn(step, f"GradientGuard: {reason}. {describe(data)}", last_skip_code)
         # mirror the host numbers so persistent trouble and snapshots use the same code as the host path
         st.consecutive, st.consecutive_amp = counters[3], counters[4]
         accepted = code in STEPPED
@@ -890,28 +886,19 @@ class GradientGuard(Callback):
             return None
         return first_moment_norm(optimizer, inv_scale=inv_scale, process_group=self._process_group)
 
-    def _warn(self, step: int, message: str) -> None:
-        if self._last_warn_step is not None and step - self._last_warn_step < self.warn_every_n_steps:
+    def _warn(self, step: int, message: str, kind: Action | None = None) -> None:
+        """A rank-zero warning at most every ``warn_every_n_steps`` steps, except that the first one of a new kind
+        of skip (non-finite, spike, over ``max_norm``...) is always announced."""
+        new_kind = kind is not None and int(kind) not in self._warned_reasons
+        if not new_kind and self._last_warn_step is not None and step - self._last_warn_step < self.warn_every_n_steps:
             return
+        if kind is not None:
+            self._warned_reasons.add(int(kind))
         self._last_warn_step = step
         rank_zero_warn(message)
 
     def _log(self, pl_module: pl.LightningModule, norm: float, thr: float | None, moment: float | None = None) -> None:
-        totals = [s.read_counters() for s in self._opt_states.values()]
-        metrics = {
-            "guard/grad_norm": norm,
-            "guard/skipped": float(sum(c[0] for c in totals)),
-            "guard/consecutive_skips": float(max(c[3] for c in totals)),
-            "guard/rollbacks": float(self.num_rollbacks),
-            "guard/amp_overflows": float(sum(c[1] for c in totals)),
-        }
-        if self._cfg.detects and self.zscore_rebase_after is not None:
-            metrics["guard/rebases"] = float(sum(c[6] for c in totals))
-        if moment is not None:
-            metrics["guard/first_moment_norm"] = moment
-        if self._cfg.detects and thr is not None:
-            metrics["guard/threshold"] = thr
-        log_scalars(pl_module.trainer, metrics)
+        log_guard(self, pl_module.trainer, norm, thr, moment)
 
 
 __all__ = ["GradientGuard"]

@@ -17,6 +17,7 @@ from typing_extensions import override
 
 from lightning_stability.callbacks._events import EventLog
 from lightning_stability.callbacks._logging import log_scalars
+from lightning_stability.callbacks._refit import begin_fit
 from lightning_stability.callbacks._state_key import cached_state_key
 from lightning_stability.metrics.signal import DCOffset, PeakAmplitude, RMSRatio
 
@@ -183,6 +184,9 @@ class SignalMonitor(Callback):
     # ------------------------------------------------------------------------------------------------ setup
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and begin_fit(self, pl_module) is not None:  # a reused monitor: this fit's events only
+            self.event_log.reset()
+            self._batch_step = self._val_updates = self._val_epochs = 0
         module_rate = getattr(pl_module, "sample_rate", None)
         rate = self.sample_rate if self.sample_rate is not None else module_rate
         if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0):

@@ -22,6 +22,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_stability.callbacks._events import EventLog
+from lightning_stability.callbacks._refit import begin_fit
 from lightning_stability.callbacks._state_key import cached_state_key
 
 if TYPE_CHECKING:
@@ -172,6 +173,10 @@ class StabilityReport(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if begin_fit(self, pl_module) is not None:  # a reused report describes this fit only (see `_refit`)
+            self.event_log.reset()
+            self._buffer, self._buffer_steps, self._last_step = None, [], -1
+            self.last_report = self.last_paths = None
         if self.dirpath is not None:
             self._run_dir = self.dirpath
         else:

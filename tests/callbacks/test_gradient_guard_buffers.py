@@ -195,17 +195,19 @@ def test_gradient_accumulation_discards_the_buffer_updates_of_every_micro_batch(
     assert _all_finite(rec.final)
 
 
-def test_manual_optimization_skip_of_the_second_optimizer_restores_the_batch_buffers(tmp_path):
-    # batch 2 steps opt_a (clean, global step 4) then opt_b (NaN input to net_b, global step 5): the buffers return
-    # to their state at the start of the batch, which also discards net_a's BatchNorm update of that batch
+def test_manual_optimization_skip_of_the_second_optimizer_restores_only_its_buffers(tmp_path):
+    # batch 2 steps opt_a (clean, global step 4) then opt_b (NaN input to net_b, global step 5): net_b's buffers
+    # return to their state at the start of the batch; net_a's BatchNorm update of that batch stays (issue 24)
     module = TwoOptimizerModule(nan_b_batches={2})
     guard = GradientGuard()
     rec = StepRecorder(with_optimizer=False)
     make_trainer(tmp_path, [guard, rec], max_steps=8).fit(module)
     assert guard.num_skipped == 1
     before, after = rec.snaps[4]["module"], rec.snaps[6]["module"]
-    for name, _ in module.named_buffers():
+    for name, _ in module.net_b.named_buffers(prefix="net_b"):
         assert torch.equal(before[name], after[name]), name
+    for name in ("net_a.1.running_mean", "net_a.1.num_batches_tracked"):
+        assert not torch.equal(before[name], after[name]), name
     assert not torch.equal(before["net_a.0.weight"], after["net_a.0.weight"])  # opt_a stepped
     assert torch.equal(before["net_b.0.weight"], after["net_b.0.weight"])
     assert _all_finite(rec.final)
