@@ -58,7 +58,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import tempfile
 import time
 import zlib
 from collections.abc import Callable
@@ -545,10 +547,29 @@ class ZooCase:
     warmup: int = WARMUP_STEPS
     accumulate: int = 1
     eval_batch: Any = field(default=None, repr=False)
+    reference_only: bool = False  # a clean run kept only as the faults' reference
 
     @property
     def name(self) -> str:
-        return f"{self.family}.{self.kind}.s{self.seed}"
+        accum = f"_accum{self.accumulate}" if self.kind == "clean" and self.accumulate > 1 else ""
+        return f"{self.family}.{self.kind}{accum}.s{self.seed}"
+
+    @property
+    def role(self) -> str:
+        return "reference" if self.reference_only else kind_of(self.kind)
+
+    @property
+    def reference(self) -> str | None:
+        """The clean run a fault is measured against (the same accumulation)."""
+        if self.role not in ("failure", "divergence"):
+            return None
+        accum = f"_accum{self.accumulate}" if self.accumulate > 1 else ""
+        return f"{self.family}.clean{accum}.s{self.seed}"
+
+    def record(self) -> dict[str, Any]:
+        return {"name": self.name, "family": self.family, "kind": self.kind, "class": self.role, "seed": self.seed,
+                "held_out": self.held_out, "steps": self.steps, "event_step": self.event_step,
+                "accumulate_grad_batches": self.accumulate, "reference": self.reference}  # fmt: skip
 
     @property
     def steps_per_batch(self) -> int:
@@ -572,11 +593,13 @@ class ZooCase:
         return (self.family, self.seed, self.accumulate)
 
 
-def make_case(family: str, kind: str, seed: int, steps: int, held_out_seeds: set[int]) -> ZooCase:
+def make_case(family: str, kind: str, seed: int, steps: int, held_out_seeds: set[int], *, accumulate: int | None = None,
+              reference_only: bool = False) -> ZooCase:  # fmt: skip
     warmup = min(WARMUP_STEPS, (3 * steps) // 5)
+    accumulate = accumulate or (ACCUMULATE if kind == "nan_microbatch" else 1)
     case = ZooCase(family, kind, seed, steps, event_step_for(family, kind, seed, steps, warmup),
                    held_out=family in HELD_OUT_FAMILIES or seed in held_out_seeds, warmup=warmup,
-                   accumulate=ACCUMULATE if kind == "nan_microbatch" else 1)  # fmt: skip
+                   accumulate=accumulate, reference_only=reference_only)  # fmt: skip
     case.eval_batch = FAMILIES[family](steps=steps, seed=seed).eval_batch()
     return case
 
@@ -662,14 +685,409 @@ def run_traces(cases: list[ZooCase]) -> list[dict[str, Any]]:
         t0 = time.perf_counter()
         with peers.READS:
             run = peers.run_one(pc, plain, tail=10, eval_every=10, probe_cls=ZooProbe)
-        out.append({
-            "name": case.name, "family": case.family, "kind": case.kind, "class": kind_of(case.kind),
-            "seed": case.seed, "held_out": case.held_out, "steps": case.steps, "event_step": case.event_step,
-            "accumulate_grad_batches": case.accumulate, "finished_finite": run["finished_finite"],
-            "final_eval_loss": run["final_eval_loss"], "traces": recorder.traces,
-        })  # fmt: skip
+        out.append({**case.record(), "finished_finite": run["finished_finite"],
+                    "final_eval_loss": run["final_eval_loss"], "traces": recorder.traces})  # fmt: skip
         print(f"[fault_zoo traces] {case.name}: event {case.event_step}, {time.perf_counter() - t0:.1f} s", flush=True)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# methods
+# ---------------------------------------------------------------------------------------------------------------------
+#: the guard configurations measured, name -> ``GradientGuard`` keyword arguments; ``--guard-kwargs`` adds
+#: ``guard_custom``. ``guard`` is whatever the installed default is: that is what a user gets.
+GUARD_CONFIGS: dict[str, dict[str, Any]] = {
+    "guard": {},
+    "guard_legacy": {"zscore": None},  # the 0.x default: non-finite steps only
+    "guard_zr": {"zscore": 2.5, "zscore_min_ratio": 3.0},  # the peers benchmark's recommendation
+}
+#: the constant norm clipping each peer applies on top of its own rule (``clip``: ``gradient_clip_val``; ZClip: its
+#: default ``max_grad_norm``): the steps where the norm exceeds it count as clipped
+CONSTANT_CLIP = {"clip": 1.0, "zclip": 1.0, "zclip_skip": 1.0}
+
+
+class NormWatch(Callback):
+    """Steps whose total gradient norm (before the method clips) exceeds ``threshold``: the steps a constant clip acts
+    on. Automatic optimization: at ``on_before_optimizer_step`` (before Lightning's clipping, and first among the
+    method's callbacks); manual: at ``on_after_backward`` (before the module's own ``clip_gradients``)."""
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+        self.steps: list[int] = []
+
+    def _check(self, pl_module, params) -> None:
+        with peers.READS.pause():
+            grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+            if grads and float(torch.linalg.vector_norm(torch.stack(grads))) > self.threshold:
+                self.steps.append(pl_module.zoo_step)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if pl_module.automatic_optimization:
+            self._check(pl_module, [p for g in optimizer.param_groups for p in g["params"]])
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if not pl_module.automatic_optimization:
+            part = pl_module.gen if pl_module.phase == "gen" else pl_module.disc
+            self._check(pl_module, part.parameters())
+
+
+def guard_method(name: str, kwargs: dict[str, Any]) -> peers.Method:
+    text = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    return peers.Method(name, f"GradientGuard({text})", None, lambda kw=dict(kwargs): peers._guard(**kw))
+
+
+def make_methods(guard_kwargs: dict[str, Any] | None = None) -> dict[str, peers.Method]:
+    """Every peer of ``peers.METHODS`` (its guard configurations replaced by ``GUARD_CONFIGS``) and the guards."""
+    methods = {m.name: m for m in peers.METHODS if not m.name.startswith("guard")}
+    configs = dict(GUARD_CONFIGS)
+    if guard_kwargs is not None:
+        configs["guard_custom"] = guard_kwargs
+    methods.update({name: guard_method(name, kw) for name, kw in configs.items()})
+    return methods
+
+
+def guard_unavailable(method: peers.Method) -> str | None:
+    """Why a guard configuration cannot be built with the installed package (the old meaning of an argument may be
+    gone), or None."""
+    if not method.name.startswith("guard"):
+        return None
+    try:
+        method.make()
+    except (TypeError, ValueError) as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+@dataclass
+class Captured:
+    """The setup a method built for one run (its observer, guard and norm watch), kept for the record."""
+
+    setup: Any = None
+    watch: NormWatch | None = None
+
+
+def capturing(method: peers.Method, captured: Captured) -> peers.Method:
+    def make():
+        setup = method.make()
+        if method.name in CONSTANT_CLIP:
+            captured.watch = NormWatch(CONSTANT_CLIP[method.name])
+            setup.callbacks.insert(0, captured.watch)
+        captured.setup = setup
+        return setup
+
+    return peers.Method(method.name, method.description, method.package, make)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# running
+# ---------------------------------------------------------------------------------------------------------------------
+PERSISTENT_KINDS = ("stop", "rollback", "raise")
+
+
+def _downsample(losses: list[float], event: int | None, every: int = 5) -> list[list[float]]:
+    """Every ``every``-th step, and every step within 5 of the event."""
+    keep = [
+        [i, round(v, 5) if math.isfinite(v) else v]
+        for i, v in enumerate(losses)
+        if i % every == 0 or (event is not None and abs(i - event) <= 5) or i == len(losses) - 1
+    ]
+    return keep
+
+
+def run_case(case: ZooCase, method: peers.Method, *, tail: int, eval_every: int, way: str = "faulty") -> dict:
+    """One run through ``peers.run_one``, its steps renumbered to the case's (gan: batches) and the method's actions
+    read from its observer, guard event log or norm watch."""
+    captured = Captured()
+    losses = TrainLoss()
+    pc = peer_case(case, lambda w: [InfGradInjector(), losses])
+    run = peers.run_one(pc, capturing(method, captured), tail=tail * case.steps_per_batch,
+                        eval_every=eval_every * case.steps_per_batch, way=way, probe_cls=ZooProbe)  # fmt: skip
+    spb = case.steps_per_batch
+
+    def renumber(step: int | None) -> int | None:
+        return None if step is None else step // spb
+
+    obs = captured.setup.observer
+    skips: list[int] = []
+    clips: list[int] = []
+    events: dict[str, list[int]] = {}
+    if isinstance(obs, peers.GuardObserver):
+        with peers.READS.pause():
+            for e in obs.guard.event_log.events:
+                events.setdefault(e.kind, []).append(renumber(e.step))
+        skips, clips = events.get("skip", []), events.get("clip", [])
+    elif isinstance(obs, peers.OlmoGlue):
+        skips = [renumber(s) for s in obs.skipped]
+    elif isinstance(obs, peers.ZClipObserver):
+        events["zscore"] = [renumber(s) for s in obs.interventions]
+        clips = list(events["zscore"])
+    if captured.watch is not None:
+        clips = sorted(set(clips) | set(captured.watch.steps))
+    stopped = renumber(run["stopped_at"]) if method.name == "spike_detection" else None
+    actions = sorted(set(skips) | set(clips) | ({stopped} if stopped is not None else set()))
+    warnings = sorted(set(actions) | {s for v in events.values() for s in v})
+    run.update(
+        failure_step=renumber(run["failure_step"]),
+        stopped_at=renumber(run["stopped_at"]),
+        steps_run=renumber(run["steps_run"]),
+        eval_curve=[[renumber(s), v] for s, v in run["eval_curve"]],
+        train_loss=_downsample(losses.losses, case.event_step),
+        skip_steps=sorted(set(skips)),
+        clip_steps=clips,
+        events={k: sorted(set(v)) for k, v in events.items()},
+        action_steps=actions,
+        warning_steps=warnings,
+        persistent_triggered=any(k in events for k in PERSISTENT_KINDS),
+        exposes_actions=obs.exposes_interventions or captured.watch is not None,
+    )
+    for k in ("intervention_steps", "interventions", "first_warning"):
+        run.pop(k, None)
+    run["host_reads_per_step"] = None
+    return run
+
+
+def run_group(group: list[ZooCase], names: list[str], custom: dict[str, Any] | None, tail: int, eval_every: int,
+              threads: int) -> dict:  # fmt: skip
+    """Every method on every case of one (family, seed) group, methods interleaved (their order rotates from case to
+    case), references included. Runs in a worker process (methods by name: lambdas do not pickle)."""
+    every = make_methods(custom)
+    methods = [every[n] for n in names]
+    torch.set_num_threads(threads)
+    _common.quiet()
+    out: dict[str, dict[str, Any]] = {}
+    with peers.READS:
+        for i, case in enumerate(group):
+            order = methods[i % len(methods) :] + methods[: i % len(methods)]
+            runs = {}
+            for m in order:
+                t0 = time.perf_counter()
+                runs[m.name] = run_case(case, m, tail=tail, eval_every=eval_every)
+                runs[m.name]["wall_s"] = round(time.perf_counter() - t0, 2)
+            out[case.name] = {m.name: runs[m.name] for m in methods}
+            line = " ".join(
+                f"{m}={'ok' if r['finished_finite'] else 'FAIL'}" + (f"[{len(a)}]" if (a := r["action_steps"]) else "")
+                for m, r in out[case.name].items()
+            )
+            print(f"[fault_zoo] {case.name} (event {case.event_step}): {line}", flush=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
+# analysis
+# ---------------------------------------------------------------------------------------------------------------------
+NEAR = 10  # steps either side of a legitimate change where actions count as "around the change"
+RECOVERY_TOLERANCE = 0.10
+
+
+def _fin(x: Any) -> bool:
+    return _common.finite(x)
+
+
+def recovery_steps(run: dict, reference: dict | None, event: int) -> int | None:
+    """Steps after the fault until the held-out loss is back within 10 % of the same method's clean run at the same
+    evaluation step (None: never, or either run failed)."""
+    if reference is None or not run["finished_finite"]:
+        return None
+    ref = {s: v for s, v in reference["eval_curve"] if _fin(v)}
+    for s, v in run["eval_curve"]:
+        if s >= event and _fin(v) and s in ref and v <= (1 + RECOVERY_TOLERANCE) * ref[s]:
+            return s - event
+    return None
+
+
+def analyse(cases: list[dict[str, Any]]) -> None:
+    """The fields that compare runs: damage against the same method's clean run, catch, recovery, lead time, actions
+    around a change and elsewhere, host reads beyond plain."""
+    by_name = {c["name"]: c for c in cases}
+    for c in cases:
+        ref_case = by_name.get(c["reference"]) if c.get("reference") else None
+        plain = c["runs"].get("plain")
+        e = c["event_step"]
+        for m, r in c["runs"].items():
+            if plain is not None:
+                r["host_reads_per_step"] = r["host_reads_total_per_step"] - plain["host_reads_total_per_step"]
+            if c["class"] in ("failure", "divergence"):
+                ref = ref_case["runs"].get(m) if ref_case is not None else None
+                ref_final = ref["final_eval_loss"] if ref is not None else None
+                ok = r["finished_finite"] and _fin(ref_final) and ref_final > 0
+                r["reference_final_eval_loss"] = ref_final
+                r["damage"] = r["final_eval_loss"] / ref_final - 1 if ok else None
+                r["caught"] = any(abs(s - e) <= 1 for s in r["action_steps"])
+                r["recovery_steps"] = recovery_steps(r, ref, e)
+            if c["class"] == "divergence" and plain is not None:
+                reference, why = peers.divergence_step(plain, e)
+                warn = next((s for s in r["warning_steps"] if s >= e), None)
+                r["lead_reference_step"], r["lead_reference"] = reference, why
+                r["first_warning_after_onset"] = warn
+                r["lead_time"] = reference - warn if reference is not None and warn is not None else None
+            if c["class"] == "healthy":
+                pf = plain["final_eval_loss"] if plain is not None else None
+                ok = r["finished_finite"] and _fin(pf) and pf > 0
+                r["relative_to_plain"] = r["final_eval_loss"] / pf - 1 if ok else None
+                near = [s for s in r["action_steps"] if e is not None and abs(s - e) <= NEAR]
+                r["actions_near_change"] = len(near)
+                r["false_actions"] = len(r["action_steps"]) - len(near)
+                excluded = 0 if e is None else len(range(max(e - NEAR, 0), min(e + NEAR, c["steps"] - 1) + 1))
+                r["steps_outside_change"] = c["steps"] - excluded
+
+
+def _median(values: list[float]) -> float | None:
+    values = [v for v in values if _fin(v)]
+    return _common.median(values) if values else None
+
+
+def method_summary(cases: list[dict[str, Any]], method: str) -> dict[str, Any]:
+    runs = lambda cls: [c["runs"][method] for c in cases if c["class"] == cls and method in c["runs"]]  # noqa: E731
+    fails, healthy, div = runs("failure"), runs("healthy"), runs("divergence")
+    exposes = any(r["exposes_actions"] for r in fails + healthy + div)
+    damages = [r["damage"] if r["damage"] is not None else math.inf for r in fails]
+    changes = [r for c in cases if c["class"] == "healthy" and c["event_step"] is not None and method in c["runs"]
+               for r in [c["runs"][method]]]  # fmt: skip
+    outside = sum(r["steps_outside_change"] for r in healthy)
+    return {
+        "fault_runs": len(fails),
+        "catch_rate": sum(r["caught"] for r in fails) / len(fails) if fails else None,
+        "failed_runs": sum(not r["finished_finite"] for r in fails),
+        "median_damage": _median(damages) if fails else None,
+        "worst_damage": max(damages) if fails else None,
+        "median_recovery_steps": _median([r["recovery_steps"] for r in fails]),
+        "never_recovered": sum(r["recovery_steps"] is None for r in fails),
+        "false_actions_per_1000": 1000 * sum(r["false_actions"] for r in healthy) / outside
+        if exposes and outside
+        else None,
+        "mean_actions_near_change": sum(r["actions_near_change"] for r in changes) / len(changes)
+        if exposes and changes
+        else None,
+        "max_actions_near_change": max((r["actions_near_change"] for r in changes), default=None) if exposes else None,
+        "worst_healthy_relative_to_plain": max(
+            (r["relative_to_plain"] if r["relative_to_plain"] is not None else math.inf for r in healthy), default=None
+        ),
+        "median_lead_time": _median([r["lead_time"] for r in div]),
+        "persistent_triggered_runs": sum(r["persistent_triggered"] for r in fails + healthy + div),
+        "host_reads_per_step": _median([r["host_reads_per_step"] for r in fails + healthy + div]),
+        "median_step_ms": _median([r["median_step_ms"] for r in fails + healthy + div]),
+    }
+
+
+def guard_targets(cases: list[dict[str, Any]], method: str) -> dict[str, Any]:
+    """The issue's targets for one guard configuration on one set of cases: every failure run finite with damage
+    <= 10 % and within 2 points of the least-damaged peer; every healthy run <= 3 actions around its change, <= 1
+    action per 1000 steps elsewhere, final <= 2 % above plain, never on_persistent."""
+    misses: list[str] = []
+    for c in cases:
+        r = c["runs"].get(method)
+        if r is None:
+            continue
+        if c["class"] == "failure":
+            peer = [x["damage"] for m, x in c["runs"].items() if not m.startswith("guard") and x["damage"] is not None]
+            best = min(peer, default=math.inf)
+            d = r["damage"]
+            if not r["finished_finite"] or d is None:
+                misses.append(f"{c['name']}: did not finish finite")
+            elif d > 0.10 or d > best + 0.02:
+                misses.append(f"{c['name']}: damage {d:+.1%} (least-damaged peer {best:+.1%})")
+        elif c["class"] == "healthy":
+            if r["actions_near_change"] > 3:
+                misses.append(f"{c['name']}: {r['actions_near_change']} actions around the change")
+            rel = r["relative_to_plain"]
+            if rel is None or rel > 0.02:
+                misses.append(f"{c['name']}: final {'not finite' if rel is None else f'{rel:+.1%}'} vs plain")
+        if r["persistent_triggered"]:
+            misses.append(f"{c['name']}: on_persistent triggered")
+    healthy = [c["runs"][method] for c in cases if c["class"] == "healthy" and method in c["runs"]]
+    outside = sum(r["steps_outside_change"] for r in healthy)
+    rate = 1000 * sum(r["false_actions"] for r in healthy) / outside if outside else 0.0
+    if rate > 1.0:
+        misses.append(f"false actions {rate:.2f} per 1000 healthy steps (target <= 1)")
+    return {"runs": sum(method in c["runs"] for c in cases if c["class"] in ("failure", "healthy")),
+            "false_actions_per_1000": rate, "target_met": not misses, "misses": misses}  # fmt: skip
+
+
+def summarise(cases: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
+    measured = [c for c in cases if c["class"] != "reference"]
+    families = sorted({c["family"] for c in measured})
+    splits = {"tuned": [c for c in measured if not c["held_out"]], "held_out": [c for c in measured if c["held_out"]]}
+    guards = [m for m in methods if m.startswith("guard")]
+    targets = {g: {k: guard_targets(v, g) for k, v in splits.items() if v} for g in guards}
+    return {
+        "target": "GradientGuard() (guard): on every failure case finite, damage <= 10 % and within 2 points of the "
+        "least-damaged peer; on healthy runs <= 3 actions around each change, <= 1 per 1000 steps elsewhere, final "
+        "<= 2 % above plain, never on_persistent; on the tuned and the held-out set",
+        "target_met": bool(targets.get("guard")) and all(t["target_met"] for t in targets["guard"].values()),
+        "guard_targets": targets,
+        "methods": {m: method_summary(measured, m) for m in methods},
+        "by_family": {f: {m: method_summary([c for c in measured if c["family"] == f], m) for m in methods}
+                      for f in families},  # fmt: skip
+        "by_split": {k: {m: method_summary(v, m) for m in methods} for k, v in splits.items() if v},
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# picture
+# ---------------------------------------------------------------------------------------------------------------------
+def plot(cases: list[dict[str, Any]], methods: list[str], path: Path) -> Path:
+    """A grid of small panels, one per (kind, family) of the first seed: every method's held-out loss (log scale),
+    the fault or change step as a dashed line, every action of the method as a dot on its curve, an x at the end of
+    a run that failed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    shown = [c for c in cases if c["class"] != "reference"]
+    if not shown:
+        raise ValueError("no case to plot")
+    seed = min(c["seed"] for c in shown)
+    shown = [c for c in shown if c["seed"] == seed]
+    families = [f for f in FAMILIES if any(c["family"] == f for c in shown)]
+    kinds = [k for k in KINDS if any(c["kind"] == k for c in shown)]
+    colors = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(len(kinds), len(families), figsize=(3.2 * len(families), 1.9 * len(kinds) + 0.8),
+                             squeeze=False, sharex="col")  # fmt: skip
+    for i, kind in enumerate(kinds):
+        for j, family in enumerate(families):
+            ax = axes[i][j]
+            case = next((c for c in shown if c["kind"] == kind and c["family"] == family), None)
+            if case is None:
+                ax.axis("off")
+                continue
+            for m in methods:
+                r = case["runs"].get(m)
+                if r is None:
+                    continue
+                pts = [(s, v) for s, v in r["eval_curve"] if _fin(v) and v > 0]
+                if not pts:
+                    continue
+                xs, ys = np.array(pts, dtype=float).T
+                ax.plot(xs, ys, color=colors[m], lw=1.0, label=m)
+                acts = np.array(r["action_steps"], dtype=float)
+                if acts.size:
+                    ax.plot(acts, np.interp(acts, xs, ys), "o", ms=3, color=colors[m])
+                if not r["finished_finite"]:
+                    ax.plot(xs[-1:], ys[-1:], "x", ms=6, mew=1.5, color=colors[m])
+            if case["event_step"] is not None:
+                ax.axvline(case["event_step"], color="k", ls="--", lw=0.8)
+            ax.set_yscale("log")
+            ax.tick_params(labelsize=6)
+            ax.set_title(f"{family} / {kind}", fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for row in axes:
+        for ax in row:
+            h, lab = ax.get_legend_handles_labels()
+            if len(lab) > len(labels):
+                handles, labels = h, lab
+    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 8), fontsize=8, frameon=False)
+    fig.text(0.5, 0.005, f"optimizer step (gan: batch); held-out loss, log scale; seed {seed}; dashed: fault or "
+             "change step; dots: the method acted (skip, clip, detection); x: the run failed", ha="center",
+             fontsize=8)  # fmt: skip
+    fig.tight_layout(rect=(0, 0.015, 1, 1 - 0.5 / (1.9 * len(kinds) + 0.8)))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -687,6 +1105,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default: tuned 0,1 and held-out 2)")
     p.add_argument("--held-out-seeds", default="2", help="seeds that count as held out (default 2)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 240, --quick 90)")
+    p.add_argument("--guard-kwargs", default=None, help="JSON object: adds guard_custom = GradientGuard(**it)")
+    p.add_argument("--workers", type=int, default=2, help="worker processes, a (family, seed) group each (default 2)")
+    p.add_argument("--picture", type=Path, default=None, help=f"picture path (default {PICTURE_REL}; --quick: temp)")
     p.add_argument("--traces", type=Path, default=None, help="run only plain and write per-step traces to this JSON")
     args = p.parse_args(argv)
     families = _csv(args.families) or (["conv_ae", "transformer"] if args.quick else list(FAMILIES))
@@ -703,21 +1124,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     steps = args.steps if args.steps is not None else (90 if args.quick else 240)
     if steps < 30:
         p.error(f"`--steps` must be >= 30, got {steps}")
+    if args.workers < 1:
+        p.error(f"`--workers` must be >= 1, got {args.workers}")
     args.families, args.kinds, args.seed_list, args.held_out_set, args.steps = families, kinds, seeds, held, steps
     return args
 
 
 QUICK_KINDS = ("clean", "nan_batch", "loss_x100", "wrong_scale", "loss_switch")
+QUICK_METHODS = ("plain", "clip", "zclip", "olmo_skip_step", "guard")
+PICTURE_REL = "docs/images/fault_zoo.png"
+PICTURE = _common.REPO_ROOT / PICTURE_REL
 
 
-def make_cases(args: argparse.Namespace) -> list[ZooCase]:
-    return [
-        make_case(f, k, s, args.steps, args.held_out_set)
-        for f in args.families
-        for s in args.seed_list
-        for k in args.kinds
-        if applies(f, k)
-    ]
+def make_cases(args: argparse.Namespace, *, references: bool = True) -> list[ZooCase]:
+    """The selected cases, and (``references``) the clean runs their faults are measured against where not selected:
+    references first in each (family, seed) group."""
+    cases = []
+    for f in args.families:
+        for seed in args.seed_list:
+            group = [make_case(f, k, seed, args.steps, args.held_out_set) for k in args.kinds if applies(f, k)]
+            names = {c.name for c in group}
+            refs = []
+            for c in group:
+                if references and c.reference is not None and c.reference not in names | {r.name for r in refs}:
+                    refs.append(make_case(f, "clean", seed, args.steps, args.held_out_set, accumulate=c.accumulate,
+                                          reference_only=True))  # fmt: skip
+            cases += refs + group
+    return cases
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -725,9 +1158,8 @@ def main(argv: list[str] | None = None) -> int:
     _common.setup_run(args)
     started = time.perf_counter()
     machine = _common.machine_info()
-    cases = make_cases(args)
     if args.traces is not None:
-        traced = run_traces(cases)
+        traced = run_traces(make_cases(args, references=False))
         config = {"mode": "traces", "steps": args.steps, "families": args.families, "kinds": args.kinds,
                   "seeds": args.seed_list, "held_out_seeds": sorted(args.held_out_set),
                   "trace_fields": "per optimizer (gan: gen, disc): step (the case's step numbering), grad_norm (total "
@@ -739,7 +1171,95 @@ def main(argv: list[str] | None = None) -> int:
                                    machine=machine)  # fmt: skip
         print(f"fault_zoo: traces of {len(traced)} plain runs -> {out}")
         return 0
-    raise SystemExit("the method comparison is not built yet: use --traces")
+    return compare(args, started, machine)
+
+
+#: rough idle-CPU cost per optimizer step (ms; gan: per batch of two steps) and per run (Trainer set-up, evaluations)
+STEP_MS = {"conv_ae": 6.0, "transformer": 9.0, "gan": 14.0, "deep_attn": 18.0, "gru": 8.0}
+RUN_OVERHEAD_S = 0.6
+
+
+def estimate_s(cases: list[ZooCase], n_methods: int, workers: int) -> float:
+    cost = sum(c.steps * STEP_MS[c.family] * (2 if c.accumulate > 1 else 1) / 1e3 + RUN_OVERHEAD_S for c in cases)
+    return cost * n_methods / max(workers, 1)
+
+
+def compare(args: argparse.Namespace, started: float, machine: dict[str, Any]) -> int:
+    from concurrent.futures import ProcessPoolExecutor
+
+    versions = peers.package_versions()
+    try:
+        custom = json.loads(args.guard_kwargs) if args.guard_kwargs else None
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"`--guard-kwargs` must be a JSON object, got {args.guard_kwargs!r}: {err}") from None
+    if custom is not None and not isinstance(custom, dict):
+        raise SystemExit(f"`--guard-kwargs` must be a JSON object, got {args.guard_kwargs!r}")
+    every = make_methods(custom)
+    chosen = _csv(args.methods) or (list(QUICK_METHODS) if args.quick else list(every))
+    if custom is not None and "guard_custom" not in chosen:
+        chosen.append("guard_custom")
+    if bad := [m for m in chosen if m not in every]:
+        raise SystemExit(f"`--methods`: unknown {bad}; the methods are {list(every)}")
+    if "plain" not in chosen:
+        chosen.insert(0, "plain")
+    unavailable = {m: versions[every[m].package] for m in chosen if not peers.usable(every[m].package, versions)}
+    unavailable.update({m: why for m in chosen if (why := guard_unavailable(every[m]))})
+    methods = [every[m] for m in chosen if m not in unavailable]
+    cases = make_cases(args)
+    tail, eval_every = (5, 5) if args.quick else (10, 10)
+    workers = max(1, min(args.workers, len({(c.family, c.seed) for c in cases})))
+    print(f"fault_zoo: {len(cases)} cases x {len(methods)} methods, {args.steps} steps, {workers} worker(s): about "
+          f"{estimate_s(cases, len(methods), workers) / 60:.0f} min on an idle machine", flush=True)  # fmt: skip
+    names = [m.name for m in methods]
+    groups: dict[tuple[str, int], list[ZooCase]] = {}
+    for c in cases:
+        groups.setdefault((c.family, c.seed), []).append(c)
+    runs: dict[str, dict[str, Any]] = {}
+    if workers == 1:
+        for g in groups.values():
+            runs.update(run_group(g, names, custom, tail, eval_every, args.threads))
+    else:
+        import multiprocessing
+
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            args_ = (names, custom, tail, eval_every, args.threads)
+            futures = [pool.submit(run_group, g, *args_) for g in groups.values()]
+            for f in futures:
+                runs.update(f.result())
+    docs = [{**c.record(), "runs": runs[c.name]} for c in cases]
+    analyse(docs)
+    summary = summarise(docs, names)
+    config = {
+        "steps": args.steps, "families": args.families, "kinds": args.kinds, "seeds": args.seed_list,
+        "held_out_seeds": sorted(args.held_out_set), "held_out_families": list(HELD_OUT_FAMILIES),
+        "eval_tail_steps": tail, "eval_every": eval_every, "near_change_steps": NEAR, "workers": workers,
+        "methods": {m: every[m].description for m in every}, "methods_run": names,
+        "methods_unavailable": unavailable, "guard_configs": {**GUARD_CONFIGS, **({"guard_custom": custom} if custom
+        else {})}, "constant_clip": CONSTANT_CLIP, "packages": versions,
+        "faults": {"loss_factors": LOSS_FACTORS, "wrong_scale": WRONG_SCALE, "overflow": OVERFLOW,
+                   "divergence_growth_per_step": GROWTH, "nan_microbatch_accumulation": ACCUMULATE},
+        "healthy": {"warmup_steps": WARMUP_STEPS, "warmup_peak_x_lr": WARMUP_PEAK, "switch_weight": SWITCH_WEIGHT},
+    }  # fmt: skip
+    out = _common.write_result("fault_zoo", args, config=config, cases=docs, summary=summary, started=started,
+                               machine=machine)  # fmt: skip
+    picture = args.picture or (Path(tempfile.mkdtemp(prefix="fault_zoo_")) / "fault_zoo.png" if args.quick or
+                               args.out is not None else PICTURE)  # fmt: skip
+    try:
+        plot(docs, names, picture)
+    except ImportError as err:
+        print(f"fault_zoo: no picture ({err})")
+    else:
+        print(f"fault_zoo: picture -> {picture}")
+    for m in names:
+        s = summary["methods"][m]
+        f = _common.fmt
+        print(f"  {m:16s} catch {f(s['catch_rate'], '.0%'):>5}  median damage {f(s['median_damage'], '+.1%'):>7}  "
+              f"failed {s['failed_runs']}  false/1000 {f(s['false_actions_per_1000'], '.1f'):>5}  "
+              f"lead {f(s['median_lead_time'])}")  # fmt: skip
+    for split, t in summary["guard_targets"].get("guard", {}).items():
+        print(f"  guard targets ({split}): {'met' if t['target_met'] else 'missed: ' + '; '.join(t['misses'][:6])}")
+    print(f"fault_zoo -> {out}")
+    return 0
 
 
 if __name__ == "__main__":
