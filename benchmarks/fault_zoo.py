@@ -1104,7 +1104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", default=None, help="comma-separated method names (default: all)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default: tuned 0,1 and held-out 2)")
     p.add_argument("--held-out-seeds", default="2", help="seeds that count as held out (default 2)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 240, --quick 90)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 200, --quick 90)")
     p.add_argument("--guard-kwargs", default=None, help="JSON object: adds guard_custom = GradientGuard(**it)")
     p.add_argument("--workers", type=int, default=2, help="worker processes, a (family, seed) group each (default 2)")
     p.add_argument("--picture", type=Path, default=None, help=f"picture path (default {PICTURE_REL}; --quick: temp)")
@@ -1121,7 +1121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         held = {int(s) for s in _csv(args.held_out_seeds) or []}
     except ValueError:
         p.error(f"`--seeds` / `--held-out-seeds` must be comma-separated integers, got {args.seeds!r}")
-    steps = args.steps if args.steps is not None else (90 if args.quick else 240)
+    steps = args.steps if args.steps is not None else (90 if args.quick else 200)
     if steps < 30:
         p.error(f"`--steps` must be >= 30, got {steps}")
     if args.workers < 1:
