@@ -1079,10 +1079,10 @@ def plot(cases: list[dict[str, Any]], methods: list[str], path: Path) -> Path:
             if len(lab) > len(labels):
                 handles, labels = h, lab
     fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 8), fontsize=8, frameon=False)
-    fig.text(0.5, 0.005, f"optimizer step (gan: batch); held-out loss, log scale; seed {seed}; dashed: fault or "
+    fig.text(0.5, 0.003, f"x: optimizer step (gan: batch); y: held-out loss, log scale; seed {seed}\ndashed: fault or "
              "change step; dots: the method acted (skip, clip, detection); x: the run failed", ha="center",
-             fontsize=8)  # fmt: skip
-    fig.tight_layout(rect=(0, 0.015, 1, 1 - 0.5 / (1.9 * len(kinds) + 0.8)))
+             fontsize=7)  # fmt: skip
+    fig.tight_layout(rect=(0, 0.3 / (1.9 * len(kinds) + 0.8), 1, 1 - 0.5 / (1.9 * len(kinds) + 0.8)))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
