@@ -641,7 +641,17 @@ QUICK_CASES = ("fault_nan_batch", "fault_loss_spike", "healthy_clean", "healthy_
 # ---------------------------------------------------------------------------------------------------------------------
 # running
 # ---------------------------------------------------------------------------------------------------------------------
-def run_one(case: PeerCase, method: Method, *, tail: int, eval_every: int, way: str = "faulty") -> dict[str, Any]:
+def run_one(
+    case: PeerCase,
+    method: Method,
+    *,
+    tail: int,
+    eval_every: int,
+    way: str = "faulty",
+    probe_cls: type[MeasuringProbe] | None = None,
+) -> dict[str, Any]:
+    """One training run of ``method`` on ``case``; ``probe_cls`` replaces :class:`MeasuringProbe` (the fault zoo's
+    probe measures once per optimizer step under gradient accumulation)."""
     pl.seed_everything(0, workers=True, verbose=False)
     module = case.build(way)
     setup = method.make()
@@ -654,7 +664,7 @@ def run_one(case: PeerCase, method: Method, *, tail: int, eval_every: int, way: 
     if not module.automatic_optimization:
         trainer_kwargs.pop("gradient_clip_val", None)  # Lightning cannot clip for a manual-optimization module
     kwargs.update(trainer_kwargs)
-    probe = MeasuringProbe(case.eval_batch, case.max_steps, tail=tail, eval_every=eval_every)
+    probe = (probe_cls or MeasuringProbe)(case.eval_batch, case.max_steps, tail=tail, eval_every=eval_every)
     timer = StepTimer()
     callbacks = [timer, *case.extra_callbacks(way), *setup.callbacks, setup.observer, timer.end, probe]
     stopped_at, stop_reason = None, None

@@ -118,7 +118,7 @@ def _finite(x: Any) -> bool:
 # ------------------------------------------------------------------------------------------------------- tables
 
 BENCHMARKS = ("rescue.json", "lr_sensitivity.json", "codec_quality.json", "overhead.json", "overhead_codec.json",
-              "peers.json", "lead_time.json", "cascade_amplitude.json")
+              "peers.json", "lead_time.json", "cascade_amplitude.json", "fault_zoo.json")
 
 
 @table
@@ -548,6 +548,71 @@ def lead_time(r: Results) -> str:
              fmt(x["lead_time"]), fmt(x["false_alarms_before_onset"])] for x in case["replayed"]]
     return markdown_table(["signal", "z-score", "first warning after the onset (step)", "lead time (steps)",
                            "false alarms before the onset"], rows)
+
+
+ZOO = "fault_zoo.json"
+
+
+@table
+def fault_zoo_methods(r: Results) -> str:
+    """Per method over the whole zoo (``benchmarks/fault_zoo.py``): catch rate, damage, recovery, false actions on
+    healthy runs, actions around legitimate changes, lead time, on_persistent, host reads."""
+    summary = r.get(ZOO, "summary.methods")
+    rows = []
+    for m, s in summary.items():
+        rows.append([
+            PEER_LABELS.get(m, m), fmt(s["catch_rate"], ".0%"), f"{s['failed_runs']}/{s['fault_runs']}",
+            fmt(s["median_damage"], "%"), fmt(s["worst_damage"], "%"), fmt(s["median_recovery_steps"], ".0f"),
+            fmt(s["false_actions_per_1000"], ".1f"), fmt(s["mean_actions_near_change"], ".1f"),
+            fmt(s["worst_healthy_relative_to_plain"], "%"), fmt(s["median_lead_time"], ".0f"),
+            s["persistent_triggered_runs"], fmt(s["host_reads_per_step"], ".2g"),
+        ])  # fmt: skip
+    return markdown_table(["method", "catch rate", "fault runs failed", "median damage", "worst damage",
+                           "median steps to recover", "false actions / 1000 healthy steps",
+                           "actions around a change (mean)", "worst healthy run vs plain", "lead time (steps)",
+                           "on_persistent runs", "host reads / step vs plain"], rows)  # fmt: skip
+
+
+@table
+def fault_zoo_damage(r: Results) -> str:
+    """Median damage (final held-out loss against the same method's clean run) per fault kind and method, over
+    families and seeds; a failed run counts as infinite damage, and the number of failed runs is given."""
+    cases = [c for c in r.get(ZOO, "cases") if c["class"] == "failure"]
+    methods = r.get(ZOO, "config.methods_run")
+    kinds = list(dict.fromkeys(c["kind"] for c in cases))
+    rows = []
+    for k in kinds:
+        row = [f"`{k}`"]
+        for m in methods:
+            runs = [c["runs"][m] for c in cases if c["kind"] == k and m in c["runs"]]
+            damages = [x["damage"] if x["damage"] is not None else math.inf for x in runs]
+            failed = sum(not x["finished_finite"] for x in runs)
+            row.append(fmt(_median(damages) if any(map(_finite, damages)) else math.inf, "%")
+                       + (f" ({failed} failed)" if failed else ""))  # fmt: skip
+        rows.append(row)
+    return markdown_table(["fault"] + [PEER_LABELS.get(m, m) for m in methods], rows)
+
+
+@table
+def fault_zoo_targets(r: Results) -> str:
+    """The issue's targets for each guard configuration on the tuned and the held-out set."""
+    targets = r.get(ZOO, "summary.guard_targets")
+    rows = []
+    for g, by_split in targets.items():
+        for split, t in by_split.items():
+            misses = "; ".join(t["misses"][:4]) + (f" (+{len(t['misses']) - 4} more)" if len(t["misses"]) > 4 else "")
+            rows.append([PEER_LABELS.get(g, g), split.replace("_", "-"), t["runs"], fmt(t["target_met"]),
+                         fmt(t["false_actions_per_1000"], ".1f"), misses or "none"])  # fmt: skip
+    return markdown_table(["configuration", "set", "runs", "targets met", "false actions / 1000", "misses"], rows)
+
+
+@table
+def fault_zoo_picture(r: Results) -> str:
+    """The zoo's picture (written by the full run to ``docs/images/fault_zoo.png``), once it exists."""
+    if not (ROOT / "docs" / "images" / "fault_zoo.png").is_file():
+        raise NotMeasured("`docs/images/fault_zoo.png` does not exist: the full run of `benchmarks/fault_zoo.py` "
+                          "writes it")  # fmt: skip
+    return "![Fault zoo: held-out loss per case and method, actions marked](images/fault_zoo.png)"
 
 
 def _peers_summary(r: Results) -> str:

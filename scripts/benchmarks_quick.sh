@@ -24,4 +24,5 @@ run lr_sensitivity
 run codec_quality
 run quality_cost
 run peers
+run fault_zoo
 echo "== quick benchmarks finished in $(( $(date +%s) - start )) s"
