@@ -302,7 +302,7 @@ class CodebookMonitor(Callback):
         dead_usage_ratio: float = 0.1,
         window: int = 3,
         expiry_window: int = 6,
-        expiry_dead_fraction: float = 0.1,
+        expiry_dead_fraction: float = 0.25,
         jump_tolerance: float = 0.25,
         image_every_n_checks: int = 10,
         prefix: str = "codebook/",
@@ -532,8 +532,8 @@ class CodebookMonitor(Callback):
         n_redead, n_stuck = int(redead.sum()), int((stuck & ~redead).sum())
         reason = (
             f"quantizer {t.name!r} ({t.tap.kind}) level {level}: its dead-code expiry has no effect: "
-            f"{n_redead} codes replaced since the last check are dead again and {n_stuck} have been dead for "
-            f"{self.expiry_window} checks without being replaced ({fraction:.0%} of {k})"
+            f"{n_redead} codes replaced since the last check are dead again and {n_stuck} have stayed dead for "
+            f"{self.expiry_window} checks since their last replacement, if any ({fraction:.0%} of {k})"
         )
         self.event_log.add(
             step,
