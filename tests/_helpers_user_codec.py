@@ -132,34 +132,38 @@ class UserGAN(pl.LightningModule):
         real_logits, _ = self.discriminate(audio)
         fake_logits_d, _ = self.discriminate(fake.detach())
         d_loss = F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits_d).mean()
+        if not self.leak:
+            opt_d.zero_grad()
+            self.manual_backward(d_loss)
+            opt_d.step()
 
-        fake_logits, fake_fmaps = self.discriminate(fake)
-        _, real_fmaps = self.discriminate(audio)
-        adv = F.relu(1 - fake_logits).mean()
-        feat = sum(
-            F.l1_loss(ff, fr.detach()) / fr.detach().abs().mean().clamp(min=1e-8) for fr, ff in zip(real_fmaps, fake_fmaps)
-        ) / len(real_fmaps)
-        rec = F.l1_loss(fake, audio)
-        g_loss = rec + adv + 2.0 * feat
+        def generator_loss():
+            fake_logits, fake_fmaps = self.discriminate(fake)
+            _, real_fmaps = self.discriminate(audio)
+            adv = F.relu(1 - fake_logits).mean()
+            pairs = list(zip(real_fmaps, fake_fmaps))
+            feat = sum(F.l1_loss(ff, fr.detach()) / fr.detach().abs().mean().clamp(min=1e-8) for fr, ff in pairs)
+            rec = F.l1_loss(fake, audio)
+            return rec, adv, feat / len(pairs)
 
         if self.leak:
             # the bug: one zero_grad for both, the generator's backward also writes into the discriminator, and the
             # discriminator steps on the sum of its own and the generator's gradients
+            rec, adv, feat = generator_loss()
+            g_loss = rec + adv + 2.0 * feat
             opt_g.zero_grad()
             opt_d.zero_grad()
-            self.manual_backward(g_loss + 0.0 * d_loss, retain_graph=True)
-            self.manual_backward(d_loss)
+            self.manual_backward(g_loss + d_loss)
             opt_g.step()
             opt_d.step()
         else:
-            opt_d.zero_grad()
-            self.manual_backward(d_loss)
-            opt_d.step()
-            opt_g.zero_grad()
             self.toggle_optimizer(opt_g)
+            rec, adv, feat = generator_loss()
+            g_loss = rec + adv + 2.0 * feat
+            opt_g.zero_grad()
             self.manual_backward(g_loss)
-            self.untoggle_optimizer(opt_g)
             opt_g.step()
+            self.untoggle_optimizer(opt_g)
         return {
             "loss": g_loss.detach(),
             "losses": {"l1": rec.detach(), "adv": adv.detach(), "feat": feat.detach()},

@@ -122,7 +122,7 @@ class AdversarialBalanceMonitor(Callback):
         warmup_steps: int = 200,
         win_fraction: float = 0.1,
         chance_tolerance: float = 0.02,
-        collapse_fraction: float = 0.01,
+        collapse_fraction: float = 0.05,
         drift_factor: float = 100.0,
         prefix: str = "adversarial/",
     ) -> None:

@@ -41,7 +41,8 @@ def test_finds_known_quantizers_once_each():
     assert find_quantizers(encodec_rvq)["quantizer"].kind == "encodec"
     # the ResidualVQ is listed, not each of its VectorQuantize layers
     found = find_quantizers(vqp_rvq)
-    assert list(found) == ["quantizer"] and found["quantizer"].levels == 2
+    assert list(found) == ["quantizer"]
+    assert found["quantizer"].levels == 2
 
 
 class _Fixed(nn.Module):
@@ -111,7 +112,8 @@ def test_encodec_collapsed_encoder_is_reported_within_the_window():
         _fit(UserVQCodec("encodec", expiry=False, collapse=True), monitor, steps=30)
     first = next(e for e in monitor.event_log.events if e.kind == "codebook_collapse")
     assert first.step == 14  # the third check (batches 5, 10, 15): exactly `window` checks
-    assert first.data["perplexity"] == pytest.approx(1.0) and "advice" in first.data
+    assert first.data["perplexity"] == pytest.approx(1.0)
+    assert "advice" in first.data
 
 
 @pytest.mark.filterwarnings("ignore:CodebookMonitor. .* collapsed:UserWarning")
@@ -122,7 +124,8 @@ def test_encodec_dead_code_expiry_without_effect_is_reported():
     with pytest.warns(UserWarning, match="dead-code expiry has no effect"):
         _fit(UserVQCodec("encodec", expiry=True), monitor)
     events = [e for e in monitor.event_log.events if e.kind == "expiry_ineffective"]
-    assert events and events[0].data["quantizer"] == "quantizer"
+    assert events
+    assert events[0].data["quantizer"] == "quantizer"
     assert events[0].data["replaced_dead_again"] + events[0].data["never_replaced"] >= 0.25 * 16
 
 
@@ -138,7 +141,8 @@ def test_vector_quantize_pytorch_collapsed_encoder_is_reported_on_every_level():
     monitor = CodebookMonitor(every_n_steps=5, window=3, expiry_window=8)
     with pytest.warns(UserWarning, match="collapsed"):
         _fit(UserVQCodec("vqp", collapse=True), monitor, steps=30)
-    assert ("codebook_collapse", 0) in _kinds(monitor) and ("codebook_collapse", 1) in _kinds(monitor)
+    assert ("codebook_collapse", 0) in _kinds(monitor)
+    assert ("codebook_collapse", 1) in _kinds(monitor)
 
 
 @pytest.mark.filterwarnings("ignore:CodebookMonitor. .* collapsed:UserWarning")
