@@ -50,6 +50,8 @@ import _common  # noqa: E402  (benchmarks/ is on sys.path when a script in it ru
 
 from lightning_stability.callbacks import (  # noqa: E402
     AdaptiveLossWeight,
+    AdversarialBalanceMonitor,
+    CodebookMonitor,
     GradientGuard,
     ScaleFactorClamp,
     SignalMonitor,
@@ -169,6 +171,8 @@ def full_stack() -> list[pl.Callback]:
         AdaptiveLossWeight(MODELS[MODEL][2], base_weight=None),
         ScaleFactorClamp(),
         SignalMonitor(),  # default interval: every 50 training steps
+        CodebookMonitor(),  # every 50 training batches (hooks only the models that have a known quantizer)
+        AdversarialBalanceMonitor(),  # reads the step output's GAN terms when present
         StabilityReport(dirpath=tempfile.mkdtemp(prefix="overhead_report_"), log_to_wandb=False, print_summary=False),
     ]
 

@@ -10,7 +10,8 @@ What it does, end to end, on a CPU-only machine:
    warning naming them);
 2. trains a small :class:`~lightning_stability.modules.CodecModule` (EnCodec's 24 kHz layout: hop 320, 75 frames/s,
    8 x 1024 codes = 6 kbps; narrower convolutions so it trains on 2 CPU cores) with ``GradientGuard``,
-   ``AdaptiveLossWeight`` on the ``mel`` term, ``ScaleFactorClamp``, ``SignalMonitor`` and ``StabilityReport``, a
+   ``AdaptiveLossWeight`` on the ``mel`` term, ``ScaleFactorClamp``, ``SignalMonitor``, ``CodebookMonitor``,
+   ``AdversarialBalanceMonitor`` and ``StabilityReport``, a
    progress bar, CSV logs and a checkpoint;
 3. evaluates the trained codec on the held-out utterances or files (whole, not crops; files longer than
    ``eval_max_seconds`` are evaluated on their first ``eval_max_seconds``, and the codec runs over
@@ -207,6 +208,8 @@ def build_callbacks(config: DemoConfig, out: Path) -> list:
 
     from lightning_stability.callbacks import (
         AdaptiveLossWeight,
+        AdversarialBalanceMonitor,
+        CodebookMonitor,
         GradientGuard,
         ScaleFactorClamp,
         SignalMonitor,
@@ -220,6 +223,9 @@ def build_callbacks(config: DemoConfig, out: Path) -> list:
         AdaptiveLossWeight("mel", warmup_steps=warmup),
         ScaleFactorClamp(),
         SignalMonitor(train_every_n_steps=max(1, min(50, config.max_steps // 20)), log_media=False),
+        # code usage per RVQ level, and the GAN's balance when the codec trains adversarially (silent otherwise)
+        CodebookMonitor(every_n_steps=50),  # a collapse needs 3 checks: 150 batches
+        AdversarialBalanceMonitor(),
         StabilityReport(dirpath=out, warmup_steps=warmup),
         ModelCheckpoint(dirpath=out / "checkpoints", filename="codec-{step}", save_last=True),
     ]

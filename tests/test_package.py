@@ -38,7 +38,7 @@ def test_console_script_help_runs():
 # DESIGN.md §4: the public contract. Renaming any of these needs a CHANGELOG entry; this test makes it deliberate.
 PUBLIC = {
     "callbacks": ["GradientGuard", "AdaptiveLossWeight", "SpectralNormInjection", "ScaleFactorClamp", "SignalMonitor",
-                  "StabilityReport"],
+                  "StabilityReport", "CodebookMonitor", "AdversarialBalanceMonitor"],
     "modules": ["CodecModule", "CascadeTransformerModule"],
     "losses": ["LossWeights", "LossBalancer", "MultiResolutionMelLoss"],
     "metrics": ["RMSRatio", "DCOffset", "PeakAmplitude", "CodebookUsage"],

@@ -105,7 +105,10 @@ class StabilityReport(Callback):
     - gradient norm median grew more than 5x from the first to the last quarter -> clip / spectral norm / lower LR;
     - final validation RMS ratio outside [0.5, 2] or |DC offset| > 0.1 -> amplitude handling (RMS loss,
       normalisation);
-    - a non-finite final loss.
+    - a non-finite final loss;
+    - every finding a source recorded with advice (an event whose ``data["advice"]`` is a string, e.g.
+      ``CodebookMonitor``'s "codebook_collapse" or ``AdversarialBalanceMonitor``'s "disc_winning"): one line per
+      source and kind, with the first such event's reason and step.
 
     ``state_dict`` carries its own loss trace (and the sources keep theirs), so a resumed run's report covers the
     whole run.
@@ -528,6 +531,7 @@ class StabilityReport(Callback):
         loss = self.event_log.traces.get("loss", [])
         if loss and not math.isfinite(loss[-1][1]):
             recs.append("the last recorded training loss is not finite: the run diverged (see the skipped steps).")
+        recs.extend(_advice(report))
         return recs
 
     @staticmethod
@@ -623,6 +627,23 @@ class StabilityReport(Callback):
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
+def _advice(report: dict[str, Any]) -> list[str]:
+    """One recommendation per (source, kind) of the events that carry ``data["advice"]`` (any callback's findings,
+    e.g. ``CodebookMonitor``'s "codebook_collapse"): the first such event's reason, how often it happened, the
+    advice."""
+    recs, seen = [], set()
+    for src in report["sources"].values():
+        for e in src["events"]:
+            advice = (e.get("data") or {}).get("advice")
+            if not isinstance(advice, str) or (src["label"], e["kind"]) in seen:
+                continue
+            seen.add((src["label"], e["kind"]))
+            count = int(src["num_events"].get(e["kind"], 1))
+            times = f"; {count} such events" if count > 1 else ""
+            recs.append(f"{src['label']}: {e['reason']} (step {e['step']}{times}): {advice}.")
+    return recs
+
+
 def _label(cb: Callback) -> str:
     loss = getattr(cb, "loss", None)
     if isinstance(loss, str):
@@ -632,6 +653,8 @@ def _label(cb: Callback) -> str:
         "ScaleFactorClamp": "scale",
         "SpectralNormInjection": "specnorm",
         "SignalMonitor": "signal",
+        "CodebookMonitor": "codebook",
+        "AdversarialBalanceMonitor": "adversarial",
     }
     return names.get(type(cb).__name__, type(cb).__name__)
 

@@ -139,7 +139,9 @@ class CodecModule(pl.LightningModule):
     gradient into them). Each optimizer's gradients are set to ``None`` right before its own backward and again right
     after its step, so when either optimizer steps (and callbacks such as ``GradientGuard`` inspect gradients in
     ``on_before_optimizer_step``) only its own, fresh gradients exist. In manual optimization Lightning's
-    ``global_step`` counts both optimizer steps, so ``max_steps`` is reached after ``max_steps / 2`` batches.
+    ``global_step`` counts both optimizer steps, so ``max_steps`` is reached after ``max_steps / 2`` batches. The step
+    output then also holds ``disc_loss`` (the discriminator's loss) and ``disc_real`` / ``disc_fake`` (its logits on
+    real and reconstructed audio, flattened over scales), what ``AdversarialBalanceMonitor`` reads by default.
 
     **Metrics** logged: training ``train/loss``, ``train/<term>`` (unweighted), ``train/si_snr``,
     ``train/perplexity_<i>``; validation ``val/loss``, ``val/<term>``, ``val/si_snr`` (torchmetrics SI-SNR, dB),
@@ -504,8 +506,8 @@ class CodecModule(pl.LightningModule):
         # 1) discriminator: real vs detached reconstruction; generator parameters frozen meanwhile.
         self.toggle_optimizer(opt_d)
         real_logits, _ = self.discriminator(audio)
-        fake_logits, _ = self.discriminator(recon.detach())
-        d_loss = discriminator_loss(real_logits, fake_logits, kind)
+        fake_logits_d, _ = self.discriminator(recon.detach())
+        d_loss = discriminator_loss(real_logits, fake_logits_d, kind)
         opt_d.zero_grad(set_to_none=True)
         self.manual_backward(d_loss)
         if clip:
@@ -540,7 +542,12 @@ class CodecModule(pl.LightningModule):
 
         self.log("train/disc_loss", d_loss.detach(), on_step=True, on_epoch=False)
         self._log_step("train", total, losses, out, audio)
-        return self._outputs(total, losses, out, audio)
+        outputs = self._outputs(total, losses, out, audio)
+        # the discriminator's side of the step, for AdversarialBalanceMonitor (its default names)
+        outputs["disc_loss"] = d_loss.detach()
+        outputs["disc_real"] = torch.cat([logits.detach().flatten() for logits in real_logits])
+        outputs["disc_fake"] = torch.cat([logits.detach().flatten() for logits in fake_logits_d])
+        return outputs
 
     def _schedulers(self) -> list:
         schedulers = self.lr_schedulers()

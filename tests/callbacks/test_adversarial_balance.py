@@ -1,0 +1,98 @@
+"""AdversarialBalanceMonitor on a user's GAN (manual optimization, two optimizers) and on CodecModule."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lightning_stability.callbacks import AdversarialBalanceMonitor, StabilityReport
+from tests._helpers_user_codec import UserGAN, loader
+
+
+def _fit(module, monitor, *, steps, callbacks=()):
+    torch.manual_seed(0)
+    trainer = pl.Trainer(
+        max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[monitor, *callbacks],
+    )  # fmt: skip
+    trainer.fit(module, loader(n=64, batch_size=8, shuffle=True))
+    return trainer
+
+
+def _monitor(**kw):
+    return AdversarialBalanceMonitor(every_n_steps=5, window=3, drift_window=4, warmup_steps=20, **kw)
+
+
+def _kinds(monitor):
+    return [e.kind for e in monitor.event_log.events]
+
+
+def test_healthy_gan_raises_no_alarm_and_logs_the_game():
+    monitor = _monitor()
+    _fit(UserGAN(disc_lr=4e-3), monitor, steps=150)  # manual optimization: 2 optimizer steps per batch
+    assert not monitor.event_log.events
+    assert set(monitor.last_values) == {
+        f"adversarial/{k}" for k in ("disc_loss", "balance", "adv_loss", "feat_loss", "disc_accuracy", "grad_ratio")
+    }
+    v = monitor.last_values
+    assert v["adversarial/balance"] == pytest.approx(v["adversarial/disc_loss"] / 2.0)  # hinge chance value 2
+    assert 0.0 <= v["adversarial/disc_accuracy"] <= 1.0
+    assert len(monitor.event_log.traces["grad_ratio"]) == 15  # 75 batches / 5: both players' norms every window
+
+
+def test_discriminator_blow_up_is_reported_as_winning():
+    monitor = _monitor()
+    with pytest.warns(UserWarning, match="the discriminator is winning"):
+        _fit(UserGAN(disc_lr=1e-2, gen_lr=1e-6), monitor, steps=80)
+    event = next(e for e in monitor.event_log.events if e.kind == "disc_winning")
+    assert event.data["disc_loss"] < 0.2
+    assert "learning rate" in event.data["advice"]
+    assert monitor.last_values["adversarial/disc_accuracy"] > 0.95
+
+
+@pytest.mark.filterwarnings("ignore:AdversarialBalanceMonitor. the discriminator learns nothing:UserWarning")
+def test_leaked_generator_gradient_is_reported_as_a_collapsed_term(tmp_path):
+    monitor = _monitor()
+    report = StabilityReport(dirpath=tmp_path, print_summary=False)
+    with pytest.warns(UserWarning, match="adversarial term fell"):
+        _fit(UserGAN(leak=True), monitor, steps=220, callbacks=[report])
+    event = next(e for e in monitor.event_log.events if e.kind == "feature_matching_collapse")
+    assert event.data["term"] == "adv"
+    assert event.data["value"] < 0.05 * event.data["reference"]
+    recs = report.last_report["summary"]["recommendations"]
+    assert any(r.startswith("adversarial: ") and "zero_grad" in r for r in recs)
+
+
+def test_discriminator_stuck_at_chance_is_reported():
+    monitor = _monitor()
+    with pytest.warns(UserWarning, match="learns nothing"):
+        _fit(UserGAN(disc_lr=1e-9), monitor, steps=80)
+    assert "disc_learning_nothing" in _kinds(monitor)
+
+
+def test_gradient_ratio_drift_is_reported():
+    # generator and discriminator steps both go through `on_before_optimizer_step`; a ratio 100x off its first value
+    # after warm-up for 4 checks is a drift
+    monitor = AdversarialBalanceMonitor(every_n_steps=5, window=3, drift_window=2, warmup_steps=0, drift_factor=10.0)
+    with pytest.warns(UserWarning, match="gradient-norm ratio"):
+        _fit(UserGAN(disc_lr=1e-2, gen_lr=1e-6), monitor, steps=80)
+    event = next(e for e in monitor.event_log.events if e.kind == "grad_ratio_drift")
+    assert event.data["ratio"] > 10 * event.data["reference"]
+
+
+def test_state_round_trip_and_bad_arguments(tmp_path):
+    monitor = _monitor()
+    _fit(UserGAN(disc_lr=4e-3), monitor, steps=30)
+    state = monitor.state_dict()
+    torch.save(state, tmp_path / "ab.pt")
+    resumed = _monitor()
+    resumed.load_state_dict(torch.load(tmp_path / "ab.pt", weights_only=True))
+    assert resumed.state_dict() == state
+    assert state["batches"] == 15
+    with pytest.raises(ValueError, match="loss_type"):
+        AdversarialBalanceMonitor(loss_type="wgan")
+    with pytest.raises(TypeError, match="disc_loss"):
+        AdversarialBalanceMonitor(disc_loss=3)
+    with pytest.raises(ValueError, match="drift_factor"):
+        AdversarialBalanceMonitor(drift_factor=1.0)
