@@ -598,9 +598,9 @@ class StabilityReport(Callback):
                     weights.series.append(series(src, name, label))
                 elif name.endswith("sigma"):
                     sigmas.series.append(series(src, name, name.removesuffix("/sigma")))
-                elif name.endswith("snr"):
+                elif _metric_name(name).endswith("snr"):
                     snr.series.append(series(src, name, name))
-                elif name.endswith("rms_ratio"):
+                elif _metric_name(name).endswith("rms_ratio"):
                     rms.series.append(series(src, name, name))
                 elif _is_scale_trace(src, name):
                     scales.series.append(series(src, name, name))
@@ -629,6 +629,11 @@ def _label(cb: Callback) -> str:
         "SignalMonitor": "signal",
     }
     return names.get(type(cb).__name__, type(cb).__name__)
+
+
+def _metric_name(key: str) -> str:
+    """``key`` without Lightning's ``/dataloader_idx_<i>`` suffix (a metric of one of several evaluation loaders)."""
+    return re.sub(r"/dataloader_idx_\d+$", "", key)
 
 
 def _is_scale_trace(src: dict, name: str) -> bool:
