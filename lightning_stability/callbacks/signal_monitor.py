@@ -17,6 +17,7 @@ from typing_extensions import override
 
 from lightning_stability.callbacks._events import EventLog
 from lightning_stability.callbacks._logging import log_scalars
+from lightning_stability.callbacks._outputs import only_the_loss, only_the_loss_message
 from lightning_stability.callbacks._state_key import cached_state_key
 from lightning_stability.metrics.signal import DCOffset, PeakAmplitude, RMSRatio
 
@@ -407,11 +408,8 @@ class SignalMonitor(Callback):
                 f"SignalMonitor needs `{hook}` to return a dict with {wanted} (DESIGN.md section 4), but it "
                 "returned None"
             )
-        if isinstance(outputs, Tensor):
-            raise RuntimeError(
-                f"SignalMonitor needs `{hook}` to return a dict with {wanted}, but it returned a Tensor of shape "
-                f"{tuple(outputs.shape)} (only the loss)"
-            )
+        if only_the_loss(outputs):
+            raise RuntimeError(f"SignalMonitor needs {wanted} from `{hook}`, but {only_the_loss_message(hook)}")
         if not isinstance(outputs, Mapping):
             raise RuntimeError(
                 f"SignalMonitor needs `{hook}` to return a dict with {wanted}, but it returned {type(outputs).__name__}"

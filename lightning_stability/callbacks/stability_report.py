@@ -511,15 +511,25 @@ class StabilityReport(Callback):
                         f"({first:.3g} -> {last:.3g}): add clipping (GradientGuard(max_norm=...)), spectral norm on "
                         "output projections, or lower the learning rate."
                     )
-        metrics = summary["final_metrics"]
-        for key, value in metrics.items():
-            if key.endswith("val/rms_ratio") and math.isfinite(value) and not 0.5 <= value <= 2.0:
+        # one piece of advice per finding and validation loader, naming every key that shows it (SignalMonitor's
+        # signal/val/rms_ratio and a module's own val/rms_ratio measure the same thing)
+        found: dict[tuple[str, str], list[str]] = {}
+        for key, value in summary["final_metrics"].items():
+            name = _metric_name(key)
+            if not math.isfinite(value):
+                continue
+            if name.endswith("val/rms_ratio") and not 0.5 <= value <= 2.0:
+                found.setdefault(("rms", key[len(name) :]), []).append(f"{key} = {value:.3g}")
+            if name.endswith("val/dc_offset") and abs(value) > 0.1:
+                found.setdefault(("dc", key[len(name) :]), []).append(f"{key} = {value:.3g}")
+        for (kind, _), shown in found.items():
+            if kind == "rms":
                 recs.append(
-                    f"final {key} = {value:.3g}: the output loudness does not match the target; add an RMS-matching "
+                    f"final {', '.join(shown)}: the output loudness does not match the target; add an RMS-matching "
                     "loss or normalise amplitudes (EnCodec-style scale, or -16 LUFS data)."
                 )
-            if key.endswith("val/dc_offset") and math.isfinite(value) and abs(value) > 0.1:
-                recs.append(f"final {key} = {value:.3g}: the output has a DC offset; check output biases/activations.")
+            else:
+                recs.append(f"final {', '.join(shown)}: the output has a DC offset; check output biases/activations.")
         loss = self.event_log.traces.get("loss", [])
         if loss and not math.isfinite(loss[-1][1]):
             recs.append("the last recorded training loss is not finite: the run diverged (see the skipped steps).")

@@ -352,6 +352,9 @@ class CodecModule(pl.LightningModule):
             correlation_gate=check_correlation_gate(rms_correlation_gate, "rms_correlation_gate")
         )
         self.l1_gain_gate = check_correlation_gate(l1_gain_gate, "l1_gain_gate")
+        #: how far the ``rms`` (level) term acts: the mean weight of its correlation gate over the last training
+        #: batch (a detached scalar tensor, on the device), read by ``ScaleFactorClamp``; None without a gate
+        self.level_gate: Tensor | None = None
         self.discriminator = (
             MultiScaleSTFTDiscriminator(filters=disc_filters, in_channels=channels, n_ffts=disc_n_ffts)
             if adversarial
@@ -534,17 +537,27 @@ class CodecModule(pl.LightningModule):
         if not self.automatic_optimization:
             return self._adversarial_step(audio)
         out = self(audio)
+        self._track_level_gate(out, audio)
         losses = self.compute_losses(audio, out)
         self._check_terms(losses)
         total = self.loss_weights.weighted_sum(losses)
         self._log_step("train", total, losses, out, audio)
         return self._outputs(total, losses, out, audio)
 
+    def _track_level_gate(self, out: CodecOutput, audio: Tensor) -> None:
+        gate = self.rms_loss.correlation_gate
+        if gate is None or "rms" not in self.loss_weights.names:
+            return
+        with torch.no_grad():
+            y = out.audio if out.decoded is None else out.decoded  # what the rms term measures
+            self.level_gate = correlation_gate_weights(y.float(), audio.float(), gate).mean()
+
     def _adversarial_step(self, audio: Tensor) -> dict[str, Any]:
         opt_g, opt_d = self.optimizers()
         kind = self.hparams.adversarial_loss
         clip = self.hparams.gradient_clip_val
         out = self(audio)
+        self._track_level_gate(out, audio)
         recon = out.audio
 
         # 1) discriminator: real vs detached reconstruction; generator parameters frozen meanwhile.

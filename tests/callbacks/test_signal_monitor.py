@@ -283,7 +283,12 @@ def test_without_media_logger_says_scalars_only_once(tmp_path, caplog):
 @pytest.mark.parametrize(
     ("bad_output", "error", "match"),
     [
-        ("tensor", RuntimeError, r"missing 'preds', 'target' \(keys returned: \['loss'\]\)"),
+        (
+            "tensor",
+            RuntimeError,
+            r"needs 'preds' and 'target' from `training_step`, but `training_step` returned only the loss \(a bare "
+            r"tensor.*\{'loss': total, 'losses': \{name: unweighted term, \.\.\.\}, 'preds': output, 'target'",
+        ),
         ("no_target", RuntimeError, r"missing 'target' \(keys returned: \['audio', 'loss', 'preds'\]\)"),
         ("shape", ValueError, r"'preds' of shape \(4, 1, 800\) and 'target' of shape \(4, 1, 799\)"),
     ],
@@ -592,3 +597,15 @@ def test_the_report_plots_each_loaders_signal_metrics(tmp_path):
     assert "SNR / SI-SNR" in panels
     assert "RMS ratio (output / target)" in panels
     assert "Scale factors" not in panels
+
+
+def test_a_validation_step_returning_a_bare_loss_is_named(tmp_path):
+    class BareValidation(AudioAE):
+        def validation_step(self, batch, batch_idx):
+            return self.step(batch)["loss"]
+
+    trainer = make_trainer(
+        tmp_path, [SignalMonitor(train_every_n_steps=0)], max_steps=2, limit_val_batches=1.0, val_check_interval=2
+    )
+    with pytest.raises(RuntimeError, match=r"`validation_step` returned only the loss \(a bare tensor.*'preds': out"):
+        trainer.fit(BareValidation())

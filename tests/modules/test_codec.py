@@ -87,6 +87,7 @@ def test_fast_dev_run_follows_the_protocols(tmp_path):
     ):
         assert key in metrics, key
     assert metrics["val/bitrate_kbps"].item() == pytest.approx(codec.bitrate / 1000)
+    assert "val/dead_fraction_0" not in metrics  # it was the validation set's unused codes, now named for that
     assert all(bool(layer.initialized) for layer in codec.quantizer.layers)  # k-means ran on the first batch
 
 
