@@ -21,6 +21,7 @@ from typing_extensions import override
 from lightning_stability.callbacks._events import EventLog
 from lightning_stability.callbacks._guard_norm import collect_grads, grad_norms
 from lightning_stability.callbacks._logging import log_scalars
+from lightning_stability.callbacks._outputs import only_the_loss, only_the_loss_message
 from lightning_stability.callbacks._refit import begin_fit
 from lightning_stability.callbacks._sharding import ShardReducer
 from lightning_stability.callbacks._state_key import cached_state_key
@@ -652,6 +653,11 @@ class AdaptiveLossWeight(Callback):
         losses = outputs.get("losses") if isinstance(outputs, Mapping) else None
         term = losses.get(self.loss) if isinstance(losses, Mapping) else None
         if not self._checked_outputs and outputs is not None:
+            if term is None and only_the_loss(outputs):
+                raise RuntimeError(
+                    f"AdaptiveLossWeight(loss={self.loss!r}) needs the unweighted term `outputs['losses']"
+                    f"[{self.loss!r}]`, but {only_the_loss_message(f'{type(pl_module).__name__}.training_step')}"
+                )
             if term is None:
                 reported = list(losses) if isinstance(losses, Mapping) else None
                 what = (

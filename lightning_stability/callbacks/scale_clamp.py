@@ -26,6 +26,9 @@ __all__ = ["ScaleFactorClamp"]
 _MAX_LISTED = 20
 
 
+#: ``level_gate`` below this (the module's level loss terms act at less than half strength): no "stays high" warning
+_GATE_OPEN = 0.5
+
 def _is_finite_number(x: Any) -> bool:
     return not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x)
 
@@ -173,6 +176,14 @@ class ScaleFactorClamp(Callback):
     warning repeats for the same factor at most once every ``20 * warn_after_steps`` steps. Each warning is an event
     in ``event_log`` (``kind="scale_high"``), and so is each init warning (``"scale_init"``).
 
+    **Not while the module's level terms are gated off.** A module whose amplitude loss terms are switched on
+    gradually can say how far they act: a ``level_gate`` attribute, a scalar tensor in ``[0, 1]`` updated each
+    training step (:class:`~lightning_stability.modules.CodecModule` with ``rms_correlation_gate`` sets it to the
+    mean weight of its ``rms`` term's correlation gate). While those terms are off, a quiet output (and so a factor at
+    its bound) is expected, not a collapse: no "stays high" warning is given while the mean ``level_gate`` since the
+    previous check is below 0.5. The factor is still clamped and logged, and the streak keeps counting, so a factor
+    still high once the gate opens is warned about at the next check.
+
     **Cost.** Every step: two tensor ops per factor (a parameter: a copy and the in-place clamp), on the device,
     without a host sync; every 32 steps a few vectorised ops fold those records into the window statistics. At log
     steps: one host read of the window statistics (and one all-reduce under DDP).
@@ -246,6 +257,9 @@ class ScaleFactorClamp(Callback):
         self._fit_started = False
         self._last_step: int | None = None
         self._last_read_step: int | None = None
+        # the module's `level_gate` summed over the steps since the last read (on its device; None: no gate)
+        self._gate_sum: Tensor | None = None
+        self._gate_steps = 0
 
     @property
     @override
@@ -318,6 +332,7 @@ class ScaleFactorClamp(Callback):
             self._check_init(trainer)
         self._project()
         self._last_step = trainer.global_step
+        self._gate_sum, self._gate_steps = None, 0
 
     def _restore_tracked(self) -> None:
         """Give every tracked factor its checkpointed state (or a fresh one)."""
@@ -395,6 +410,11 @@ class ScaleFactorClamp(Callback):
             return
         self._last_step = step
         self._update()
+        gate = getattr(pl_module, "level_gate", None)
+        if isinstance(gate, Tensor):  # on the device: no host read here
+            gate = gate.detach().float().reshape(())
+            self._gate_sum = gate if self._gate_sum is None else self._gate_sum + gate
+            self._gate_steps += 1
         every = trainer.log_every_n_steps if self.log_every_n_steps is None else self.log_every_n_steps
         read_every = every or self.warn_after_steps
         if step % read_every == 0:
@@ -415,6 +435,7 @@ class ScaleFactorClamp(Callback):
         stats = trainer.strategy.reduce(stats, reduce_op="mean")  # same statistics, hence decisions, on every rank
         peaks = trainer.strategy.reduce(peaks, reduce_op="max")
         host_stats, host_peaks = stats.tolist(), peaks.tolist()
+        gated = self._gated_off(trainer)
         logged: dict[str, Tensor] = {}
         for i, t in enumerate(items):
             if t.steps == 0:  # a layer that has not run yet
@@ -425,7 +446,7 @@ class ScaleFactorClamp(Callback):
                 logged[f"scale/{t.name}/clamped_fraction"] = stats[i, 1]
             self.event_log.trace(t.name, step, factor)
             self.event_log.trace(f"{t.name}/clamped_fraction", step, clamped)
-            if self.warn_above is not None and host_peaks[i] >= self.warn_after_steps:
+            if self.warn_above is not None and host_peaks[i] >= self.warn_after_steps and not gated:
                 self._warn(step, t, factor, int(host_peaks[i]))
             t.factor_sum.zero_()
             t.clamped_sum.zero_()
@@ -433,6 +454,15 @@ class ScaleFactorClamp(Callback):
             t.steps = 0
         log_scalars(trainer, logged)
         self._last_read_step = step
+
+    def _gated_off(self, trainer: pl.Trainer) -> bool:
+        """Whether the module's level terms acted at less than half strength (mean ``level_gate`` < 0.5) over the
+        steps since the last read; resets the window. False for a module without a ``level_gate``."""
+        if self._gate_sum is None or self._gate_steps == 0:
+            return False
+        mean = trainer.strategy.reduce(self._gate_sum / self._gate_steps, reduce_op="mean")
+        self._gate_sum, self._gate_steps = None, 0
+        return float(mean) < _GATE_OPEN
 
     def _warn(self, step: int, t: _Tracked, factor: float, peak: int) -> None:
         if t.last_warned_step is not None and step - t.last_warned_step < self.warn_every_n_steps:

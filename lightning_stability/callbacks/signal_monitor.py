@@ -17,6 +17,7 @@ from typing_extensions import override
 
 from lightning_stability.callbacks._events import EventLog
 from lightning_stability.callbacks._logging import log_scalars
+from lightning_stability.callbacks._outputs import only_the_loss, only_the_loss_message
 from lightning_stability.callbacks._refit import begin_fit
 from lightning_stability.callbacks._state_key import cached_state_key
 from lightning_stability.metrics.signal import DCOffset, PeakAmplitude, RMSRatio
@@ -34,11 +35,12 @@ _LATENT_KEYS = ("snr", "si_snr", "rms_ratio", "peak", "dc_offset")
 
 
 class SignalMonitor(Callback):
-    r"""Measure the health of a model's output signal against its target, in training and validation.
+    r"""Measure the health of a model's output signal against its target, in training, validation and test.
 
-    Reads the signal pair ``outputs["preds"]`` / ``outputs["target"]`` that ``training_step`` and
-    ``validation_step`` return (DESIGN.md section 4): audio ``[B, C, T]`` (or ``[B, T]``) or latents ``[B, D, T]``,
-    any float dtype (measured in float32). Logged scalars (``<stage>`` is ``train`` or ``val``):
+    Reads the signal pair ``outputs["preds"]`` / ``outputs["target"]`` that ``training_step``, ``validation_step``
+    and ``test_step`` return (the loss-dict protocol: ``{"loss": ..., "losses": {...}, "preds": ..., "target":
+    ...}``): audio ``[B, C, T]`` (or ``[B, T]``) or latents ``[B, D, T]``, any float dtype (measured in float32).
+    Logged scalars (``<stage>`` is ``train``, ``val`` or ``test``):
 
     ==============================  ==================================================================================
     ``{prefix}<stage>/snr``         mean per-series SNR in dB, torchmetrics ``SignalNoiseRatio``
@@ -61,11 +63,15 @@ class SignalMonitor(Callback):
     are also put into ``trainer.callback_metrics`` at that step, so ``ModelCheckpoint(monitor="signal/train/si_snr")``
     and ``EarlyStopping`` can use them.
 
-    **Validation**: epoch aggregates over every validation batch of every rank (the metrics' states are reduced
-    across ranks before ``compute``), logged with ``pl_module.log`` at epoch end, so they are in
-    ``trainer.callback_metrics`` (usable by ``ModelCheckpoint``/``EarlyStopping``) and in every logger.
+    **Validation and test** (``trainer.fit``/``validate``: ``val``; ``trainer.test``: ``test``): epoch aggregates
+    over every batch of every rank (the metrics' states are reduced across ranks before ``compute``), logged with
+    ``pl_module.log`` at epoch end, so they are in ``trainer.callback_metrics`` (usable by
+    ``ModelCheckpoint``/``EarlyStopping``) and in every logger. **Each dataloader is measured on its own**: with
+    several validation (or test) dataloaders the keys get Lightning's suffix for ``self.log``,
+    ``signal/val/si_snr/dataloader_idx_0``, ``signal/val/si_snr/dataloader_idx_1``, ...; with one dataloader the
+    keys have no suffix (``signal/val/si_snr``).
 
-    **Media** (audio only, validation, rank zero, every ``media_every_n_epochs`` epochs): the first
+    **Media** (audio only, validation (not test), rank zero, every ``media_every_n_epochs`` epochs): the first
     ``num_media_examples`` items of the epoch (all channels, as ``[T, C]``; non-finite samples zeroed; values
     beyond full scale clip when written as 16-bit audio) as target and reconstruction audio plus an image with both
     log-mel spectrograms (HTK mel, ~46 ms window, one dB scale):
@@ -81,7 +87,8 @@ class SignalMonitor(Callback):
     argument or ``pl_module.sample_rate``), else ``"latent"`` (with an info message). Latents get no media and no
     clip fraction. The sample rate is the argument when given, else ``pl_module.sample_rate``.
 
-    Every logged value is also traced into ``self.event_log`` (``"train/snr"``, ``"val/rms_ratio"``, ...) for
+    Every logged value is also traced into ``self.event_log`` (``"train/snr"``, ``"val/rms_ratio"``,
+    ``"val/rms_ratio/dataloader_idx_1"``, ``"test/si_snr"``, ...) for
     :class:`~lightning_stability.callbacks.StabilityReport`.
 
     Args:
@@ -167,12 +174,14 @@ class SignalMonitor(Callback):
         self._resolved_type: str | None = None
         self._resolved_rate: int | None = None
         self._media_loggers: list[Logger] = []
+        # "train", and per evaluation stage and dataloader "val/0", "val/1", "test/0", ... (created on first use)
         self._metrics: dict[str, dict[str, Metric]] = {}
+        self._ready = False
         self._keys: tuple[str, ...] = _AUDIO_KEYS
         self._train_checked = False
         self._last_train_step = -1
         self._batch_step = 0
-        self._val_updates = 0
+        self._updated: set[str] = set()  # the evaluation metric sets updated this epoch
         self._val_epochs = 0
         self._examples: list[tuple[Tensor, Tensor]] = []
 
@@ -223,7 +232,8 @@ class SignalMonitor(Callback):
             self._media_loggers = []
 
         self._keys = _AUDIO_KEYS if self._resolved_type == "audio" else _LATENT_KEYS
-        self._metrics = {stage_name: self._make_metrics() for stage_name in ("train", "val")}
+        self._metrics = {"train": self._make_metrics()}
+        self._ready = True
 
     def _resolve_type(self, pl_module: pl.LightningModule) -> str:
         if self.signal_type != "auto":
@@ -264,7 +274,7 @@ class SignalMonitor(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if trainer.sanity_checking or not self._metrics:
+        if trainer.sanity_checking or not self._ready:
             return
         n = self.train_every_n_steps
         if n == 0:
@@ -284,13 +294,15 @@ class SignalMonitor(Callback):
         self._record("train", step, values)
         log_scalars(trainer, {f"{self.prefix}train/{k}": v for k, v in values.items()}, step=step)
 
-    # -------------------------------------------------------------------------------------------- validation
+    # ------------------------------------------------------------------------------------ validation and test
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for metric in self._metrics.get("val", {}).values():
-            metric.reset()
-        self._val_updates = 0
+        self._eval_epoch_start("val")
         self._examples = []
+
+    @override
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._eval_epoch_start("test")
 
     @override
     def on_validation_batch_end(
@@ -302,11 +314,9 @@ class SignalMonitor(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if trainer.sanity_checking or not self._metrics:
+        if trainer.sanity_checking or not self._ready:
             return
-        preds, target, mask = self._extract_pair(outputs, "validation_step")
-        self._update(self._metrics["val"], preds, target, mask)
-        self._val_updates += 1
+        preds, target, mask = self._eval_batch_end("val", dataloader_idx, outputs, "validation_step")
         if self._media_due(trainer) and len(self._examples) < self.num_media_examples:
             take = self.num_media_examples - len(self._examples)
             for i in range(min(take, preds.shape[0])):
@@ -317,18 +327,75 @@ class SignalMonitor(Callback):
                 self._examples.append((t, p))
 
     @override
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self._ready:
+            self._eval_batch_end("test", dataloader_idx, outputs, "test_step")
+
+    @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or not self._metrics or self._val_updates == 0:
+        if trainer.sanity_checking or not self._ready:
             return
-        values = self._compute(self._metrics["val"])
-        step = trainer.global_step
-        self._record("val", step, values)
-        for key, value in values.items():
-            pl_module.log(f"{self.prefix}val/{key}", value, on_step=False, on_epoch=True, sync_dist=True)
-        if self._media_due(trainer) and self._examples and trainer.is_global_zero:
-            self._log_media(step)
+        logged = self._eval_epoch_end("val", trainer, pl_module)
+        if logged and self._media_due(trainer) and self._examples and trainer.is_global_zero:
+            self._log_media(trainer.global_step)
         self._examples = []
-        self._val_epochs += 1
+        if logged:
+            self._val_epochs += 1
+
+    @override
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._ready:
+            self._eval_epoch_end("test", trainer, pl_module)
+
+    def _eval_epoch_start(self, stage: str) -> None:
+        for name, metrics in self._metrics.items():
+            if name.startswith(f"{stage}/"):
+                for metric in metrics.values():
+                    metric.reset()
+        self._updated = {name for name in self._updated if not name.startswith(f"{stage}/")}
+
+    def _eval_batch_end(
+        self, stage: str, dataloader_idx: int, outputs: Any, hook: str
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        preds, target, mask = self._extract_pair(outputs, hook)
+        name = f"{stage}/{dataloader_idx}"
+        if name not in self._metrics:
+            self._metrics[name] = self._make_metrics()
+        self._update(self._metrics[name], preds, target, mask)
+        self._updated.add(name)
+        return preds, target, mask
+
+    def _eval_epoch_end(self, stage: str, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """Compute and log each dataloader's epoch values: ``{prefix}<stage>/<key>`` with one loader,
+        ``{prefix}<stage>/<key>/dataloader_idx_<i>`` with several (Lightning's names for ``self.log``). Returns
+        whether anything was logged."""
+        batches = trainer.num_test_batches if stage == "test" else trainer.num_val_batches
+        several = len(batches) > 1
+        names = sorted((n for n in self._updated if n.startswith(f"{stage}/")), key=lambda n: int(n.split("/")[1]))
+        step = trainer.global_step
+        for name in names:
+            suffix = f"/dataloader_idx_{name.split('/')[1]}" if several else ""
+            values = self._compute(self._metrics[name])
+            self._record(stage, step, values, suffix)
+            for key, value in values.items():
+                pl_module.log(
+                    f"{self.prefix}{stage}/{key}{suffix}",
+                    value,
+                    on_step=False,
+                    on_epoch=True,
+                    sync_dist=True,
+                    add_dataloader_idx=False,
+                )
+        self._updated -= set(names)
+        return bool(names)
 
     def _media_due(self, trainer: pl.Trainer) -> bool:
         return (
@@ -345,11 +412,8 @@ class SignalMonitor(Callback):
                 f"SignalMonitor needs `{hook}` to return a dict with {wanted} (DESIGN.md section 4), but it "
                 "returned None"
             )
-        if isinstance(outputs, Tensor):
-            raise RuntimeError(
-                f"SignalMonitor needs `{hook}` to return a dict with {wanted}, but it returned a Tensor of shape "
-                f"{tuple(outputs.shape)} (only the loss)"
-            )
+        if only_the_loss(outputs):
+            raise RuntimeError(f"SignalMonitor needs {wanted} from `{hook}`, but {only_the_loss_message(hook)}")
         if not isinstance(outputs, Mapping):
             raise RuntimeError(
                 f"SignalMonitor needs `{hook}` to return a dict with {wanted}, but it returned {type(outputs).__name__}"
@@ -421,9 +485,9 @@ class SignalMonitor(Callback):
                 metric.reset()
         return {key: float(raw[key]) for key in self._keys}
 
-    def _record(self, stage: str, step: int, values: dict[str, float]) -> None:
+    def _record(self, stage: str, step: int, values: dict[str, float], suffix: str = "") -> None:
         for key, value in values.items():
-            self.event_log.trace(f"{stage}/{key}", step, value)
+            self.event_log.trace(f"{stage}/{key}{suffix}", step, value)
 
     def _log_media(self, step: int) -> None:
         from lightning_stability.callbacks._report_plot import render_mel_pair

@@ -519,15 +519,25 @@ class StabilityReport(Callback):
                         f"({first:.3g} -> {last:.3g}): add clipping (GradientGuard(max_norm=...)), spectral norm on "
                         "output projections, or lower the learning rate."
                     )
-        metrics = summary["final_metrics"]
-        for key, value in metrics.items():
-            if key.endswith("val/rms_ratio") and math.isfinite(value) and not 0.5 <= value <= 2.0:
+        # one piece of advice per finding and validation loader, naming every key that shows it (SignalMonitor's
+        # signal/val/rms_ratio and a module's own val/rms_ratio measure the same thing)
+        found: dict[tuple[str, str], list[str]] = {}
+        for key, value in summary["final_metrics"].items():
+            name = _metric_name(key)
+            if not math.isfinite(value):
+                continue
+            if name.endswith("val/rms_ratio") and not 0.5 <= value <= 2.0:
+                found.setdefault(("rms", key[len(name) :]), []).append(f"{key} = {value:.3g}")
+            if name.endswith("val/dc_offset") and abs(value) > 0.1:
+                found.setdefault(("dc", key[len(name) :]), []).append(f"{key} = {value:.3g}")
+        for (kind, _), shown in found.items():
+            if kind == "rms":
                 recs.append(
-                    f"final {key} = {value:.3g}: the output loudness does not match the target; add an RMS-matching "
+                    f"final {', '.join(shown)}: the output loudness does not match the target; add an RMS-matching "
                     "loss or normalise amplitudes (EnCodec-style scale, or -16 LUFS data)."
                 )
-            if key.endswith("val/dc_offset") and math.isfinite(value) and abs(value) > 0.1:
-                recs.append(f"final {key} = {value:.3g}: the output has a DC offset; check output biases/activations.")
+            else:
+                recs.append(f"final {', '.join(shown)}: the output has a DC offset; check output biases/activations.")
         loss = self.event_log.traces.get("loss", [])
         if loss and not math.isfinite(loss[-1][1]):
             recs.append("the last recorded training loss is not finite: the run diverged (see the skipped steps).")
@@ -607,9 +617,9 @@ class StabilityReport(Callback):
                     weights.series.append(series(src, name, label))
                 elif name.endswith("sigma"):
                     sigmas.series.append(series(src, name, name.removesuffix("/sigma")))
-                elif name.endswith("snr"):
+                elif _metric_name(name).endswith("snr"):
                     snr.series.append(series(src, name, name))
-                elif name.endswith("rms_ratio"):
+                elif _metric_name(name).endswith("rms_ratio"):
                     rms.series.append(series(src, name, name))
                 elif _is_scale_trace(src, name):
                     scales.series.append(series(src, name, name))
@@ -657,6 +667,11 @@ def _label(cb: Callback) -> str:
         "AdversarialBalanceMonitor": "adversarial",
     }
     return names.get(type(cb).__name__, type(cb).__name__)
+
+
+def _metric_name(key: str) -> str:
+    """``key`` without Lightning's ``/dataloader_idx_<i>`` suffix (a metric of one of several evaluation loaders)."""
+    return re.sub(r"/dataloader_idx_\d+$", "", key)
 
 
 def _is_scale_trace(src: dict, name: str) -> bool:

@@ -89,6 +89,48 @@ def _audio_from_batch(batch: Any) -> Tensor:
     return batch
 
 
+class _EvalMetrics(nn.Module):
+    """The codec's epoch metrics of one evaluation dataloader: SI-SNR, mel distance, RMS ratio, code usage and the
+    speech-quality measures."""
+
+    def __init__(self, n_q: int, codebook_size: int, quality: Sequence[str], sample_rate: int) -> None:
+        super().__init__()
+        self.si_snr = ScaleInvariantSignalNoiseRatio()
+        self.mel_distance = MeanMetric()
+        self.rms_ratio = RMSRatio()
+        self.codebook = CodebookUsage(n_q, codebook_size)
+        self.quality = nn.ModuleDict(build_quality_metrics(quality, sample_rate))
+        self.sample_rate = sample_rate
+
+    def update(self, recon: Tensor, audio: Tensor, codes: Tensor) -> None:
+        self.si_snr.update(recon, audio)
+        self.mel_distance.update(mel_distance(recon, audio, self.sample_rate), weight=audio.shape[0])
+        self.rms_ratio.update(recon, audio)
+        self.codebook.update(codes)
+        for metric in self.quality.values():
+            metric.update(recon, audio)
+
+    def compute(self, bitrate: float) -> dict[str, Tensor]:
+        """Everything but the quality measures (``summarize`` those: they report what they skipped)."""
+        usage = self.codebook.compute()
+        values = {
+            "si_snr": self.si_snr.compute(),
+            "mel_distance": self.mel_distance.compute(),
+            "rms_ratio": self.rms_ratio.compute(),
+            "bitrate_kbps": torch.tensor(bitrate / 1000.0),
+        }
+        for i in range(usage["perplexity"].numel()):
+            values[f"perplexity_{i}"] = usage["perplexity"][i]
+            # codes of stage i that no frame of this evaluation set used (a property of the set's size as much as of
+            # the codebook); the quantizer's own EMA dead-code fraction is `train/dead_fraction_<i>`
+            values[f"unused_code_fraction_{i}"] = usage["dead_fraction"][i]
+        return values
+
+    def reset(self) -> None:
+        for metric in (self.si_snr, self.mel_distance, self.rms_ratio, self.codebook, *self.quality.values()):
+            metric.reset()
+
+
 class CodecModule(pl.LightningModule):
     r"""A SEANet + residual-VQ speech codec (EnCodec architecture, DAC-style losses), stable by construction.
 
@@ -144,11 +186,16 @@ class CodecModule(pl.LightningModule):
     real and reconstructed audio, flattened over scales), what ``AdversarialBalanceMonitor`` reads by default.
 
     **Metrics** logged: training ``train/loss``, ``train/<term>`` (unweighted), ``train/si_snr``,
-    ``train/perplexity_<i>``; validation ``val/loss``, ``val/<term>``, ``val/si_snr`` (torchmetrics SI-SNR, dB),
-    ``val/mel_distance`` (DAC's), ``val/rms_ratio``, ``val/perplexity_<i>``, ``val/dead_fraction_<i>``,
+    ``train/perplexity_<i>``, ``train/dead_fraction_<i>`` (the quantizer's own: codes whose EMA count is below the
+    dead-code threshold); validation ``val/loss``, ``val/<term>``, ``val/si_snr`` (torchmetrics SI-SNR, dB),
+    ``val/mel_distance`` (DAC's), ``val/rms_ratio``, ``val/perplexity_<i>``, ``val/unused_code_fraction_<i>`` (the
+    fraction of stage ``i``'s codes that no validation frame used: it depends on the size of the validation set),
     ``val/bitrate_kbps``; with ``quality_metrics`` (on by default where the packages are installed): ``val/pesq``
     (wide-band PESQ, P.862.2, after resampling to 16 kHz), ``val/stoi`` and ``val/loudness_error_lu`` (mean
     ``|L(recon) - L(audio)|``, BS.1770 LU), each with ``val/<name>_skipped`` (clips the measure could not score).
+    ``trainer.test`` logs the same family under ``test/``. With several validation (or test) dataloaders each is
+    measured on its own and every validation key gets Lightning's ``/dataloader_idx_<i>`` suffix, as ``self.log``
+    names them (``val/si_snr/dataloader_idx_1``); with one loader the names are as above.
 
     Args (keyword-only):
         sample_rate: audio rate (Hz); exposed as ``self.sample_rate``.
@@ -307,16 +354,18 @@ class CodecModule(pl.LightningModule):
             correlation_gate=check_correlation_gate(rms_correlation_gate, "rms_correlation_gate")
         )
         self.l1_gain_gate = check_correlation_gate(l1_gain_gate, "l1_gain_gate")
+        #: how far the ``rms`` (level) term acts: the mean weight of its correlation gate over the last training
+        #: batch (a detached scalar tensor, on the device), read by ``ScaleFactorClamp``; None without a gate
+        self.level_gate: Tensor | None = None
         self.discriminator = (
             MultiScaleSTFTDiscriminator(filters=disc_filters, in_channels=channels, n_ffts=disc_n_ffts)
             if adversarial
             else None
         )
-        self.val_si_snr = ScaleInvariantSignalNoiseRatio()
-        self.val_mel_distance = MeanMetric()
-        self.val_rms_ratio = RMSRatio()
-        self.val_codebook = CodebookUsage(n_q, codebook_size)
-        self.val_quality = nn.ModuleDict(build_quality_metrics(resolve_quality_metrics(quality_metrics), sample_rate))
+        self._quality_names = resolve_quality_metrics(quality_metrics)
+        # the epoch metrics of each evaluation dataloader (one set per loader, added when a loader first appears)
+        self.val_metrics = nn.ModuleList([self._eval_metrics()])
+        self.test_metrics = nn.ModuleList()
 
     # ---------------------------------------------------------------------------------------------- networks
     def build_encoder(self) -> nn.Module:
@@ -490,17 +539,27 @@ class CodecModule(pl.LightningModule):
         if not self.automatic_optimization:
             return self._adversarial_step(audio)
         out = self(audio)
+        self._track_level_gate(out, audio)
         losses = self.compute_losses(audio, out)
         self._check_terms(losses)
         total = self.loss_weights.weighted_sum(losses)
         self._log_step("train", total, losses, out, audio)
         return self._outputs(total, losses, out, audio)
 
+    def _track_level_gate(self, out: CodecOutput, audio: Tensor) -> None:
+        gate = self.rms_loss.correlation_gate
+        if gate is None or "rms" not in self.loss_weights.names:
+            return
+        with torch.no_grad():
+            y = out.audio if out.decoded is None else out.decoded  # what the rms term measures
+            self.level_gate = correlation_gate_weights(y.float(), audio.float(), gate).mean()
+
     def _adversarial_step(self, audio: Tensor) -> dict[str, Any]:
         opt_g, opt_d = self.optimizers()
         kind = self.hparams.adversarial_loss
         clip = self.hparams.gradient_clip_val
         out = self(audio)
+        self._track_level_gate(out, audio)
         recon = out.audio
 
         # 1) discriminator: real vs detached reconstruction; generator parameters frozen meanwhile.
@@ -591,54 +650,64 @@ class CodecModule(pl.LightningModule):
         with torch.autocast(preds.device.type, enabled=False):
             return scale_invariant_signal_noise_ratio(preds.float(), target.float())
 
-    # ---------------------------------------------------------------------------------------------- validation
-    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+    # ---------------------------------------------------------------------------------------------- evaluation
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        return self._eval_step("val", batch, dataloader_idx)
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        return self._eval_step("test", batch, dataloader_idx)
+
+    def _eval_metrics(self) -> _EvalMetrics:
+        hp = self.hparams
+        return _EvalMetrics(hp.n_q, hp.codebook_size, self._quality_names, self.sample_rate)
+
+    def _stage_metrics(self, stage: str, dataloader_idx: int) -> _EvalMetrics:
+        """The metric set of one dataloader of ``stage`` ("val" or "test"), created the first time it is needed."""
+        sets = self.val_metrics if stage == "val" else self.test_metrics
+        while len(sets) <= dataloader_idx:
+            sets.append(self._eval_metrics().to(self.device))
+        return sets[dataloader_idx]
+
+    def _eval_step(self, stage: str, batch: Any, dataloader_idx: int) -> dict[str, Any]:
         audio = _audio_from_batch(batch)
         out = self(audio)
         losses = self.compute_losses(audio, out)
         total = self.loss_weights.weighted_sum(losses, allow_missing=True)
-        self._log_step("val", total, losses, out, audio)
-        recon = out.audio.float()
-        self.val_si_snr.update(recon, audio.float())
-        self.val_mel_distance.update(mel_distance(recon, audio.float(), self.sample_rate), weight=audio.shape[0])
-        self.val_rms_ratio.update(recon, audio.float())
-        self.val_codebook.update(out.codes)
-        for metric in self.val_quality.values():
-            metric.update(recon, audio.float())
+        self._log_step(stage, total, losses, out, audio)  # `self.log` adds "/dataloader_idx_N" with several loaders
+        self._stage_metrics(stage, dataloader_idx).update(out.audio.float(), audio.float(), out.codes)
         return self._outputs(total, losses, out, audio)
 
-    def _val_metrics(self) -> tuple:
-        base = (self.val_si_snr, self.val_mel_distance, self.val_rms_ratio, self.val_codebook)
-        return (*base, *self.val_quality.values())
-
     def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking or self.val_codebook.histogram.sum() == 0:
-            for metric in self._val_metrics():
-                metric.reset()
-            return
-        usage = self.val_codebook.compute()
-        values = {
-            "val/si_snr": self.val_si_snr.compute(),
-            "val/mel_distance": self.val_mel_distance.compute(),
-            "val/rms_ratio": self.val_rms_ratio.compute(),
-            "val/bitrate_kbps": torch.tensor(self.bitrate / 1000.0),
-        }
-        for i in range(usage["perplexity"].numel()):
-            values[f"val/perplexity_{i}"] = usage["perplexity"][i]
-            values[f"val/dead_fraction_{i}"] = usage["dead_fraction"][i]
-        for name, metric in self.val_quality.items():
-            mean, scored, skipped = summarize(metric)  # collective: every rank calls it
-            if scored:
-                values[f"val/{name}"] = mean
-            values[f"val/{name}_skipped"] = torch.tensor(float(skipped))
-            if skipped:
-                rank_zero_warn(
-                    f"{type(self).__name__}: val/{name} skipped {skipped} of {scored + skipped} validation clips "
-                    f"({metric.last_skip_reason or 'on other ranks'})"
-                )
-        self.log_dict({k: v.float() for k, v in values.items()})  # metric states are already reduced over ranks
-        for metric in self._val_metrics():
-            metric.reset()
+        self._eval_epoch_end("val", self.val_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test", self.test_metrics)
+
+    def _eval_epoch_end(self, stage: str, sets: nn.ModuleList) -> None:
+        """Log the epoch metrics of each dataloader, named as Lightning names ``self.log`` values: ``val/si_snr`` with
+        one loader, ``val/si_snr/dataloader_idx_<i>`` with several."""
+        batches = self.trainer.num_test_batches if stage == "test" else self.trainer.num_val_batches
+        several = len(batches) > 1
+        for idx, metrics in enumerate(sets):
+            if self.trainer.sanity_checking or metrics.codebook.histogram.sum() == 0:
+                metrics.reset()
+                continue
+            suffix = f"/dataloader_idx_{idx}" if several else ""
+            values = metrics.compute(self.bitrate)
+            for name, metric in metrics.quality.items():
+                mean, scored, skipped = summarize(metric)  # collective: every rank calls it
+                if scored:
+                    values[name] = mean
+                values[f"{name}_skipped"] = torch.tensor(float(skipped))
+                if skipped:
+                    rank_zero_warn(
+                        f"{type(self).__name__}: {stage}/{name}{suffix} skipped {skipped} of {scored + skipped} "
+                        f"{'validation' if stage == 'val' else 'test'} clips "
+                        f"({metric.last_skip_reason or 'on other ranks'})"
+                    )
+            # metric states are already reduced over ranks
+            self.log_dict({f"{stage}/{k}{suffix}": v.float() for k, v in values.items()}, add_dataloader_idx=False)
+            metrics.reset()
 
     # ---------------------------------------------------------------------------------------------- optimizers
     def _generator_parameters(self) -> list[nn.Parameter]:

@@ -696,7 +696,12 @@ def test_first_batch_error_lists_the_reported_terms(tmp_path):
         def training_step(self, batch, batch_idx):
             return super().training_step(batch, batch_idx)["loss"]
 
-    with pytest.raises(RuntimeError, match=r"but it returned dict with keys \['loss'\]"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"needs the unweighted term `outputs\['losses'\]\['mel'\]`, but `BareLoss.training_step` returned only "
+        r"the loss \(a bare tensor; Lightning passes it on as \{'loss': loss\}\): return the loss-dict instead, "
+        r"\{'loss': total, 'losses': \{name: unweighted term",
+    ):
         make_trainer(tmp_path, [AdaptiveLossWeight()], max_steps=2).fit(BareLoss({"mel": [1.0] * 4}))
 
 

@@ -386,3 +386,47 @@ def test_warning_names_the_likely_cause_for_layers_and_for_learnable_scales(tmp_
     texts = [str(w.message) for w in record if "stayed above" in str(w.message)]
     assert any("`output_scale`" in t and "learnable scale keeps growing" in t for t in texts), texts
     assert not any("`output_scale`" in t and "feeds it" in t for t in texts)
+
+
+# ------------------------------------------------------------------------------------ the codec's gated level terms
+def _quiet_codec(gate):
+    """A tiny codec whose decoder starts 100x too quiet, so its output-RMS safety net sits at its 1.5 bound, with the
+    ``rms`` term behind a correlation gate ``gate``."""
+    from lightning_stability.modules import CodecModule
+    from tests._helpers_codec import TINY
+
+    codec = CodecModule(
+        **{**TINY, "lr": 1e-5}, output_rms_clamp=(0.7, 1.5), rms_correlation_gate=gate, quality_metrics=None
+    )
+    last = [m for m in codec.decoder.modules() if isinstance(m, nn.Conv1d)][-1]
+    with torch.no_grad():
+        last.weight.mul_(0.01)
+        last.bias.zero_()
+    return codec
+
+
+def _fit_quiet_codec(tmp_path, gate):
+    from tests._helpers_codec import loader
+
+    codec = _quiet_codec(gate)
+    clamp = ScaleFactorClamp(0.7, 1.5, warn_above=1.3, warn_after_steps=2, log_every_n_steps=2)
+    make_trainer(tmp_path, [clamp], max_steps=6).fit(codec, loader(24))
+    return codec, clamp
+
+
+def test_no_collapse_warning_while_the_codecs_level_term_is_gated_off(tmp_path, recwarn):
+    # an untrained output barely correlates with its input: a gate from 0.98 to 0.99 stays shut (weight 0)
+    codec, clamp = _fit_quiet_codec(tmp_path, (0.98, 0.99))
+    assert float(codec.level_gate) == 0.0
+    (trace,) = [v for k, v in clamp.event_log.traces.items() if k.endswith("output_scale")]
+    assert all(factor == pytest.approx(1.5) for _, factor in trace)  # pinned high: the warning's symptom ...
+    assert not [w for w in recwarn if "stayed above" in str(w.message)]  # ... but the level term is not acting yet
+    assert "scale_high" not in {e.kind for e in clamp.event_log.events}
+
+
+@pytest.mark.filterwarnings("ignore:ScaleFactorClamp. scale factor .* stayed above:UserWarning")
+def test_the_collapse_warning_returns_once_the_gate_is_open(tmp_path):
+    # a gate from -1 to -0.99 is open for any output (weight 1): the same pinned factor is warned about
+    codec, clamp = _fit_quiet_codec(tmp_path, (-1.0, -0.99))
+    assert float(codec.level_gate) == 1.0
+    assert "scale_high" in {e.kind for e in clamp.event_log.events}

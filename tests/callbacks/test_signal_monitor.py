@@ -283,7 +283,12 @@ def test_without_media_logger_says_scalars_only_once(tmp_path, caplog):
 @pytest.mark.parametrize(
     ("bad_output", "error", "match"),
     [
-        ("tensor", RuntimeError, r"missing 'preds', 'target' \(keys returned: \['loss'\]\)"),
+        (
+            "tensor",
+            RuntimeError,
+            r"needs 'preds' and 'target' from `training_step`, but `training_step` returned only the loss \(a bare "
+            r"tensor.*\{'loss': total, 'losses': \{name: unweighted term, \.\.\.\}, 'preds': output, 'target'",
+        ),
         ("no_target", RuntimeError, r"missing 'target' \(keys returned: \['audio', 'loss', 'preds'\]\)"),
         ("shape", ValueError, r"'preds' of shape \(4, 1, 800\) and 'target' of shape \(4, 1, 799\)"),
     ],
@@ -499,3 +504,108 @@ def test_real_speech_run_logs_audible_examples_and_a_report(tmp_path):
     assert len(loss) == 20
     assert loss[-1] < loss[0]  # the tiny model learns something on real speech
     assert "SNR / SI-SNR" in report["panels"]
+
+
+# ---------------------------------------------------------------------------------------------- several loaders, test
+class TwoLoaderAE(AudioAE):
+    """Two evaluation loaders with clearly different signals: decaying tones (loader 0) and white noise (loader 1),
+    which the model's 9-tap filter reproduces very differently. ``test_step`` follows the same protocol."""
+
+    def __init__(self, *, n_loaders: int = 2) -> None:
+        super().__init__()
+        self.n_loaders = n_loaders
+        self.pairs: dict[tuple[str, int], list] = {}
+
+    def _eval(self, stage, batch, dataloader_idx):
+        out = self.step(batch)
+        if not self.trainer.sanity_checking:
+            self.pairs.setdefault((stage, dataloader_idx), []).append((out["preds"].detach().clone(), batch[0].clone()))
+        return out
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        return self._eval("val", batch, dataloader_idx)
+
+    def test_step(self, batch, batch_idx, dataloader_idx=0):
+        return self._eval("test", batch, dataloader_idx)
+
+    def _loaders(self):
+        tones = DataLoader(TensorDataset(_audio(6, seed=1)), batch_size=4)
+        noise = DataLoader(TensorDataset(0.3 * torch.randn(5, 1, 800, generator=torch.Generator().manual_seed(3))))
+        return [tones, noise][: self.n_loaders]
+
+    def val_dataloader(self):
+        return self._loaders()
+
+    def test_dataloader(self):
+        return self._loaders()
+
+
+def test_two_validation_loaders_are_measured_apart_with_lightnings_names(tmp_path):
+    monitor = SignalMonitor(train_every_n_steps=0, clip_level=0.5)
+    module = TwoLoaderAE()
+    trainer = make_trainer(tmp_path, [monitor], max_steps=2, limit_val_batches=1.0, val_check_interval=2)
+    trainer.fit(module)
+    got = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    assert "signal/val/si_snr" not in got  # no merged number
+    tones, noise = _hand(module.pairs["val", 0]), _hand(module.pairs["val", 1])
+    _assert_close({k.removesuffix("/dataloader_idx_0"): v for k, v in got.items()}, tones, "signal/val/")
+    _assert_close({k.removesuffix("/dataloader_idx_1"): v for k, v in got.items()}, noise, "signal/val/")
+    # the loaders really differ, and neither is the merged value
+    merged = _hand(module.pairs["val", 0] + module.pairs["val", 1])
+    assert abs(tones["si_snr"] - noise["si_snr"]) > 3
+    for key in ("signal/val/si_snr/dataloader_idx_0", "signal/val/si_snr/dataloader_idx_1"):
+        assert abs(got[key] - merged["si_snr"]) > 1
+    # the event log carries the same names (without the prefix) for StabilityReport
+    (point,) = monitor.event_log.traces["val/rms_ratio/dataloader_idx_1"]
+    assert point == (2, pytest.approx(noise["rms_ratio"], rel=1e-4))
+    assert "val/rms_ratio" not in monitor.event_log.traces
+
+
+def test_trainer_test_logs_the_signal_test_family(tmp_path):
+    monitor = SignalMonitor(clip_level=0.5)
+    module = TwoLoaderAE(n_loaders=1)
+    trainer = make_trainer(tmp_path, [monitor], limit_test_batches=1.0)
+    (result,) = trainer.test(module)
+    expected = _hand(module.pairs["test", 0])
+    _assert_close({k: float(v) for k, v in result.items()}, expected, "signal/test/")
+    assert not any(k.startswith("signal/val/") for k in result)
+    assert monitor.event_log.traces["test/si_snr"] == [(0, pytest.approx(expected["si_snr"], rel=1e-4))]
+
+
+def test_trainer_test_with_two_loaders_reports_each(tmp_path):
+    monitor = SignalMonitor(clip_level=0.5)
+    module = TwoLoaderAE()
+    trainer = make_trainer(tmp_path, [monitor], limit_test_batches=1.0)
+    results = trainer.test(module)
+    for idx, result in enumerate(results):
+        expected = _hand(module.pairs["test", idx])
+        key = f"signal/test/si_snr/dataloader_idx_{idx}"
+        assert result[key] == pytest.approx(expected["si_snr"], rel=1e-4, abs=1e-5)
+    assert results[0]["signal/test/si_snr/dataloader_idx_0"] != pytest.approx(
+        results[1]["signal/test/si_snr/dataloader_idx_1"], abs=3
+    )
+
+
+def test_the_report_plots_each_loaders_signal_metrics(tmp_path):
+    from lightning_stability.callbacks import StabilityReport
+
+    report = StabilityReport(dirpath=tmp_path)
+    monitor = SignalMonitor(train_every_n_steps=0)  # only the per-loader validation traces
+    trainer = make_trainer(tmp_path, [monitor, report], max_steps=2, limit_val_batches=1.0, val_check_interval=2)
+    trainer.fit(TwoLoaderAE())
+    panels = report.last_report["panels"]
+    assert "SNR / SI-SNR" in panels
+    assert "RMS ratio (output / target)" in panels
+    assert "Scale factors" not in panels
+
+
+def test_a_validation_step_returning_a_bare_loss_is_named(tmp_path):
+    class BareValidation(AudioAE):
+        def validation_step(self, batch, batch_idx):
+            return self.step(batch)["loss"]
+
+    trainer = make_trainer(
+        tmp_path, [SignalMonitor(train_every_n_steps=0)], max_steps=2, limit_val_batches=1.0, val_check_interval=2
+    )
+    with pytest.raises(RuntimeError, match=r"`validation_step` returned only the loss \(a bare tensor.*'preds': out"):
+        trainer.fit(BareValidation())

@@ -2,6 +2,7 @@ import json
 import math
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -308,3 +309,52 @@ def test_manual_optimization_loss_is_recorded_per_step(tmp_path):
     data = _load(tmp_path / "stability_report.json")
     assert [p[0] for p in data["loss"]] == list(range(5))
     assert [p[1] for p in data["loss"]] == pytest.approx(module.step_losses, rel=1e-6)
+
+
+class _QuietModule(pl.LightningModule):
+    """Output = 0.2 x target (RMS ratio exactly 0.2), logged by the module itself as ``val/rms_ratio`` (as the codec
+    does) and measured by SignalMonitor as ``signal/val/rms_ratio``; one or two validation loaders."""
+
+    def __init__(self, n_loaders=1):
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.zeros(()))
+        self.n_loaders = n_loaders
+
+    def _step(self, batch):
+        preds = (0.2 + 0 * self.gain) * batch
+        return {"loss": (preds - batch).abs().mean(), "preds": preds, "target": batch}
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch)
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        out = self._step(batch)
+        self.log("val/rms_ratio", out["preds"].pow(2).mean().sqrt() / batch.pow(2).mean().sqrt())
+        return out
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def _loader(self, seed):
+        return torch.utils.data.DataLoader(0.3 * torch.randn(4, 1, 400, generator=torch.Generator().manual_seed(seed)))
+
+    def train_dataloader(self):
+        return self._loader(0)
+
+    def val_dataloader(self):
+        return [self._loader(1 + i) for i in range(self.n_loaders)]
+
+
+@pytest.mark.parametrize("n_loaders", [1, 2])
+def test_one_piece_of_loudness_advice_per_loader_naming_every_key(tmp_path, n_loaders):
+    from lightning_stability.callbacks import SignalMonitor
+
+    report = StabilityReport(dirpath=tmp_path)
+    callbacks = [SignalMonitor(), report]
+    trainer = make_trainer(tmp_path, callbacks, max_steps=2, limit_val_batches=1.0, val_check_interval=2)
+    trainer.fit(_QuietModule(n_loaders))
+    advice = [r for r in report.last_report["summary"]["recommendations"] if "loudness does not match" in r]
+    assert len(advice) == n_loaders
+    for i, text in enumerate(advice):
+        suffix = f"/dataloader_idx_{i}" if n_loaders > 1 else ""
+        assert text.startswith(f"final signal/val/rms_ratio{suffix} = 0.2, val/rms_ratio{suffix} = 0.2: ")

@@ -83,10 +83,11 @@ def test_fast_dev_run_follows_the_protocols(tmp_path):
         "val/rms_ratio",
         "val/bitrate_kbps",
         "val/perplexity_2",
-        "val/dead_fraction_0",
+        "val/unused_code_fraction_0",
     ):
         assert key in metrics, key
     assert metrics["val/bitrate_kbps"].item() == pytest.approx(codec.bitrate / 1000)
+    assert "val/dead_fraction_0" not in metrics  # it was the validation set's unused codes, now named for that
     assert all(bool(layer.initialized) for layer in codec.quantizer.layers)  # k-means ran on the first batch
 
 
@@ -419,3 +420,70 @@ def test_l1_gain_gate_leaves_the_level_to_the_other_terms():
         audio, CodecOutput(audio=noise * 2, codes=None, scale=None, quantized=None, decoded=noise)
     )["l1"]
     torch.testing.assert_close(closed, torch.nn.functional.l1_loss(noise * 2, audio))
+
+
+# ---------------------------------------------------------------------------------------------- several loaders, test
+class _EvalRecorder(pl.Callback):
+    """Every evaluation batch's outputs, by (stage, dataloader index)."""
+
+    def __init__(self):
+        self.outputs = {}
+
+    def _keep(self, stage, outputs, dataloader_idx):
+        kept = {k: outputs[k].detach().clone() for k in ("preds", "target", "codes")}
+        self.outputs.setdefault((stage, dataloader_idx), []).append(kept)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if not trainer.sanity_checking:
+            self._keep("val", outputs, dataloader_idx)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._keep("test", outputs, dataloader_idx)
+
+
+def _hand_metrics(outputs, codebook_size):
+    """SI-SNR (mean over clips, zero-mean, float32 eps as torchmetrics), global RMS ratio and the fraction of stage 0's
+    codes no clip used, in float64 from the recorded outputs."""
+    preds = torch.cat([o["preds"] for o in outputs]).double().flatten(1)
+    target = torch.cat([o["target"] for o in outputs]).double().flatten(1)
+    eps = torch.finfo(torch.float32).eps
+    p, t = preds - preds.mean(-1, keepdim=True), target - target.mean(-1, keepdim=True)
+    s = ((p * t).sum(-1, keepdim=True) + eps) / ((t**2).sum(-1, keepdim=True) + eps) * t
+    si_snr = 10 * torch.log10(((s**2).sum(-1) + eps) / (((s - p) ** 2).sum(-1) + eps))
+    used = torch.cat([o["codes"][:, 0].flatten() for o in outputs]).unique().numel()
+    return {
+        "si_snr": float(si_snr.mean()),
+        "rms_ratio": math.sqrt(float((preds**2).sum() / (target**2).sum())),
+        "unused_code_fraction_0": 1 - used / codebook_size,
+    }
+
+
+def _noise_loader(n=6, seed=5):
+    return torch.utils.data.DataLoader(0.2 * torch.randn(n, 1, LENGTH, generator=torch.Generator().manual_seed(seed)))
+
+
+def test_two_validation_loaders_get_their_own_metrics_named_as_lightning_does(tmp_path):
+    torch.manual_seed(0)
+    codec, rec = _codec(quality_metrics=None), _EvalRecorder()
+    trainer = make_trainer(tmp_path, [rec], max_steps=3, limit_val_batches=1.0, val_check_interval=3)
+    trainer.fit(codec, loader(), [loader(8, seed=1), _noise_loader()])
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    assert "val/si_snr" not in metrics
+    assert "val/loss/dataloader_idx_1" in metrics  # `self.log` in validation_step: Lightning's own suffix
+    hand = [_hand_metrics(rec.outputs["val", i], TINY["codebook_size"]) for i in (0, 1)]
+    for i in (0, 1):
+        for key, value in hand[i].items():
+            assert metrics[f"val/{key}/dataloader_idx_{i}"] == pytest.approx(value, rel=1e-4, abs=1e-4), (i, key)
+    assert abs(hand[0]["si_snr"] - hand[1]["si_snr"]) > 3  # speech-like chirps and noise: clearly apart
+
+
+def test_trainer_test_logs_the_test_family_with_one_loader_unsuffixed(tmp_path):
+    torch.manual_seed(0)
+    codec, rec = _codec(quality_metrics=None), _EvalRecorder()
+    trainer = make_trainer(tmp_path, [rec], limit_test_batches=1.0)
+    (result,) = trainer.test(codec, loader(8, seed=2))
+    hand = _hand_metrics(rec.outputs["test", 0], TINY["codebook_size"])
+    for key, value in hand.items():
+        assert result[f"test/{key}"] == pytest.approx(value, rel=1e-4, abs=1e-4), key
+    assert {"test/loss", "test/mel", "test/mel_distance", "test/perplexity_2"} <= set(result)
+    assert not any(k.startswith("val/") for k in result)

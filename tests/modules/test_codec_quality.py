@@ -67,6 +67,6 @@ def test_quality_metrics_can_be_turned_off_or_chosen(tmp_path):
     assert not any(k in logged for k in QUALITY_KEYS)
     assert "val/si_snr" in logged
     codec = _codec(quality_metrics=["loudness"])
-    assert list(codec.val_quality) == ["loudness_error_lu"]
+    assert list(codec.val_metrics[0].quality) == ["loudness_error_lu"]
     with pytest.raises(ValueError, match=r"`quality_metrics` names unknown metrics \['visqol'\]"):
         _codec(quality_metrics=["visqol"])
