@@ -32,7 +32,7 @@ SPIKE_RATIO = 3.0
 LOSS_ZSCORE = 6.0
 CLIP_RATIO = 10.0
 REBASE_AFTER = 3
-#: ``zscore_rebase_after`` when ``zscore`` is given (the z-score rule of 0.2)
+#: ``zscore_rebase_after`` when ``zscore`` is given (the earlier z-score rule)
 ZSCORE_REBASE_AFTER = 8
 
 
@@ -45,7 +45,7 @@ def resolve_rule(
     rebase_after: Any,
 ) -> tuple[float | None, float | None, float | None, int | None]:
     """``(min_ratio, loss_zscore, clip_ratio, rebase_after)`` of the policy, each ``"auto"`` resolved: the default
-    rule without ``zscore``, and with ``zscore`` the z-score rule of 0.2 unchanged (no ratio floor unless
+    rule without ``zscore``, and with ``zscore`` the earlier z-score rule unchanged (no ratio floor unless
     ``zscore_min_ratio``, no loss confirmation, no clip backstop, rebase after 8)."""
     legacy = zscore is not None
     for name, value in (("spike_ratio", spike_ratio), ("loss_zscore", loss_zscore), ("clip_ratio", clip_ratio)):

@@ -10,8 +10,8 @@ from lightning_stability.callbacks._guard_state import COUNTERS, OptimizerState
 if TYPE_CHECKING:
     from lightning_stability.callbacks.gradient_guard import GradientGuard
 
-#: ``state_dict()["version"]``: 1 in 0.1.0 (no streak statistics, no ``num_rebased``; still loads), 2 in 0.2
-#: (no loss statistics; still loads, the loss statistics warm up again), 3 since
+#: ``state_dict()["version"]``: 1 in 0.1.0 (no streak statistics, no ``num_rebased``; still loads), 2 until the
+#: default spike rule (no loss statistics; still loads, the loss statistics warm up again), 3 since
 _STATE_VERSION = 3
 _STATS_KEYS = ("mean", "var", "count", "streak_mean", "streak_var", "streak_count")
 
@@ -47,8 +47,8 @@ def load_guard_state(guard: GradientGuard, state_dict: dict[str, Any]) -> None:
     version = state_dict.get("version")
     if version not in (1, 2, _STATE_VERSION):
         raise ValueError(
-            f"`GradientGuard` state has version {version!r}; this release reads versions 1 (0.1.0), 2 (0.2) and"
-            f" {_STATE_VERSION}. Was the checkpoint written by a newer lightning_stability?"
+            f"`GradientGuard` state has version {version!r}; this release reads versions 1 (0.1.0), 2 (no loss"
+            f" statistics) and {_STATE_VERSION}. Was the checkpoint written by a newer lightning_stability?"
         )
     guard._opt_states = {}
     for idx, saved in state_dict["optimizers"].items():

@@ -106,7 +106,7 @@ class GradientGuard(Callback):
       clip backstop acts. Statistics (of the norm and of the loss): exact mean/variance over the first
       ``zscore_warmup`` (25) accepted steps, then an EMA with ``zscore_alpha`` (0.97); they live in ``state_dict``, so
       a resumed run makes the same decisions. ``benchmarks/fault_zoo.py`` measures this rule against every peer.
-    - ``zscore`` (the rule of 0.2, ZClip's 2.5): a step whose norm exceeds ``mean + zscore * std`` is a spike, skipped
+    - ``zscore`` (the earlier rule; ZClip's 2.5): a step whose norm exceeds ``mean + zscore * std`` is a spike, skipped
       (or clipped); ``zscore_min_ratio`` is a floor of that threshold as a multiple of the mean. Passing ``zscore``
       selects that rule unchanged: ``spike_ratio``, ``loss_zscore`` and ``clip_ratio`` then default to ``None``
       (pass them to combine both).
@@ -199,7 +199,7 @@ class GradientGuard(Callback):
     Args:
         max_norm: skip steps whose total gradient norm exceeds this (``None``: no fixed bound).
         zscore: spike threshold in standard deviations above the running mean (``None``: off; ZClip uses 2.5); selects
-            the z-score rule of 0.2 (see above).
+            the earlier z-score rule (see above).
         zscore_alpha: EMA factor of the running statistics after the warm-up, in (0, 1).
         zscore_warmup: accepted steps before spikes are detected (>= 1).
         zscore_rebase_after: consecutive acted-upon outliers after which the statistics restart from them (>= 2;
@@ -207,7 +207,7 @@ class GradientGuard(Callback):
         zscore_min_ratio: a spike must also exceed this multiple of the running mean (> 1; ``None``: no floor), see
             above; needs ``zscore``.
         spike_ratio: an outlier's norm is above this multiple of the running mean (> 1; ``"auto"``: 3, or ``None``
-            with ``zscore``; ``None`` without ``zscore``: finite spikes are not detected, the default of 0.2).
+            with ``zscore``; ``None`` without ``zscore``: finite spikes are not detected, the earlier default).
         loss_zscore: an outlier is a spike only when the step's loss is this many standard deviations off its
             running mean (``"auto"``: 6 with the default rule, ``None`` with ``zscore``; ``None``: the norm alone).
         clip_ratio: an outlier the loss does not confirm is clipped when its norm is above this multiple of the

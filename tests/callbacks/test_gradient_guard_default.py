@@ -140,7 +140,7 @@ def test_explicit_zscore_keeps_the_rule_of_0_2():
     )  # fmt: skip
     both = GradientGuard(zscore=2.5, spike_ratio=3.0, loss_zscore=6.0)
     assert (both.spike_ratio, both.loss_zscore, both.clip_ratio) == (3.0, 6.0, 10.0)
-    off = GradientGuard(spike_ratio=None)  # the default of 0.2: non-finite steps only
+    off = GradientGuard(spike_ratio=None)  # the earlier default: non-finite steps only
     assert (off.spike_ratio, off.loss_zscore, off.clip_ratio) == (None, None, None)
 
 
