@@ -698,7 +698,7 @@ def run_traces(cases: list[ZooCase]) -> list[dict[str, Any]]:
 #: ``guard_custom``. ``guard`` is whatever the installed default is: that is what a user gets.
 GUARD_CONFIGS: dict[str, dict[str, Any]] = {
     "guard": {},
-    "guard_legacy": {"zscore": None},  # the 0.x default: non-finite steps only
+    "guard_legacy": {"spike_ratio": None},  # the earlier default: non-finite steps only
     "guard_zr": {"zscore": 2.5, "zscore_min_ratio": 3.0},  # the peers benchmark's recommendation
 }
 #: the constant norm clipping each peer applies on top of its own rule (``clip``: ``gradient_clip_val``; ZClip: its

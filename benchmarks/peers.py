@@ -17,7 +17,8 @@ Methods (each peer from its own package, as its authors ship it; the versions ar
 - ``olmo_skip_step``: ``olmo_core.optim.SkipStepAdamW`` in place of the module's Adam/AdamW; the loss and the total
   gradient norm are handed to it before each step (what OLMo-core's train module does), device tensors, no host read;
 - ``spam``, ``stable_spam``, ``adagc``: ``pytorch_optimizer.SPAM`` / ``StableSPAM`` / ``AdaGC`` in place of Adam;
-- ``guard``: ``GradientGuard()`` (defaults: non-finite steps only); ``guard_z``: ``GradientGuard(zscore=2.5)``;
+- ``guard``: ``GradientGuard()`` (the default rule: a norm above 3x its running mean confirmed by the loss is skipped,
+  above 10x clipped); ``guard_z``: ``GradientGuard(zscore=2.5)``;
   ``guard_zr``: ``GradientGuard(zscore=2.5, zscore_min_ratio=3.0)`` (a spike must also be 3x the running mean);
   ``guard_z_strict``: ``GradientGuard(zscore=2.5, zscore_rebase_after=None)``, the 0.1.0 rule (spikes never enter
   the statistics), to show what the level-shift rule changes.
@@ -415,7 +416,7 @@ METHODS: tuple[Method, ...] = (
         "adagc", "pytorch_optimizer.AdaGC (defaults)", "pytorch-optimizer",
         lambda: Setup([], SilentObserver(), optimizer=_pytorch_optimizer("AdaGC")),
     ),  # fmt: skip
-    Method("guard", "GradientGuard() (defaults)", None, lambda: _guard()),
+    Method("guard", "GradientGuard() (defaults: spikes confirmed by the loss)", None, lambda: _guard()),
     Method("guard_z", "GradientGuard(zscore=2.5)", None, lambda: _guard(zscore=2.5)),
     Method(
         "guard_zr",

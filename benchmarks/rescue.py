@@ -571,7 +571,7 @@ def mlp_data(n: int, seed: int) -> TensorDataset:
 # ---------------------------------------------------------------------------------------------------------------------
 #: the guard every kit run uses: non-finite steps skipped (its default), z-score spike detection (ZClip's 2.5 is tuned
 #: for LLM norms; 3.0 leaves ordinary noise alone), rollback to the last good snapshot if 10 steps in a row are bad.
-GUARD_KWARGS: dict[str, Any] = {"zscore": 3.0, "on_persistent": "rollback"}
+GUARD_KWARGS: dict[str, Any] = {"on_persistent": "rollback"}  # the default spike rule, with rollback
 
 
 def guard(**kwargs: Any) -> Callback:

@@ -26,10 +26,19 @@ batch, a loss term that blows up for one step) moves the loss and the gradient n
 a healthy run that move the gradient norm (the end of a learning-rate warm-up, unfrozen layers, a smaller batch) do
 not move the loss that way, and the noise of a small model's gradient norm (coefficient of variation 0.3-0.6) is not
 matched by a loss excursion. So the step's loss ``L`` (summed over micro-batches, averaged over ranks) keeps running
-statistics of its own, updated exactly like the norm's (same warm-up, EMA, streak and rebase), and confirms an outlier
-when ``|L - loss mean| > loss_zscore * loss std`` (two-sided: a loss may be negative, as a GAN generator's hinge loss
-is). A step whose loss is unknown (no ``backward`` went through Lightning), or whose loss statistics are still warming
-up, is unconfirmed: only the ``clip_ratio`` backstop acts on it.
+statistics of its own, updated like the norm's (same warm-up, EMA, streak and rebase), and the evidence of a data fault
+is the loss's distance from its running mean, in loss standard deviations, times how far the norm is above its
+threshold:
+
+    |L - loss mean| / loss std  *  g / threshold  >  loss_zscore
+
+(two-sided: a loss may be negative, as a GAN generator's hinge loss is; the further the norm is out, the less the loss
+has to move). The loss std has a floor of ``loss_floor`` (5 %) of the loss mean's magnitude, so a loss that barely
+moves (a discriminator's hinge loss stuck near 2) does not make every small wobble a confirmation, and a loss that
+enters the statistics is clamped to ``loss mean +- loss_zscore * loss std`` first, so one absurd loss on a step whose
+norm stayed normal (a batch at the wrong scale that the network's normalisation absorbed) cannot poison them. A step
+whose loss is unknown (no ``backward`` went through Lightning), or whose loss statistics are still warming up, is
+unconfirmed: only the ``clip_ratio`` backstop acts on it.
 
 Running statistics (ZClip, Kumar et al. 2025, "ZClip: Adaptive Spike Mitigation for LLM Pre-Training"): during the
 first ``warmup`` accepted steps the mean and (population) variance are exact (Welford); afterwards they are exponential
@@ -118,6 +127,7 @@ class PolicyConfig:
     min_ratio: float | None = None  # an outlier must also exceed this multiple of the running mean (None: no floor)
     loss_zscore: float | None = None  # a spike must also move the loss this many loss stds (None: the norm alone)
     clip_ratio: float | None = None  # an unconfirmed outlier above this multiple of the mean is clipped (None: taken)
+    loss_floor: float = 0.05  # the loss std is at least this fraction of the loss mean's magnitude
 
     @property
     def detects(self) -> bool:
@@ -172,29 +182,45 @@ def threshold(stats: NormStats, cfg: PolicyConfig) -> float | None:
     return thr if cfg.min_ratio is None else max(thr, cfg.min_ratio * stats.mean)
 
 
-def loss_confirms(loss: float | None, loss_stats: NormStats | None, cfg: PolicyConfig) -> bool:
-    """Whether the step's loss confirms a gradient-norm outlier (always, without ``loss_zscore``; see the module
-    docstring)."""
+def loss_std(loss_stats: NormStats, cfg: PolicyConfig) -> float:
+    """The loss standard deviation the rule uses: at least ``loss_floor`` times the loss mean's magnitude."""
+    return max(math.sqrt(max(loss_stats.var, 0.0)), cfg.loss_floor * abs(loss_stats.mean))
+
+
+def loss_confirms(
+    loss: float | None,
+    loss_stats: NormStats | None,
+    cfg: PolicyConfig,
+    norm: float | None = None,
+    thr: float | None = None,
+) -> bool:
+    """Whether the step's loss confirms a gradient-norm outlier ``norm`` above ``thr`` (always, without
+    ``loss_zscore``; see the module docstring)."""
     if cfg.loss_zscore is None:
         return True
     if loss is None or loss_stats is None or loss_stats.count < cfg.warmup:
         return False
     if not math.isfinite(loss):
         return True
-    return abs(loss - loss_stats.mean) > cfg.loss_zscore * math.sqrt(max(loss_stats.var, 0.0))
+    excess = norm / thr if norm is not None and thr is not None and thr > 0 else 1.0
+    return abs(loss - loss_stats.mean) * excess > cfg.loss_zscore * loss_std(loss_stats, cfg)
 
 
-def loss_evidence(loss: float, loss_stats: NormStats, cfg: PolicyConfig) -> dict[str, float | bool]:
-    """What the loss said about a step, for its event: the loss, its running mean, how many standard deviations it
-    was off it and whether that confirmed a spike (``loss_zscore``)."""
-    std = math.sqrt(max(loss_stats.var, 0.0))
+def loss_for_stats(loss: float, loss_stats: NormStats, cfg: PolicyConfig) -> float:
+    """The value a step's loss enters the loss statistics with: clamped to ``mean +- loss_zscore * std`` once they
+    are warm (one absurd loss cannot poison them)."""
+    if cfg.loss_zscore is None or loss_stats.count < cfg.warmup or not math.isfinite(loss):
+        return loss
+    band = cfg.loss_zscore * loss_std(loss_stats, cfg)
+    return min(max(loss, loss_stats.mean - band), loss_stats.mean + band)
+
+
+def loss_evidence(loss: float, loss_stats: NormStats, cfg: PolicyConfig) -> dict[str, float]:
+    """What the loss said about a step, for its event: the loss, its running mean and how many (floored) standard
+    deviations it was off it."""
+    std = loss_std(loss_stats, cfg)
     off = abs(loss - loss_stats.mean) / std if std > 0 else (math.inf if loss != loss_stats.mean else 0.0)
-    return {
-        "loss": loss,
-        "loss_mean": loss_stats.mean,
-        "loss_zscore": off,
-        "loss_confirmed": cfg.loss_zscore is not None and loss_confirms(loss, loss_stats, cfg),
-    }
+    return {"loss": loss, "loss_mean": loss_stats.mean, "loss_zscore": off}
 
 
 def evaluate(
@@ -221,7 +247,7 @@ def evaluate(
     if cfg.max_norm is not None and norm > cfg.max_norm:
         return Decision(Action.OVER_MAX, thr)
     if thr is not None and norm > thr:
-        if loss_confirms(loss, loss_stats, cfg):
+        if loss_confirms(loss, loss_stats, cfg, norm, thr):
             action = Action.CLIP if cfg.clip else Action.SPIKE
         elif cfg.clip_ratio is not None and norm > cfg.clip_ratio * stats.mean:
             action = Action.CLIP
@@ -251,13 +277,21 @@ def _welford(mean: float, var: float, count: int, value: float) -> tuple[float, 
 
 
 def update_stats(
-    stats: NormStats, decision: Decision, norm: float, cfg: PolicyConfig, *, clip_value: float | None = None
+    stats: NormStats,
+    decision: Decision,
+    norm: float,
+    cfg: PolicyConfig,
+    *,
+    clip_value: float | None = None,
+    ema_value: float | None = None,
 ) -> NormStats:
     """Statistics after ``decision`` (see the module docstring: accepted and clipped norms enter the running
     statistics, outliers the streak, a ``REBASE`` restarts them from the streak, anything else changes nothing).
 
-    ``clip_value``: what a ``CLIP`` step enters into the running statistics (default: the threshold it was clipped to;
-    the loss statistics pass the loss itself). A non-finite ``norm`` changes nothing (an unknown loss neither)."""
+    ``clip_value``: what a ``CLIP`` step enters into the running statistics (default: the threshold it was clipped to);
+    ``ema_value``: what an accepted or clipped step enters (default: ``norm``, or ``clip_value`` for ``CLIP``; the loss
+    statistics pass the clamped loss, :func:`loss_for_stats`, while the streak keeps the raw value). A non-finite
+    ``norm`` changes nothing."""
     action = decision.action
     if not math.isfinite(norm):
         return stats
@@ -277,6 +311,8 @@ def update_stats(
     value = norm
     if action is Action.CLIP:
         value = decision.threshold if clip_value is None else clip_value
+    if ema_value is not None:
+        value = ema_value
     if stats.count < cfg.warmup:  # Welford, population variance
         return NormStats(*_welford(stats.mean, stats.var, stats.count, value), *streak)
     delta = value - stats.mean
@@ -302,15 +338,31 @@ def threshold_on_device(stats: Tensor, cfg: PolicyConfig) -> Tensor:
     return torch.where(stats[2] >= cfg.warmup, thr, math.inf)
 
 
-def loss_confirms_on_device(loss: Tensor | None, loss_stats: Tensor | None, cfg: PolicyConfig) -> Tensor | None:
+def _loss_std_on_device(loss_stats: Tensor, cfg: PolicyConfig) -> Tensor:
+    return torch.maximum(loss_stats[1].clamp_min(0).sqrt(), cfg.loss_floor * loss_stats[0].abs())
+
+
+def loss_confirms_on_device(
+    loss: Tensor | None, loss_stats: Tensor | None, cfg: PolicyConfig, norm: Tensor, thr: Tensor
+) -> Tensor | None:
     """:func:`loss_confirms` as a 0-dim bool tensor (``None``: always, no ``loss_zscore``)."""
     if cfg.loss_zscore is None:
         return None
     if loss is None or loss_stats is None:
-        return torch.zeros((), dtype=torch.bool, device=loss_stats.device if loss_stats is not None else None)
+        return torch.zeros((), dtype=torch.bool, device=norm.device)
     loss = loss.to(torch.float32)
-    off = (loss - loss_stats[0]).abs() > cfg.loss_zscore * loss_stats[1].clamp_min(0).sqrt()
+    excess = torch.where(thr > 0, norm / thr, 1.0)
+    off = (loss - loss_stats[0]).abs() * excess > cfg.loss_zscore * _loss_std_on_device(loss_stats, cfg)
     return (loss_stats[2] >= cfg.warmup) & (off | ~torch.isfinite(loss))
+
+
+def loss_for_stats_on_device(loss: Tensor, loss_stats: Tensor, cfg: PolicyConfig) -> Tensor:
+    """:func:`loss_for_stats` on the device."""
+    if cfg.loss_zscore is None:
+        return loss
+    band = cfg.loss_zscore * _loss_std_on_device(loss_stats, cfg)
+    clamped = torch.minimum(torch.maximum(loss, loss_stats[0] - band), loss_stats[0] + band)
+    return torch.where((loss_stats[2] >= cfg.warmup) & torch.isfinite(loss), clamped, loss)
 
 
 def evaluate_on_device(
@@ -329,7 +381,7 @@ def evaluate_on_device(
     code = torch.zeros((), dtype=torch.int32, device=norm.device)
     if cfg.detects:
         outlier = norm > thr  # False during warm-up (thr = inf) and for NaN
-        confirmed = loss_confirms_on_device(loss, loss_stats, cfg)
+        confirmed = loss_confirms_on_device(loss, loss_stats, cfg, norm, thr)
         if confirmed is not None:
             spike = outlier & confirmed.to(norm.device)
             clipped = outlier & ~spike
@@ -357,13 +409,15 @@ def evaluate_on_device(
     return code, thr
 
 
-def update_stats_on_device(stats: Tensor, code: Tensor, norm: Tensor, thr: Tensor, cfg: PolicyConfig) -> Tensor:
+def update_stats_on_device(
+    stats: Tensor, code: Tensor, norm: Tensor, thr: Tensor, cfg: PolicyConfig, ema_value: Tensor | None = None
+) -> Tensor:
     """Statistics after a step with action ``code`` (a new tensor; ``stats`` is not modified); the same rule as
-    :func:`update_stats` (``thr``: what a clipped step enters, as ``clip_value`` there), every branch computed and the
-    right one selected with ``torch.where``."""
+    :func:`update_stats` (``thr``: what a clipped step enters, as ``clip_value`` there; ``ema_value`` as there), every
+    branch computed and the right one selected with ``torch.where``."""
     mean, var, count, s_mean, s_var, s_count = stats.unbind()
     norm = norm.to(stats.dtype)
-    value = torch.where(code == int(Action.CLIP), thr, norm)
+    value = torch.where(code == int(Action.CLIP), thr, norm) if ema_value is None else ema_value.to(stats.dtype)
     w_mean, w_var, w_count = _welford_t(mean, var, count, value)
     delta = value - mean
     e_mean = mean + (1.0 - cfg.alpha) * delta

@@ -49,7 +49,10 @@ from lightning_stability.callbacks._guard_policy import (
     evaluate,
     evaluate_on_device,
     judged_on_device,
+    loss_confirms,
     loss_evidence,
+    loss_for_stats,
+    loss_for_stats_on_device,
     update_stats,
     update_stats_on_device,
 )
@@ -678,7 +681,8 @@ class GradientGuard(Callback):
         stats_decision = g_decision if action is Action.MOMENT_SPIKE else decision
         st.stats = update_stats(st.stats, stats_decision, norm, self._cfg)
         if loss_value is not None:
-            st.lstats = update_stats(st.lstats, stats_decision, loss_value, self._cfg, clip_value=loss_value)
+            entered = loss_for_stats(loss_value, st.lstats, self._cfg)  # the streak keeps the raw loss
+            st.lstats = update_stats(st.lstats, stats_decision, loss_value, self._cfg, ema_value=entered)
         if action in GUARD_SKIPS:
             st.num_skipped += 1
             st.last_skip_step = step
@@ -712,7 +716,10 @@ class GradientGuard(Callback):
             reason = decision.reason
             if loss_value is not None:
                 data.update(loss_evidence(loss_value, loss_stats, self._cfg))
-                if data.get("loss_confirmed") and action in (Action.SPIKE, Action.CLIP, Action.REBASE):
+                data["loss_confirmed"] = self._cfg.loss_zscore is not None and loss_confirms(
+                    loss_value, loss_stats, self._cfg, norm, decision.threshold
+                )
+                if data["loss_confirmed"] and action in (Action.SPIKE, Action.CLIP, Action.REBASE):
                     reason += f", with the loss {data['loss_zscore']:.1f} standard deviations off its running mean"
             kinds = {Action.AMP_OVERFLOW: "amp_overflow", Action.CLIP: "clip", Action.REBASE: "rebase"}
             kind = kinds.get(action, "skip")
@@ -776,7 +783,8 @@ class GradientGuard(Callback):
         stats_code = torch.where(code == int(Action.MOMENT_SPIKE), g_code, code)  # see `combine`
         st.stats_t = update_stats_on_device(st.stats_t, stats_code, norms.total, thr, self._cfg)
         if loss is not None:
-            st.lstats_t = update_stats_on_device(st.lstats_t, stats_code, loss, loss, self._cfg)
+            entered = loss_for_stats_on_device(loss, st.lstats_t, self._cfg)  # the streak keeps the raw loss
+            st.lstats_t = update_stats_on_device(st.lstats_t, stats_code, loss, loss, self._cfg, ema_value=entered)
         guard_skip = not_stepped & (code != int(Action.AMP_OVERFLOW))
         amp = code == int(Action.AMP_OVERFLOW)
         trouble = guard_skip & (code != int(Action.FORCED)) & (not forced)  # see _host_step

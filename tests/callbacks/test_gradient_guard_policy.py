@@ -18,6 +18,8 @@ from lightning_stability.callbacks._guard_policy import (
     PolicyConfig,
     evaluate,
     evaluate_on_device,
+    loss_for_stats,
+    loss_for_stats_on_device,
     threshold,
     threshold_on_device,
     update_stats,
@@ -324,8 +326,34 @@ def test_device_rule_matches_host_rule_with_the_loss(steps, clip):
         code, thr = evaluate_on_device(t, dev, cfg, loss=lt, loss_stats=ldev)
         assert Action(int(code)) is d.action, (i, n, loss)
         host = update_stats(host, d, n, cfg)
-        lhost = update_stats(lhost, d, loss, cfg, clip_value=loss)
+        lhost = update_stats(lhost, d, loss, cfg, ema_value=loss_for_stats(loss, lhost, cfg))
         dev = update_stats_on_device(dev, code, t, thr, cfg)
-        ldev = update_stats_on_device(ldev, code, lt, lt, cfg)
+        ldev = update_stats_on_device(ldev, code, lt, lt, cfg, ema_value=loss_for_stats_on_device(lt, ldev, cfg))
         assert dev.tolist() == pytest.approx(host.as_list(), rel=1e-4, abs=1e-4)
         assert ldev.tolist() == pytest.approx(lhost.as_list(), rel=1e-4, abs=1e-3)
+
+
+def test_the_further_the_norm_is_out_the_less_the_loss_has_to_move():
+    # loss 4 stds off: not enough at 1.1x the threshold, enough at 2x (4 * 2 = 8 > 6)
+    assert evaluate(6.6, NORMS, DEFAULT, loss=1.4, loss_stats=LOSSES).action is Action.ACCEPT
+    assert evaluate(12.0, NORMS, DEFAULT, loss=1.4, loss_stats=LOSSES).action is Action.SPIKE
+
+
+def test_a_loss_that_barely_moves_has_a_floor_under_its_std():
+    # a discriminator's hinge loss stuck at 2.0 (std 0.001): a 0.02 wobble is 20 raw stds, but only 0.2 floored ones
+    stuck = NormStats(mean=2.0, var=1e-6, count=10)
+    assert evaluate(8.0, NORMS, DEFAULT, loss=2.02, loss_stats=stuck).action is Action.ACCEPT
+    assert evaluate(8.0, NORMS, DEFAULT, loss=3.0, loss_stats=stuck).action is Action.SPIKE  # 10 floored stds
+
+
+def test_one_absurd_loss_enters_the_loss_statistics_clamped():
+    # a batch at the wrong scale whose norm stayed normal (accepted): its loss of 847 enters at mean + 6 std
+    d = evaluate(2.0, NORMS, DEFAULT, loss=847.0, loss_stats=LOSSES)
+    assert d.action is Action.ACCEPT
+    entered = loss_for_stats(847.0, LOSSES, DEFAULT)
+    assert entered == pytest.approx(1.0 + 6 * 0.1)
+    after = update_stats(LOSSES, d, 847.0, DEFAULT, ema_value=entered)
+    assert after.mean == pytest.approx(1.0 + 0.03 * 0.6)
+    dev = loss_for_stats_on_device(torch.tensor(847.0), torch.tensor(LOSSES.as_list()), DEFAULT)
+    assert float(dev) == pytest.approx(entered)
+    assert loss_for_stats(847.0, NormStats(mean=1.0, var=0.01, count=3), DEFAULT) == 847.0  # warming up: raw
