@@ -156,7 +156,7 @@ def main() -> None:
         log_every_n_steps=25,
         gradient_clip_val=5.0,
         callbacks=[
-            GradientGuard(zscore=2.5, on_persistent="rollback"),
+            GradientGuard(on_persistent="rollback"),
             AdaptiveLossWeight("stage3", base_weight=None, min_weight=0.5, max_weight=2.0),
             ScaleFactorClamp(min_scale=0.7, max_scale=1.5, warn_above=1.3),
             SignalMonitor(train_every_n_steps=50, signal_type="latent"),

@@ -86,7 +86,7 @@ def main() -> None:
     strategy = ModelParallelStrategy(
         data_parallel_size=args.devices, tensor_parallel_size=1, save_distributed_checkpoint=not args.full_checkpoint
     )
-    guard = GradientGuard(zscore=2.5, on_persistent="rollback", snapshot_every=10)
+    guard = GradientGuard(on_persistent="rollback", snapshot_every=10)
     callbacks = [
         *([GradientShardFault(args.fault_step)] if args.fault_step is not None else []),  # before the guard
         guard,
