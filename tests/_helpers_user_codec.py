@@ -177,3 +177,64 @@ class UserGAN(pl.LightningModule):
             torch.optim.Adam(self.generator.parameters(), lr=self.gen_lr, betas=(0.5, 0.9)),
             torch.optim.Adam(self.disc.parameters(), lr=self.disc_lr, betas=(0.5, 0.9)),
         )
+
+
+# ----------------------------------------------------------------------------------------- checkpoint round trip
+class _Reseed(pl.Callback):
+    """Seeds the global RNG from the step before every batch (the GAN's input noise, the quantizers' k-means and
+    dead-code draws), so an interrupted-and-resumed run draws what the uninterrupted run draws at the same step."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        torch.manual_seed(1000 + trainer.global_step)
+
+
+def resume_round_trip(tmp_path, make_module, make_monitor, *, steps: int, total: int, prefix: str, batches: int):
+    """Fit ``total`` steps in one go, and ``steps`` steps with a ``ModelCheckpoint`` then ``total`` from that
+    checkpoint (fresh module and monitor); returns ``(uninterrupted, resumed)``, each ``(monitor, {step: {key: value}}``
+    of the values logged under ``prefix``)``. ``batches`` training batches make an epoch (a plain loader without
+    shuffling: resuming at an epoch boundary is exact with it, see tests/reliability/test_resume.py)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tests._helpers_signal import RecordingLogger
+
+    def fit(max_steps, ckpt_path=None, checkpoint=None):
+        monitor, logger = make_monitor(), RecordingLogger()
+        callbacks = [monitor, _Reseed(), *([checkpoint] if checkpoint else [])]
+        trainer = pl.Trainer(
+            max_steps=max_steps, accelerator="cpu", logger=logger, enable_checkpointing=checkpoint is not None,
+            enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, log_every_n_steps=1,
+            num_sanity_val_steps=0, default_root_dir=tmp_path,
+        )  # fmt: skip
+        trainer.fit(make_module(), loader(n=8 * batches, batch_size=8), ckpt_path=ckpt_path)
+        logged = {}
+        for step, row in logger.rows:
+            values = {k: v for k, v in row.items() if k.startswith(prefix)}
+            if values:
+                logged.setdefault(step, {}).update(values)
+        return monitor, logged
+
+    uninterrupted = fit(total)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=steps, save_top_k=-1)
+    fit(steps, checkpoint=checkpoint)
+    (path,) = (tmp_path / "ckpt").glob("*.ckpt")
+    return uninterrupted, fit(total, ckpt_path=str(path))
+
+
+def assert_same_state(a, b, path: str = "state") -> None:
+    """Nested dicts/lists of numbers, strings and tensors are equal (tensors exactly), naming the first difference."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        assert isinstance(a, torch.Tensor), path
+        assert isinstance(b, torch.Tensor), path
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert isinstance(b, dict), path
+        assert a.keys() == b.keys(), (path, sorted(a), sorted(b))
+        for key in a:
+            assert_same_state(a[key], b[key], f"{path}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)), path
+        assert len(a) == len(b), (path, len(a), len(b))
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, (path, a, b)

@@ -200,8 +200,10 @@ class AdversarialBalanceMonitor(Callback):
         return _SLOTS.index(name)
 
     def _add(self, name: str, value: Tensor) -> None:
-        if self._sums is None or self._sums.device != value.device:
+        if self._sums is None:
             self._sums = torch.zeros(2, len(_SLOTS), dtype=torch.float64, device=value.device)
+        elif self._sums.device != value.device:  # a window restored from a checkpoint (on the CPU)
+            self._sums = self._sums.to(value.device)
         i = self._slot(name)
         self._sums[0, i] += value.detach().double().reshape(())
         self._sums[1, i] += 1
@@ -381,6 +383,8 @@ class AdversarialBalanceMonitor(Callback):
             "reference": dict(self._reference),
             "streaks": dict(self._streaks),
             "flagged": dict(self._flagged),
+            # the window in progress (sums and counts, this process's): a checkpoint between two checks resumes it
+            "partial_window": None if self._sums is None else self._sums.cpu().tolist(),
         }
 
     @override
@@ -391,6 +395,13 @@ class AdversarialBalanceMonitor(Callback):
         self._reference = dict(state_dict["reference"])
         self._streaks = dict(state_dict["streaks"])
         self._flagged = dict(state_dict["flagged"])
+        window = state_dict.get("partial_window")
+        # a checkpoint holds rank 0's part of the window: every rank restoring it would count it world-size times
+        self._sums = torch.tensor(window, dtype=torch.float64) if window is not None and _rank() == 0 else None
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:

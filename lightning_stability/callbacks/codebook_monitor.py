@@ -230,8 +230,11 @@ class _Tracked:
                 f"CodebookMonitor: quantizer {self.name!r} returned codes for {used} levels, but its tap says "
                 f"`levels`={levels}"
             )
-        if self.counts is None or self.counts.device != codes.device:
+        if self.counts is None:
             self.counts = torch.zeros(levels * k, dtype=torch.long, device=codes.device)
+        elif self.counts.device != codes.device:  # a window restored from a checkpoint (on the CPU)
+            self.counts = self.counts.to(codes.device)
+        if self.offsets is None or self.offsets.device != codes.device:
             self.offsets = torch.arange(levels, device=codes.device)[:, None] * k
         valid = (codes >= 0) & (codes < k)
         flat = torch.where(valid, codes + self.offsets[:used], levels * k)  # invalid codes go to an extra bin
@@ -421,7 +424,7 @@ class CodebookMonitor(Callback):
         if not ready:
             return values
         step = logger_step(trainer) if trainer is not None else self._batches
-        packed = torch.cat([t.counts for t in ready])
+        packed = torch.cat([t.counts.to(ready[0].counts.device) for t in ready])
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(packed, op=dist.ReduceOp.SUM)
         host = packed.cpu()  # the one host read of the window
@@ -573,6 +576,8 @@ class CodebookMonitor(Callback):
                 "prev_dead": [None if s is None else s.tolist() for s in t.prev_dead],
                 "pending": [None if s is None else s.tolist() for s in t.pending],
                 "snapshot": None if t.snapshot is None else [s.cpu() for s in t.snapshot],
+                # the window in progress (this process's counts): a checkpoint between two checks resumes it
+                "counts": None if t.counts is None else t.counts.cpu(),
             }
         return {
             "event_log": self.event_log.state_dict(),
@@ -602,6 +607,10 @@ class CodebookMonitor(Callback):
             t.prev_dead = [None if s is None else torch.tensor(s, dtype=torch.bool) for s in saved["prev_dead"]]
             t.pending = [None if s is None else torch.tensor(s, dtype=torch.bool) for s in saved["pending"]]
             t.snapshot = None if saved["snapshot"] is None else [s.clone() for s in saved["snapshot"]]
+            counts = saved.get("counts")
+            # a checkpoint holds rank 0's part of the window: every rank restoring it would count it world-size times
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+            t.counts = counts.clone() if counts is not None and rank == 0 else None
             del self._restored[name]
 
 

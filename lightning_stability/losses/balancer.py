@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
+from lightning_stability.losses._float32 import Float32Buffers
 from lightning_stability.losses.weights import LossWeights
 
 __all__ = ["BalancedLoss", "LossBalancer"]
@@ -65,7 +66,7 @@ def _positive(name: str, value: object) -> float:
     return value
 
 
-class LossBalancer(nn.Module):
+class LossBalancer(Float32Buffers):
     r"""Set each loss's share of the gradient w.r.t. the model output (EnCodec's balancer).
 
     For losses :math:`\ell_i(y)` that depend on the model only through its output :math:`y`, with
@@ -224,7 +225,10 @@ class LossBalancer(nn.Module):
         if training:
             for name in active:
                 try:
-                    (grad,) = torch.autograd.grad(losses[name], [output], retain_graph=True)
+                    # Autocast off: called inside the user's autocast region (training_step), the backward would run
+                    # under it too (the matmuls of a loss's fp32 island in bf16), unlike Lightning's own backward.
+                    with torch.autocast(output.device.type, enabled=False):
+                        (grad,) = torch.autograd.grad(losses[name], [output], retain_graph=True)
                 except RuntimeError as err:
                     raise ValueError(
                         f"loss term `{name}` does not depend on `output` (or has no gradient): the balancer needs"

@@ -21,6 +21,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from lightning_stability.losses._float32 import Float32Buffers
+
 __all__ = [
     "DAC_MEL_N_MELS",
     "DAC_MEL_WINDOWS",
@@ -119,7 +121,7 @@ def _mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, f_min: float, f_m
     )
 
 
-class MultiResolutionMelLoss(nn.Module):
+class MultiResolutionMelLoss(Float32Buffers):
     r"""Multi-resolution log-mel L1 loss (DAC's ``MelSpectrogramLoss``).
 
     .. math::
@@ -222,7 +224,7 @@ def mel_distance(preds: Tensor, target: Tensor, sample_rate: int) -> Tensor:
     return loss(preds, target)
 
 
-class MultiResolutionSTFTLoss(nn.Module):
+class MultiResolutionSTFTLoss(Float32Buffers):
     r"""Multi-resolution STFT loss (Yamamoto et al. 2020, Parallel WaveGAN, arXiv:1910.11480).
 
     .. math::
@@ -299,14 +301,25 @@ def check_correlation_gate(gate: Any, name: str = "correlation_gate") -> tuple[f
 @torch.no_grad()
 def correlation_gate_weights(preds: Tensor, target: Tensor, gate: tuple[float, float] | None) -> Tensor:
     """Per-item weights ``clip((rho_b - rho_0) / (rho_1 - rho_0), 0, 1)`` ``[B]`` of ``[B, C, T]`` pairs, ``rho_b`` the
-    correlation of ``preds_b`` and ``target_b`` (zero-mean over time, all channels; detached); ones for ``None``."""
+    correlation of ``preds_b`` and ``target_b`` (zero-mean over time, all channels; detached); ones for ``None``.
+
+    A series that is constant over time (DC, silence) has no correlation: ``rho_b = 0``. "Constant" is judged
+    relative to the series' own level, since subtracting the mean of a constant leaves a rounding residual of a
+    few ulps that is itself constant, so correlates perfectly with any other such residual (in float32 two DC
+    signals scored ``rho = 1``, and the same pair in bf16, where the mean is exact, ``rho = 0``)."""
     if gate is None:
         return preds.new_ones(preds.shape[0])
+    preds, target = preds.float(), target.float()
     p = preds - preds.mean(dim=-1, keepdim=True)
     t = target - target.mean(dim=-1, keepdim=True)
-    rho = (p * t).sum(dim=(1, 2)) / (p.pow(2).sum(dim=(1, 2)).sqrt() * t.pow(2).sum(dim=(1, 2)).sqrt()).clamp(
-        min=torch.finfo(p.dtype).tiny
+    norm_p, norm_t = p.pow(2).sum(dim=(1, 2)).sqrt(), t.pow(2).sum(dim=(1, 2)).sqrt()
+    # a zero-mean part below 2**-16 (-96 dB) of the raw series' norm is rounding, not signal (float32's eps: 2**-23)
+    floor = 2.0**-16
+    varies = (norm_p > floor * preds.pow(2).sum(dim=(1, 2)).sqrt()) & (
+        norm_t > floor * target.pow(2).sum(dim=(1, 2)).sqrt()
     )
+    rho = (p * t).sum(dim=(1, 2)) / (norm_p * norm_t).clamp(min=torch.finfo(p.dtype).tiny)
+    rho = torch.where(varies, rho, torch.zeros_like(rho))
     lo, hi = gate
     return ((rho - lo) / (hi - lo)).clamp(0.0, 1.0)
 

@@ -68,6 +68,14 @@ def _reduce_dims(x: Tensor, dim: int | None) -> tuple[int, ...]:
     return tuple(range(x.ndim)) if dim is None else (dim,)
 
 
+def _sqrt(x: Tensor) -> Tensor:
+    """``sqrt(x)`` for ``x >= 0`` with the gradient at ``x = 0`` taken as 0 (``torch.sqrt``'s is ``inf``, which becomes
+    NaN once multiplied by the 0 of ``d(x^2)/dx`` on silence). The value is ``torch.sqrt``'s exactly (NaN stays NaN:
+    ``x * 0``)."""
+    positive = x > 0
+    return torch.where(positive, torch.where(positive, x, torch.ones_like(x)).sqrt(), x * 0)
+
+
 # --------------------------------------------------------------------------------------------------------- RMS ratio
 def rms(x: Tensor, dim: int | None = -1) -> Tensor:
     r"""Root mean square :math:`\sqrt{\frac{1}{N}\sum_i x_i^2}` over ``dim`` (every element with ``dim=None``).
@@ -81,7 +89,7 @@ def rms(x: Tensor, dim: int | None = -1) -> Tensor:
     """
     _check_signal(x, "x")
     x = _as_float(x)
-    return x.square().mean(dim=_reduce_dims(x, dim)).sqrt()
+    return _sqrt(x.square().mean(dim=_reduce_dims(x, dim)))
 
 
 def _rms_ratio_update(preds: Tensor, target: Tensor, dim: int | None = None) -> tuple[Tensor, Tensor, int]:
@@ -102,8 +110,8 @@ def _rms_ratio_compute(sum_sq_preds: Tensor, sum_sq_target: Tensor, count: int |
     """
     count = torch.as_tensor(count, dtype=sum_sq_preds.dtype, device=sum_sq_preds.device).clamp_min(1)
     eps = torch.finfo(sum_sq_preds.dtype).eps
-    rms_p = (sum_sq_preds / count).sqrt()
-    rms_t = (sum_sq_target / count).sqrt()
+    rms_p = _sqrt(sum_sq_preds / count)
+    rms_t = _sqrt(sum_sq_target / count)
     ratio = rms_p / rms_t.clamp_min(eps)
     return torch.where((rms_t < eps) & (rms_p < eps), torch.ones_like(ratio), ratio)
 

@@ -96,3 +96,28 @@ def test_state_round_trip_and_bad_arguments(tmp_path):
         AdversarialBalanceMonitor(disc_loss=3)
     with pytest.raises(ValueError, match="drift_factor"):
         AdversarialBalanceMonitor(drift_factor=1.0)
+
+
+@pytest.mark.filterwarnings("ignore:AdversarialBalanceMonitor. the discriminator is winning:UserWarning")
+@pytest.mark.filterwarnings("ignore:Using ModelCheckpoint with manual optimization:UserWarning")  # after the step: ok
+def test_checkpoint_round_trip_through_a_trainer_matches_an_uninterrupted_run(tmp_path):
+    """A GAN with two optimizers fit 8 batches (16 optimizer steps) with a ModelCheckpoint, then resumed to 40
+    batches: the monitor's state, its events (the discriminator winning, after the resume) and every logged value
+    equal one uninterrupted run. The checkpoint falls mid-window (checks every 5 batches)."""
+    from tests._helpers_user_codec import assert_same_state, resume_round_trip
+
+    (full, full_logged), (resumed, resumed_logged) = resume_round_trip(
+        tmp_path,
+        lambda: UserGAN(disc_lr=1e-2, gen_lr=1e-6),
+        _monitor,
+        steps=16,
+        total=80,
+        prefix="adversarial/",
+        batches=8,
+    )
+    assert "disc_winning" in _kinds(full)
+    assert full.event_log.events[0].step >= 8  # after the checkpoint (logged steps count batches)
+    assert_same_state(resumed.state_dict(), full.state_dict())
+    assert resumed_logged
+    assert set(resumed_logged) == {s for s in full_logged if s >= 8}
+    assert resumed_logged == {s: v for s, v in full_logged.items() if s >= 8}

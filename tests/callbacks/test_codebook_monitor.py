@@ -187,3 +187,28 @@ def test_state_dict_round_trip_continues_the_streaks(tmp_path):
         _fit(UserVQCodec("vqp", collapse=True), resumed, steps=5)  # the third collapsing check
     assert ("codebook_collapse", 0) in _kinds(resumed)
     assert resumed.state_dict()["batches"] == 15
+
+
+@pytest.mark.filterwarnings("ignore:CodebookMonitor. .* collapsed:UserWarning")
+@pytest.mark.filterwarnings("ignore:CodebookMonitor. .* dead-code expiry has no effect:UserWarning")
+def test_checkpoint_round_trip_through_a_trainer_matches_an_uninterrupted_run(tmp_path):
+    """Fit 8 batches with a ModelCheckpoint, resume from it to 40: the monitor's state, its events (EnCodec's
+    ineffective expiry, found after the resume) and every logged value equal those of one uninterrupted 40-batch run.
+    The checkpoint falls mid-window (checks every 5 batches): the counts of batches 6-8 travel in the checkpoint."""
+    from tests._helpers_user_codec import assert_same_state, resume_round_trip
+
+    (full, full_logged), (resumed, resumed_logged) = resume_round_trip(
+        tmp_path,
+        lambda: UserVQCodec("encodec", expiry=True),
+        lambda: CodebookMonitor(every_n_steps=5, window=3, expiry_window=8),
+        steps=8,
+        total=40,
+        prefix="codebook/",
+        batches=8,
+    )
+    assert "expiry_ineffective" in [k for k, _ in _kinds(full)]
+    assert [e.step for e in full.event_log.events][0] >= 8  # after the checkpoint (at batch index 8)
+    assert_same_state(resumed.state_dict(), full.state_dict())
+    assert resumed_logged
+    assert set(resumed_logged) == {s for s in full_logged if s >= 8}
+    assert resumed_logged == {s: v for s, v in full_logged.items() if s >= 8}
