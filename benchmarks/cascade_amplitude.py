@@ -29,9 +29,9 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from lightning_stability.data import LatentPairDataModule
-from lightning_stability.modules import CascadeTransformerModule
-from lightning_stability.nn.transformer import CascadeConfig
+from lightning_stability.reference.cascade import CascadeTransformerModule
+from lightning_stability.reference.cascade.transformer import CascadeConfig
+from lightning_stability.reference.data import LatentPairDataModule
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from train_cascade import evaluate  # noqa: E402  (the example's held-out evaluation, so numbers agree)
@@ -115,7 +115,7 @@ def main(argv: list[str]) -> None:
     data.setup("fit")
     data_s = time.perf_counter() - t0
     if spec.get("rms_last_only"):  # the README's hypothesis as worded: the RMS term on the last stage only
-        import lightning_stability.modules.cascade as cascade_module
+        import lightning_stability.reference.cascade.module as cascade_module
 
         full = cascade_module._rms_error
         cascade_module._rms_error = lambda stages, target, mask: full(stages[-1:], target, mask)

@@ -8,8 +8,8 @@ each utterance whole (cropped to at most ``eval_max_seconds``) through ``encode`
 Recipes (all at 6 kbps: 8 codebooks x 1024 codes (10 bits) x 75 frames/s at 24 kHz, hop 320 = ratios 8, 5, 4, 2; the
 same SEANet width ``n_filters``, LSTM depth, batch, crop, steps and learning rate):
 
-- ``kit``: ``CodecModule`` built exactly as ``lightning_stability.demo`` builds it (unbounded decoder, EnCodec scale
-  normalisation, RMS-output safety clamp, the demo's losses and weights, which the JSON records in
+- ``kit``: ``CodecModule`` built exactly as ``lightning_stability.reference.codec.demo`` builds it (unbounded decoder,
+  EnCodec scale normalisation, RMS-output safety clamp, the demo's losses and weights, which the JSON records in
   ``cases[].codec_hparams``) with the demo's kit callbacks (``demo.build_callbacks`` without its checkpoint and
   progress bar: ``GradientGuard``, ``AdaptiveLossWeight("mel")``, ``ScaleFactorClamp``, ``SignalMonitor``,
   ``StabilityReport`` written to a temporary folder);
@@ -177,7 +177,7 @@ class EncodecPeer(pl.LightningModule):
 # ---------------------------------------------------------------------------------------------------------------------
 def demo_config(*, n_filters: int, lstm: int, lr: float, quick: bool, seed: int, steps: int):
     """The demo's configuration at this benchmark's width, learning rate and budget (everything else: the demo's)."""
-    from lightning_stability.demo import DemoConfig
+    from lightning_stability.reference.codec.demo import DemoConfig
 
     return DemoConfig(
         n_filters=n_filters,
@@ -194,18 +194,19 @@ def demo_config(*, n_filters: int, lstm: int, lr: float, quick: bool, seed: int,
 
 
 def codec_module(config):
-    """``CodecModule`` exactly as the demo builds it (``lightning_stability.demo``'s recipe: losses, weights, output
-    RMS safety clamp, dead-code threshold), so the benchmark measures the codec the project ships."""
-    from lightning_stability import demo
+    """``CodecModule`` exactly as the demo builds it (``lightning_stability.reference.codec.demo``'s recipe: losses,
+    weights, output RMS safety clamp, dead-code threshold), so the benchmark measures the codec the project ships."""
+    from lightning_stability.reference.codec import demo
 
     return demo._codec(config)
 
 
 def kit_callbacks(config, root: Path) -> list[Any]:
-    """The demo's kit (``lightning_stability.demo.build_callbacks``) without its checkpoint and progress bar."""
+    """The demo's kit (``lightning_stability.reference.codec.demo.build_callbacks``) without its checkpoint and
+    progress bar."""
     from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 
-    from lightning_stability.demo import build_callbacks
+    from lightning_stability.reference.codec.demo import build_callbacks
 
     return [cb for cb in build_callbacks(config, root / "report") if not isinstance(cb, (ModelCheckpoint, ProgressBar))]
 
@@ -384,7 +385,7 @@ def main() -> int:
     if unknown:
         p.error(f"unknown recipe(s) {unknown}; the recipes are {list(DESCRIPTIONS)}")
 
-    from lightning_stability.data import SpeechCorpusDataModule
+    from lightning_stability.reference.data import SpeechCorpusDataModule
 
     with tempfile.TemporaryDirectory(prefix="codec_quality_") as tmp:
         root = Path(tmp)

@@ -352,7 +352,7 @@ def cascade_config(fixed: bool) -> dict[str, Any]:
 
 
 def cascade_module_class():
-    from lightning_stability.modules import CascadeTransformerModule
+    from lightning_stability.reference.cascade import CascadeTransformerModule
 
     class BenchCascade(CascadeTransformerModule):
         """The package's cascade with this benchmark's fixed data and an eval loss (L1 of the last stage's output)."""
@@ -399,14 +399,14 @@ class _KitAttention(nn.Module):
 
     def __init__(self, width: int, n_heads: int) -> None:
         super().__init__()
-        from lightning_stability.nn.transformer import CascadeConfig, SelfAttention
+        from lightning_stability.reference.cascade.transformer import CascadeConfig, SelfAttention
 
         config = CascadeConfig(n_heads=n_heads, qk_layernorm=True, widths=(width,) * 3)
         self.attn = SelfAttention(config, width)
         self.head_dim = width // n_heads
 
     def forward(self, x: Tensor) -> Tensor:
-        from lightning_stability.nn.transformer import rotary_angles
+        from lightning_stability.reference.cascade.transformer import rotary_angles
 
         rope = rotary_angles(x.shape[1], self.head_dim, 10000.0, x.device)
         return self.attn(x, rope, None)
@@ -739,7 +739,7 @@ def make_cases(quick: bool, seed: int) -> list[Case]:
         torch.manual_seed(seed)
         model = DeepTeacher(init_std=0.02 if way == "clean" else 0.2, kit_attention=way == "kit", seed=seed)
         if way == "kit":
-            from lightning_stability.nn.transformer import small_init_
+            from lightning_stability.reference.cascade.transformer import small_init_
 
             small_init_(model)  # the package's init helper: Linear weights ~ N(0, 1e-3^2), biases 0
         return model

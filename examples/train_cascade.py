@@ -34,10 +34,10 @@ from lightning_stability.callbacks import (
     SignalMonitor,
     StabilityReport,
 )
-from lightning_stability.data import LatentPairDataModule
-from lightning_stability.modules import CascadeTransformerModule
-from lightning_stability.modules.cascade import masked_distance
-from lightning_stability.nn.transformer import CascadeConfig
+from lightning_stability.reference.cascade import CascadeTransformerModule
+from lightning_stability.reference.cascade.module import masked_distance
+from lightning_stability.reference.cascade.transformer import CascadeConfig
+from lightning_stability.reference.data import LatentPairDataModule
 
 
 def evaluate(model: CascadeTransformerModule, data: LatentPairDataModule) -> dict:

@@ -25,9 +25,9 @@ from lightning_stability.callbacks import (
     SignalMonitor,
     StabilityReport,
 )
-from lightning_stability.data import AudioFolderDataModule, SpeechCorpusDataModule
 from lightning_stability.losses.spectral import mel_distance
-from lightning_stability.modules import CodecModule
+from lightning_stability.reference.codec import CodecModule
+from lightning_stability.reference.data import AudioFolderDataModule, SpeechCorpusDataModule
 
 
 def main() -> None:

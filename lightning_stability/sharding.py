@@ -1,9 +1,9 @@
 """Sharding a LightningModule with torch's FSDP2 (``fully_shard``) under Lightning's ``ModelParallelStrategy``.
 
-:func:`shard_module` is what :meth:`CodecModule.configure_model <lightning_stability.modules.CodecModule>` and
-:meth:`CascadeTransformerModule.configure_model <lightning_stability.modules.CascadeTransformerModule>` call, and what
-a user's own module can call from its ``configure_model``: it does nothing unless the trainer's strategy gave the
-module a device mesh (``ModelParallelStrategy``), so the same module trains unchanged on one device or under DDP::
+:func:`shard_module` is what :meth:`CodecModule.configure_model <lightning_stability.reference.codec.CodecModule>` and
+:meth:`CascadeTransformerModule.configure_model <lightning_stability.reference.cascade.CascadeTransformerModule>` call,
+and what a user's own module can call from its ``configure_model``: it does nothing unless the trainer's strategy gave
+the module a device mesh (``ModelParallelStrategy``), so the same module trains unchanged on one device or under DDP::
 
     trainer = Trainer(strategy=ModelParallelStrategy(data_parallel_size=4, tensor_parallel_size=1), devices=4)
 

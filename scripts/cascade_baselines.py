@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lightning_stability.data import LatentPairDataModule
+from lightning_stability.reference.data import LatentPairDataModule
 
 
 def _frames(items, k: int):

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from torchmetrics.functional.audio import scale_invariant_signal_noise_ratio as si_snr
 
-from lightning_stability.data import SpeechCorpusDataModule
 from lightning_stability.losses.spectral import mel_distance
-from lightning_stability.modules import CodecModule
-from lightning_stability.nn.quantize import QuantizedResult
+from lightning_stability.reference.codec import CodecModule
+from lightning_stability.reference.codec.quantize import QuantizedResult
+from lightning_stability.reference.data import SpeechCorpusDataModule
 
 warnings.filterwarnings("ignore")
 

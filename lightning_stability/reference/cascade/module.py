@@ -1,6 +1,6 @@
 """``CascadeTransformerModule``: the training recipe of the three-stage cascade on codec latents (DESIGN.md §1.3).
 
-The network is :class:`~lightning_stability.nn.transformer.CascadeTransformer`; this module adds
+The network is :class:`~lightning_stability.reference.cascade.transformer.CascadeTransformer`; this module adds
 
 - **deep supervision**: every stage's output is compared with the target latents,
   ``L_k = masked_mean(|y_k - target|)`` (``loss="l1"``) or ``masked_mean((y_k - target)^2)`` (``loss="mse"``), plus an
@@ -28,7 +28,7 @@ The network is :class:`~lightning_stability.nn.transformer.CascadeTransformer`; 
 
 Batches are dicts ``{"source": [B, D, T], "target": [B, D, T], "conditioning": [B, Dc, T], "mask": [B, T] bool}``
 (``conditioning`` omitted when ``cond_dim=0``, ``mask`` optional; ``True`` = real frame), as produced by
-:class:`~lightning_stability.data.LatentPairDataModule`, or tuples ``(source, conditioning, target[, mask])``.
+:class:`~lightning_stability.reference.data.LatentPairDataModule`, or tuples ``(source, conditioning, target[, mask])``.
 Padded frames count in no loss term.
 """
 
@@ -45,7 +45,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_stability.nn.transformer import CascadeConfig, CascadeOutput, CascadeTransformer
+from lightning_stability.reference.cascade.transformer import CascadeConfig, CascadeOutput, CascadeTransformer
 
 __all__ = ["CascadeTransformerModule", "masked_cosine_distance", "masked_distance"]
 
@@ -127,8 +127,8 @@ class CascadeTransformerModule(pl.LightningModule):
     """Three-stage cascade transformer on codec latents, with deep supervision and the loss-dict protocol.
 
     Args:
-        config: the network (:class:`~lightning_stability.nn.transformer.CascadeConfig`, or a dict of its fields as
-            in a LightningCLI YAML; ``None`` = the post-mortem's fixed defaults).
+        config: the network (:class:`~lightning_stability.reference.cascade.transformer.CascadeConfig`, or a dict of
+            its fields as in a LightningCLI YAML; ``None`` = the post-mortem's fixed defaults).
         loss: per-stage distance to the target latents, ``"l1"`` or ``"mse"``.
         stage_weights: weight of each stage's loss (``stage1 .. stageK``); ``None`` = 1.0 for every stage.
         cosine_weight: weight of the cosine term on the last stage (0: computed and logged, not optimised).
@@ -145,7 +145,7 @@ class CascadeTransformerModule(pl.LightningModule):
         min_lr_ratio: the learning rate at the end of the decay, as a fraction of ``lr``.
 
     Attributes:
-        model: the :class:`~lightning_stability.nn.transformer.CascadeTransformer`.
+        model: the :class:`~lightning_stability.reference.cascade.transformer.CascadeTransformer`.
         loss_weights: :class:`~lightning_stability.losses.LossWeights` over ``stage1 .. stageK, cosine, rms, scale``.
 
     Raises:
@@ -250,9 +250,9 @@ class CascadeTransformerModule(pl.LightningModule):
 
     def configure_model(self) -> None:
         """Under ``ModelParallelStrategy``: shard with FSDP2, every transformer block a unit, then every stage (its
-        norms and projections), then the rest (see :func:`~lightning_stability.modules.sharding.shard_module`). A
+        norms and projections), then the rest (see :func:`~lightning_stability.sharding.shard_module`). A
         no-op under every other strategy."""
-        from lightning_stability.modules.sharding import shard_module
+        from lightning_stability.sharding import shard_module
 
         stages = list(self.model.stages)
         shard_module(self, [*(block for stage in stages for block in stage.blocks), *stages])
@@ -295,7 +295,7 @@ class CascadeTransformerModule(pl.LightningModule):
         """Forward + losses of one batch: ``{"loss", "losses", "preds", "target", "mask", "output"}``.
 
         ``losses`` holds the unweighted terms (with their graphs; the step methods return them detached) and
-        ``output`` the :class:`~lightning_stability.nn.transformer.CascadeOutput`.
+        ``output`` the :class:`~lightning_stability.reference.cascade.transformer.CascadeOutput`.
         """
         source, conditioning, target, mask = self.unpack_batch(batch)
         if not torch.is_tensor(target) or tuple(target.shape) != tuple(source.shape):

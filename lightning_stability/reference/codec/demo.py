@@ -3,13 +3,13 @@ recordings with ``--data DIR``), with the kit.
 
 What it does, end to end, on a CPU-only machine:
 
-1. generates (or reuses) an eSpeak NG speech corpus with :class:`~lightning_stability.data.SpeechCorpusDataModule`
-   (Telugu by default; ``--language en`` for English), loudness-normalised to -16 LUFS as DAC; or, with ``--data
-   DIR``, reads every wav/flac/ogg file under ``DIR`` with :class:`~lightning_stability.data.AudioFolderDataModule`
-   (same -16 LUFS normalisation, ``val_fraction`` of the files held out, unreadable or silent files skipped with a
-   warning naming them);
-2. trains a small :class:`~lightning_stability.modules.CodecModule` (EnCodec's 24 kHz layout: hop 320, 75 frames/s,
-   8 x 1024 codes = 6 kbps; narrower convolutions so it trains on 2 CPU cores) with ``GradientGuard``,
+1. generates (or reuses) an eSpeak NG speech corpus with
+   :class:`~lightning_stability.reference.data.SpeechCorpusDataModule` (Telugu by default; ``--language en`` for
+   English), loudness-normalised to -16 LUFS as DAC; or, with ``--data DIR``, reads every wav/flac/ogg file under
+   ``DIR`` with :class:`~lightning_stability.reference.data.AudioFolderDataModule` (same -16 LUFS normalisation,
+   ``val_fraction`` of the files held out, unreadable or silent files skipped with a warning naming them);
+2. trains a small :class:`~lightning_stability.reference.codec.CodecModule` (EnCodec's 24 kHz layout: hop 320,
+   75 frames/s, 8 x 1024 codes = 6 kbps; narrower convolutions so it trains on 2 CPU cores) with ``GradientGuard``,
    ``AdaptiveLossWeight`` on the ``mel`` term, ``ScaleFactorClamp``, ``SignalMonitor``, ``CodebookMonitor``,
    ``AdversarialBalanceMonitor`` and ``StabilityReport``, a
    progress bar, CSV logs and a checkpoint;
@@ -120,7 +120,7 @@ class DemoConfig:
 
 
 def _codec(config: DemoConfig):
-    from lightning_stability.modules import CodecModule
+    from lightning_stability.reference.codec import CodecModule
 
     kwargs = {
         "sample_rate": config.sample_rate,
@@ -170,7 +170,7 @@ CACHE_MAX_SECONDS = 1800.0
 
 
 def _datamodule(config: DemoConfig):
-    from lightning_stability.data import AudioFolderDataModule, SpeechCorpusDataModule
+    from lightning_stability.reference.data import AudioFolderDataModule, SpeechCorpusDataModule
 
     if config.data is not None:
         return AudioFolderDataModule(
@@ -430,7 +430,7 @@ def prepare_folder(datamodule) -> dict[str, Any]:
     silent, too few files to hold any out). Recordings totalling at most :data:`CACHE_MAX_SECONDS` are kept in
     memory once decoded; longer collections are read crop by crop from disk.
     """
-    from lightning_stability.data._audio import AudioFileError, scan_audio_files
+    from lightning_stability.reference.data._audio import AudioFileError, scan_audio_files
 
     root = check_data_folder(datamodule.root)
     try:
@@ -724,5 +724,5 @@ def run_demo_cli(argv: list[str]) -> int:
     return 0
 
 
-def main() -> int:  # pragma: no cover - convenience for `python -m lightning_stability.demo`
+def main() -> int:  # pragma: no cover - convenience for `python -m lightning_stability.reference.codec.demo`
     return run_demo_cli(sys.argv[1:])

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils.parametrizations import weight_norm
 
-from lightning_stability.nn.seanet import PicklableParametrized
+from lightning_stability.reference.codec.seanet import PicklableParametrized
 
 __all__ = [
     "DiscriminatorSTFT",

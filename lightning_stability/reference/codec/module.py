@@ -29,15 +29,15 @@ from lightning_stability.losses.weights import LossWeights
 from lightning_stability.metrics.codebook import CodebookUsage
 from lightning_stability.metrics.quality import build_quality_metrics, resolve_quality_metrics, summarize
 from lightning_stability.metrics.signal import RMSRatio
-from lightning_stability.nn.discriminator import (
+from lightning_stability.nn.scale import ClampedRMSScale, denormalize, normalize
+from lightning_stability.reference.codec.discriminator import (
     MultiScaleSTFTDiscriminator,
     discriminator_loss,
     feature_matching_loss,
     generator_adversarial_loss,
 )
-from lightning_stability.nn.quantize import QuantizedResult, ResidualVectorQuantizer
-from lightning_stability.nn.scale import ClampedRMSScale, denormalize, normalize
-from lightning_stability.nn.seanet import SEANetDecoder, SEANetEncoder
+from lightning_stability.reference.codec.quantize import QuantizedResult, ResidualVectorQuantizer
+from lightning_stability.reference.codec.seanet import SEANetDecoder, SEANetEncoder
 
 __all__ = ["CodecModule", "CodecOutput"]
 
@@ -60,7 +60,8 @@ class CodecOutput:
         audio: reconstruction ``[B, C, T]`` (the input's length).
         codes: ``[B, n_q_used, F]`` code indices, ``F = ceil(T / hop)``.
         scale: ``[B, 1, 1]`` per-segment RMS scale sent with the codes (``None`` without scale normalisation).
-        quantized: the quantizer's :class:`~lightning_stability.nn.quantize.QuantizedResult` (losses, metrics).
+        quantized: the quantizer's :class:`~lightning_stability.reference.codec.quantize.QuantizedResult` (losses,
+            metrics).
         decoded: the decoder's own output at the input's scale, before the ``output_rms_clamp`` factor (the same
             tensor as ``audio`` without one). The ``rms`` term measures it, so the factor cannot hide a quiet decoder.
     """
@@ -163,7 +164,7 @@ class CodecModule(pl.LightningModule):
     ``no_grad``. A subclass adds a term by overriding :meth:`compute_losses` (and naming it in ``loss_weights``), or
     replaces the networks by overriding :meth:`build_encoder` / :meth:`build_quantizer` / :meth:`build_decoder`.
 
-    **Quantizer** (:class:`~lightning_stability.nn.quantize.ResidualVectorQuantizer`): ``n_q`` stages of
+    **Quantizer** (:class:`~lightning_stability.reference.codec.quantize.ResidualVectorQuantizer`): ``n_q`` stages of
     ``codebook_size`` codes, per-stage codebook/commitment losses with the detached residual (encodec issue #25),
     k-means initialisation, EMA codebooks (default) or learned ones, dead-code replacement, quantizer dropout and
     DAC's factorised L2-normalised lookup (``codebook_dim``). **The EMA codebook update refuses non-finite
@@ -200,7 +201,7 @@ class CodecModule(pl.LightningModule):
     Args (keyword-only):
         sample_rate: audio rate (Hz); exposed as ``self.sample_rate``.
         channels, n_filters, ratios, dimension, n_residual_layers, lstm, causal: SEANet (see
-            :class:`~lightning_stability.nn.seanet.SEANetEncoder`); defaults are EnCodec 24 kHz's.
+            :class:`~lightning_stability.reference.codec.seanet.SEANetEncoder`); defaults are EnCodec 24 kHz's.
         n_q, codebook_size, codebook_dim, l2_normalize, ema_codebook, codebook_decay, kmeans_init, kmeans_iters,
             threshold_ema_dead_code, quantizer_dropout: the quantizer.
         dead_code_usage_ratio: Moshi's dead-code rule (default 0.1): a code whose EMA count falls below this
@@ -412,8 +413,8 @@ class CodecModule(pl.LightningModule):
     def configure_model(self) -> None:
         """Under ``ModelParallelStrategy``: shard with FSDP2, each SEANet layer with parameters (and the discriminator)
         a unit of its own, the quantizer replicated so its codebooks stay identical on every rank (see
-        :func:`~lightning_stability.modules.sharding.shard_module`). A no-op under every other strategy."""
-        from lightning_stability.modules.sharding import layers_with_parameters, shard_module
+        :func:`~lightning_stability.sharding.shard_module`). A no-op under every other strategy."""
+        from lightning_stability.sharding import layers_with_parameters, shard_module
 
         units = layers_with_parameters(self.encoder, self.decoder)
         if self.discriminator is not None:

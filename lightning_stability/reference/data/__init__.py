@@ -1,4 +1,5 @@
-"""Lightning DataModules: audio folders, the eSpeak NG speech corpus, latent pairs. Imported lazily."""
+"""Reference data: Lightning DataModules for audio folders, the eSpeak NG speech corpus and latent pairs (what the
+reference codec and cascade train on). Imported lazily; also importable from ``lightning_stability.data``."""
 
 from typing import TYPE_CHECKING
 
@@ -15,8 +16,8 @@ __all__ = list(_NAMES)
 __getattr__ = lazy_getattr(__name__, _NAMES)
 
 if TYPE_CHECKING:  # the static view of the lazy names (type checkers, the API reference)
-    from lightning_stability.data._audio import AudioFileError as AudioFileError
-    from lightning_stability.data._audio import ResumableDataLoader as ResumableDataLoader
-    from lightning_stability.data.audio_folder import AudioFolderDataModule as AudioFolderDataModule
-    from lightning_stability.data.latents import LatentPairDataModule as LatentPairDataModule
-    from lightning_stability.data.speech_corpus import SpeechCorpusDataModule as SpeechCorpusDataModule
+    from lightning_stability.reference.data._audio import AudioFileError as AudioFileError
+    from lightning_stability.reference.data._audio import ResumableDataLoader as ResumableDataLoader
+    from lightning_stability.reference.data.audio_folder import AudioFolderDataModule as AudioFolderDataModule
+    from lightning_stability.reference.data.latents import LatentPairDataModule as LatentPairDataModule
+    from lightning_stability.reference.data.speech_corpus import SpeechCorpusDataModule as SpeechCorpusDataModule

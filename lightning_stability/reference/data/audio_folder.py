@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
-from lightning_stability.data._audio import (
+from lightning_stability.reference.data._audio import (
     AudioFileError,
     AudioSegmentDataset,
     ClipInfo,
@@ -40,8 +40,8 @@ class AudioFolderDataModule(pl.LightningDataModule):
 
     - **Scan** (``setup``, identical on every rank): recursive, sorted, extensions matched case-insensitively, hidden
       files/folders skipped. Each file is decoded once to check it and measure its level: an unreadable/corrupt/
-      empty or zero-length file raises :class:`~lightning_stability.data._audio.AudioFileError` naming the path
-      (``on_error="skip"``: a warning naming the path, file excluded); a silent clip (mono RMS below
+      empty or zero-length file raises :class:`~lightning_stability.reference.data._audio.AudioFileError` naming the
+      path (``on_error="skip"``: a warning naming the path, file excluded); a silent clip (mono RMS below
       ``silence_threshold_db`` dBFS) is skipped with a warning by default (``on_silent``: "skip" / "raise" / "keep").
     - **Split**: a permutation of the sorted file list seeded by ``seed``; the first ``ceil(val_fraction * N)``
       files (at least one when ``val_fraction > 0``) are the validation set. Same files, same seed -> same split.

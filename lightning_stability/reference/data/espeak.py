@@ -350,11 +350,15 @@ def synthesize_to_files(
     """
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"`workers` must be an int >= 1, got {workers!r}")
-    package_root = str(Path(__file__).resolve().parents[2])
+    package_root = str(Path(__file__).resolve().parents[3])  # the folder holding lightning_stability/
     env = dict(os.environ)
     env["PYTHONPATH"] = package_root + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
-    command = [sys.executable, "-c", "from lightning_stability.data.espeak import _worker_main; _worker_main()"]
+    command = [
+        sys.executable,
+        "-c",
+        "from lightning_stability.reference.data.espeak import _worker_main; _worker_main()",
+    ]
 
     def run_chunk(index: int) -> list[int]:
         payload = json.dumps([asdict(job) for job in chunks[index]])

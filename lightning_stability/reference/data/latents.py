@@ -17,14 +17,15 @@ Two ways to get latents:
    voice* (drawn per epoch for training, fixed for validation). ``D`` must equal ``latent_dim`` and ``Dc``
    ``cond_dim``; anything else is an error naming the file and the shape.
 
-2. **A frozen encoder applied to audio** (``latents_dir=None``): ``encoder`` is a ``CodecModule`` checkpoint path
-   (its latents before quantisation, :class:`CodecLatentEncoder`), any callable ``audio [B, 1, S] -> latents
-   [B, D, T]``, or ``None`` for a fixed random convolutional encoder (:class:`RandomConvEncoder`, hop 320) when no
-   trained codec exists (``fallback_to_random=True`` falls back to it when the checkpoint is missing). The audio is the
-   eSpeak NG speech corpus by default (``SpeechCorpusDataModule``; ``corpus`` passes its options), or ``audio``: an
+2. **A frozen encoder applied to audio** (``latents_dir=None``): ``encoder`` is a ``CodecModule`` checkpoint path (its
+   latents before quantisation: the reference codec's
+   :class:`~lightning_stability.reference.codec.latents.CodecLatentEncoder` loads it), any callable ``audio [B, 1, S] ->
+   latents [B, D, T]``, or ``None`` for a fixed random convolutional encoder (:class:`RandomConvEncoder`, hop 320) when
+   no trained codec exists (``fallback_to_random=True`` falls back to it when the checkpoint is missing). The audio is
+   the eSpeak NG speech corpus by default (``SpeechCorpusDataModule``; ``corpus`` passes its options), or ``audio``: an
    object with ``utterances(split="all")`` returning items with ``.path``, ``.voice`` and ``.id`` (as
-   ``SpeechCorpusDataModule``), or a folder of audio files laid out ``<voice>/<utterance>.<ext>`` (real recordings,
-   e.g. VCTK).
+   ``SpeechCorpusDataModule``), or a folder of audio files laid out ``<voice>/<utterance>.<ext>`` (real recordings, e.g.
+   VCTK).
 
    Default task, **latent-space enhancement**: for each utterance, ``degradations`` degraded versions are made
    (a steep low-pass at a random cutoff, additive noise at a random SNR, a random gain change; every draw
@@ -68,17 +69,15 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_stability.data._audio import (
+from lightning_stability.reference.data._audio import (
     EpochShuffleSampler,
     ResumableDataLoader,
     read_mono,
     resample,
     scan_audio_files,
 )
-from lightning_stability.nn.scale import normalize
 
 __all__ = [
-    "CodecLatentEncoder",
     "LatentItem",
     "LatentPairDataModule",
     "LatentPairDataset",
@@ -395,7 +394,7 @@ class LatentPairDataModule(pl.LightningDataModule):
         source = self.audio
         if source is None:
             if self._corpus is None:
-                from lightning_stability.data.speech_corpus import SpeechCorpusDataModule
+                from lightning_stability.reference.data.speech_corpus import SpeechCorpusDataModule
 
                 options = {"cache_dir": self.cache_dir / "speech", "seed": self.seed, **self.corpus_options}
                 self._corpus = SpeechCorpusDataModule(**options)
@@ -439,16 +438,11 @@ class LatentPairDataModule(pl.LightningDataModule):
                     module = RandomConvEncoder(self.latent_dim, seed=self.seed)
                     return _module_fn(module), self.encoder_key or f"random-conv-{self.latent_dim}-{self.seed}"
                 raise FileNotFoundError(f"`encoder` checkpoint {str(path)!r} does not exist")
-            from lightning_stability.modules.codec import CodecModule
+            # the codec side turns its checkpoint into the encoder callable; this module only runs callables
+            from lightning_stability.reference.codec.latents import load_codec_encoder
 
-            codec = CodecModule.load_from_checkpoint(str(path), map_location="cpu", weights_only=True)
-            rate = getattr(codec, "sample_rate", None)
-            if rate is not None and int(rate) != self.sample_rate:
-                raise ValueError(
-                    f"the codec checkpoint {str(path)!r} works at {rate} Hz but `sample_rate`={self.sample_rate}"
-                )
             key = self.encoder_key or f"codec-{_file_digest(path)}"
-            return _module_fn(CodecLatentEncoder(codec)), key
+            return _module_fn(load_codec_encoder(path, sample_rate=self.sample_rate)), key
         if isinstance(enc, nn.Module):
             return _module_fn(enc), self.encoder_key or f"{type(enc).__qualname__}-{_module_digest(enc)}"
         name = getattr(enc, "__qualname__", type(enc).__qualname__)
@@ -711,30 +705,6 @@ class LatentPairDataModule(pl.LightningDataModule):
 # ---------------------------------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------------------------------
-class CodecLatentEncoder(nn.Module):
-    """The continuous (pre-quantisation) latents of a ``CodecModule``, computed as its ``forward`` does:
-    ``audio [B, 1, S]`` -> EnCodec scale normalisation (``x / rms(x)``, when the codec has ``normalize_scale``) ->
-    zero-pad to a multiple of the hop -> ``codec.encoder`` -> ``[B, 128, ceil(S / hop)]``."""
-
-    def __init__(self, codec: nn.Module) -> None:
-        super().__init__()
-        encoder = getattr(codec, "encoder", None)
-        if not isinstance(encoder, nn.Module):
-            raise TypeError(f"{type(codec).__name__} has no `encoder` module to compute latents with")
-        self.encoder = encoder
-        hparams = getattr(codec, "hparams", {})
-        self.normalize_scale = bool(hparams.get("normalize_scale", False))
-        self.hop = int(getattr(codec, "hop_length", 1))
-
-    def forward(self, audio: Tensor) -> Tensor:
-        if self.normalize_scale:
-            audio, _ = normalize(audio)
-        extra = (-audio.shape[-1]) % self.hop
-        if extra:
-            audio = torch.nn.functional.pad(audio, (0, extra))
-        return self.encoder(audio)
-
-
 def _module_fn(module: nn.Module) -> Callable[[Tensor], Tensor]:
     module.eval()
     module.requires_grad_(False)
@@ -767,3 +737,12 @@ def _check_int(name: str, value: object, minimum: int | None) -> None:
         raise TypeError(f"`{name}` must be an int, got {value!r} ({type(value).__name__})")
     if minimum is not None and value < minimum:
         raise ValueError(f"`{name}` must be >= {minimum}, got {value!r}")
+
+
+def __getattr__(name: str) -> Any:
+    # 0.1 defined the codec's latent encoder here; it lives with the codec now (this module never loads a codec)
+    if name == "CodecLatentEncoder":
+        from lightning_stability.reference.codec.latents import CodecLatentEncoder
+
+        return CodecLatentEncoder
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,8 +19,8 @@ from typing import Any, Literal
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_stability.data._audio import ClipInfo, write_text_atomic
-from lightning_stability.data.audio_folder import AudioFolderDataModule, _check_int
+from lightning_stability.reference.data._audio import ClipInfo, write_text_atomic
+from lightning_stability.reference.data.audio_folder import AudioFolderDataModule, _check_int
 
 GENERATOR_VERSION = 1  # bump when the plan or the audio written for the same parameters changes
 CHUNK_SIZE = 32  # utterances per synthesis subprocess (part of the corpus key: output depends on chunking)
@@ -41,8 +41,8 @@ def default_cache_dir() -> Path:
 
 
 def bundled_languages() -> list[str]:
-    """Languages with a bundled sentence list (``lightning_stability/data/texts/<language>.txt``)."""
-    folder = resources.files("lightning_stability.data") / "texts"
+    """Languages with a bundled sentence list (``lightning_stability/reference/data/texts/<language>.txt``)."""
+    folder = resources.files("lightning_stability.reference.data") / "texts"
     return sorted(p.name[:-4] for p in folder.iterdir() if p.name.endswith(".txt"))
 
 
@@ -51,7 +51,7 @@ def bundled_sentences(language: str) -> list[str]:
 
     ``te``: 79 simple everyday Telugu sentences in Telugu script; ``en``: 50 English ones.
     """
-    path = resources.files("lightning_stability.data") / "texts" / f"{language}.txt"
+    path = resources.files("lightning_stability.reference.data") / "texts" / f"{language}.txt"
     if not path.is_file():
         raise ValueError(
             f"`language` {language!r} has no bundled sentence list (bundled: {bundled_languages()}); "
@@ -99,7 +99,7 @@ class SpeechCorpusDataModule(AudioFolderDataModule):
       sentences (bundled list for ``language``, or ``sentences``), spoken at a rate drawn from ``rate_range``
       words/min with the speaker's pitch +-6;
     - everything drawn from ``numpy.random.default_rng(seed)``; synthesis runs in fresh subprocesses of
-      :data:`CHUNK_SIZE` utterances (see :mod:`lightning_stability.data.espeak`), so the same parameters give
+      :data:`CHUNK_SIZE` utterances (see :mod:`lightning_stability.reference.data.espeak`), so the same parameters give
       byte-identical wav files with the same eSpeak NG build (checked across processes and worker counts;
       the Klatt voices use floating-point maths, so a different libm could differ in the last bits).
 
@@ -324,7 +324,7 @@ class SpeechCorpusDataModule(AudioFolderDataModule):
 
     def generate(self) -> Path:
         """Synthesise the corpus atomically (temporary folder + rename) and return its folder."""
-        from lightning_stability.data import espeak
+        from lightning_stability.reference.data import espeak
 
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self._remove_stale_temporaries()
@@ -391,7 +391,7 @@ class SpeechCorpusDataModule(AudioFolderDataModule):
         return self.root
 
     def _synthesize(self, chunks):
-        from lightning_stability.data import espeak
+        from lightning_stability.reference.data import espeak
 
         return espeak.synthesize_to_files(chunks, workers=self.generation_workers)
 

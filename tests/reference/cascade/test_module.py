@@ -7,13 +7,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_stability.modules.cascade import (
+from lightning_stability.reference.cascade.module import (
     CascadeTransformerModule,
     _WarmupCosine,
     masked_cosine_distance,
     masked_distance,
 )
-from lightning_stability.nn.transformer import CascadeConfig
+from lightning_stability.reference.cascade.transformer import CascadeConfig
 from tests.helpers import FAULT_WARNINGS, assert_same, make_trainer, snapshot
 
 pytestmark = FAULT_WARNINGS  # the post-mortem runs provoke the guard's and the cascade's notices on purpose
@@ -394,7 +394,7 @@ class SaveRankState(pl.Callback):
 @pytest.mark.ddp
 @pytest.mark.timeout(180)
 def test_ddp_spawn_fit_keeps_ranks_identical(tmp_path):
-    from lightning_stability.data.latents import LatentPairDataModule
+    from lightning_stability.reference.data.latents import LatentPairDataModule
 
     root = tmp_path / "latents"
     root.mkdir()
@@ -430,7 +430,7 @@ def test_cli_config_runs_two_steps(tmp_path):
     (no demo checkpoint here: the data falls back to the fixed random encoder)."""
     from lightning_stability.cli import main
 
-    config = Path(__file__).resolve().parents[2] / "configs" / "cascade.yaml"
+    config = Path(__file__).resolve().parents[3] / "configs" / "cascade.yaml"
     rc = main(
         [
             "fit",

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lightning_stability.nn.transformer import (
+from lightning_stability.reference.cascade.transformer import (
     CascadeConfig,
     CascadeTransformer,
     _calibration,

@@ -4,7 +4,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_stability.modules.codec import CodecModule
+from lightning_stability.reference.codec.module import CodecModule
 from tests._helpers_codec import LENGTH, SR, TINY, chirps, loader
 from tests.helpers import make_trainer
 
@@ -381,7 +381,7 @@ def test_short_fit_learns_the_amplitude_instead_of_pinning_the_factor(tmp_path):
     # safety-net factor sits at its bound; the correlation-gated RMS term on the decoder's own output (alone, or with
     # the demo's gain-invariant L1) makes the decoder learn the level, so the factor stays inside its range.
     without = _amplitude_fit(tmp_path, 0.0, None)
-    from lightning_stability.demo import DEMO_CORRELATION_GATE, DEMO_LOSS_WEIGHTS
+    from lightning_stability.reference.codec.demo import DEMO_CORRELATION_GATE, DEMO_LOSS_WEIGHTS
 
     gated = _amplitude_fit(tmp_path, 20.0, (0.2, 0.6))  # the RMS term alone, earlier gate
     fixed = _amplitude_fit(tmp_path, DEMO_LOSS_WEIGHTS["rms"], DEMO_CORRELATION_GATE, l1_gate=DEMO_CORRELATION_GATE)
@@ -399,7 +399,7 @@ def test_l1_gain_gate_leaves_the_level_to_the_other_terms():
     # With the gate open the l1 term compares the decoder's output rescaled to the input's RMS: its gradient has no
     # component along the decoder's output (it shapes the waveform, it cannot shrink it). Closed, it is the plain L1
     # of the emitted output.
-    from lightning_stability.modules.codec import CodecOutput
+    from lightning_stability.reference.codec.module import CodecOutput
 
     codec = _codec(loss_weights={"l1": 1.0}, l1_gain_gate=(0.2, 0.6))
     audio = chirps(4)

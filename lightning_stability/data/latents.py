@@ -1,0 +1,7 @@
+"""Moved to :mod:`lightning_stability.reference.data.latents` (0.2.0).
+
+This path keeps working: its names resolve there on first use."""
+
+from lightning_stability._lazy import moved_module
+
+__getattr__, __dir__ = moved_module(__name__, "lightning_stability.reference.data.latents")
