@@ -194,11 +194,20 @@ def demo_config(*, n_filters: int, lstm: int, lr: float, quick: bool, seed: int,
 
 
 def codec_module(config):
-    """``CodecModule`` exactly as the demo builds it (``lightning_stability.reference.codec.demo``'s recipe: losses,
-    weights, output RMS safety clamp, dead-code threshold), so the benchmark measures the codec the project ships."""
-    from lightning_stability.reference.codec import demo
+    """``CodecModule`` as the demo builds it: the recipe (``reference/codec/recipe.py``: ``CodecModule``'s default
+    objective, the demo's output safety net) at this benchmark's width, so it measures the codec the project ships."""
+    from lightning_stability.reference.codec.recipe import demo_codec
 
-    return demo._codec(config)
+    return demo_codec(
+        sample_rate=config.sample_rate,
+        n_filters=config.n_filters,
+        lstm=config.lstm,
+        n_q=config.n_q,
+        codebook_size=config.codebook_size,
+        kmeans_iters=3 if config.quick else 10,
+        lr=config.lr,
+        seed=config.seed,
+    )
 
 
 def kit_callbacks(config, root: Path) -> list[Any]:

@@ -34,11 +34,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-#: The demo's objective: unweighted terms of ``CodecModule.compute_losses`` and their weights (see ``_codec``).
-DEMO_LOSS_WEIGHTS: dict[str, float] = {"mel": 2.5, "l1": 1000.0, "stft": 3.0, "rms": 10.0, "vq": 1.0}
-#: The correlation gate of the demo's ``rms`` term and gain-invariant ``l1`` (``CodecModule(rms_correlation_gate=...,
-#: l1_gain_gate=...)``): both act as the output's correlation with its input rises from 0.4 to 0.8.
-DEMO_CORRELATION_GATE: tuple[float, float] = (0.4, 0.8)
+from lightning_stability.reference.codec.module import DEFAULT_CORRELATION_GATE, DEFAULT_LOSS_WEIGHTS
+from lightning_stability.reference.codec.recipe import DEMO_SIZE
+
+#: The demo's objective, ``CodecModule``'s default weights (kept under this name; one owner: the module).
+DEMO_LOSS_WEIGHTS: dict[str, float] = dict(DEFAULT_LOSS_WEIGHTS)
+#: The correlation gate of the ``rms`` term and gain-invariant ``l1`` (``CodecModule``'s default).
+DEMO_CORRELATION_GATE: tuple[float, float] = DEFAULT_CORRELATION_GATE
 
 __all__ = [
     "DEMO_CORRELATION_GATE",
@@ -74,15 +76,15 @@ class DemoConfig:
     max_steps: int = 1000  # optimizer steps
     batch_size: int = 8
     segment_seconds: float = 0.5  # training crop length
-    sample_rate: int = 24000
-    n_filters: int = 8  # SEANet width (EnCodec: 32); 8 keeps a step around 0.3 s on 2 cores
-    lstm: int = 1  # LSTM layers in the bottleneck (EnCodec: 2)
-    n_q: int = 8  # 8 x 1024 codes at 75 Hz = 6 kbps (EnCodec's 6 kbps setting)
-    codebook_size: int = 1024
-    # dead codes: below 0.1 x the EMA use a code would have under uniform use (Moshi's rule; EnCodec's absolute 2 hits
-    # assumes batches of thousands of frames: with 8 x 37 frames a used code averages ~0.3 EMA hits)
-    dead_code_usage_ratio: float = 0.1
-    lr: float = 1e-3  # DAC uses 1e-4 for a long run; a 10-minute run needs a larger step
+    # the model's size: the recipe's DEMO_SIZE (lightning_stability/reference/codec/recipe.py)
+    sample_rate: int = DEMO_SIZE["sample_rate"]
+    n_filters: int = DEMO_SIZE["n_filters"]  # SEANet width (EnCodec: 32); 8 keeps a step around 0.3 s on 2 cores
+    lstm: int = DEMO_SIZE["lstm"]  # LSTM layers in the bottleneck (EnCodec: 2)
+    n_q: int = DEMO_SIZE["n_q"]  # 8 x 1024 codes at 75 Hz = 6 kbps (EnCodec's 6 kbps setting)
+    codebook_size: int = DEMO_SIZE["codebook_size"]
+    # None: CodecModule's default, the recipe's (Moshi's dead-code rule at 0.1; lr 1e-3 for a 10-minute run)
+    dead_code_usage_ratio: float | None = None
+    lr: float | None = None
     val_every_n_steps: int = 250
     # Held-out evaluation of whole files: the codec runs over chunks of this length (each its own EnCodec segment
     # with its own scale), so a long recording never holds more than one chunk's activations in memory ...
@@ -120,7 +122,11 @@ class DemoConfig:
 
 
 def _codec(config: DemoConfig):
-    from lightning_stability.reference.codec import CodecModule
+    """The demo's ``CodecModule``: :func:`~lightning_stability.reference.codec.recipe.demo_codec` at the config's
+    size. The objective (losses, weights, gates, DC block) is ``CodecModule``'s defaults: the recipe measured in
+    ``docs/codec_demo_experiments.md`` (held-out RMS ratio 1.00 at 1000 steps, factor at a bound 3.5 % of the last
+    quarter, SI-SNR 5.2 dB, mel distance 3.36)."""
+    from lightning_stability.reference.codec.recipe import demo_codec
 
     kwargs = {
         "sample_rate": config.sample_rate,
@@ -128,37 +134,15 @@ def _codec(config: DemoConfig):
         "lstm": config.lstm,
         "n_q": config.n_q,
         "codebook_size": config.codebook_size,
-        "dead_code_usage_ratio": config.dead_code_usage_ratio,
-        "output_rms_clamp": (0.7, 1.5),  # a ClampedRMSScale safety net that ScaleFactorClamp watches
-        # A 10-minute objective (docs/codec_demo_experiments.md has the measured table): the time-domain L1 dominates,
-        # because only a waveform term constrains phase, which is what SI-SNR measures; the multi-resolution STFT
-        # loss (spectral convergence + log magnitude) gets the output's energy and spectrum in place in the first
-        # steps, which an L1 alone does not (alone it first shrinks the output towards silence); EnCodec's
-        # linear-magnitude mel stays the adaptive term. Measured at 200 steps on the held-out set: the previous mix
-        # (mel 2.5, L1 0.2) -44.1 dB SI-SNR, mel distance 4.94; L1 10 + STFT 1: -16.6 dB; L1 300 + STFT 1: +0.1 dB,
-        # 4.00; L1 1000 + STFT 3 (this): +0.9 dB, 3.96. Without the STFT term (L1 30, or an SI-SNR loss) the output
-        # stayed uncorrelated; a heavier RMS term (10) kept it so too.
-        "mel_log_weight": 0.0,
-        "mel_mag_weight": 1.0,
-        "loss_weights": dict(DEMO_LOSS_WEIGHTS),
-        # Amplitude (issue 13): the dominant L1 shrinks the output by its correlation with the input (the L1-optimal
-        # gain), so the decoder sat at 0.56 of the level with the safety-net factor pinned at 1.5. Once the output
-        # correlates, the L1 compares a gain-normalised output (it shapes the waveform, it cannot pull the level
-        # down) and a 10x RMS term on the decoder's own output sets the level. Measured at 1000 steps
-        # (docs/codec_demo_experiments.md): held-out RMS ratio 1.00, factor at a bound 3.5 % of the last quarter (was
-        # 100 %), SI-SNR 5.17 dB, mel distance 3.36.
-        # An RMS term alone (weight 20-40) fixes the level but costs 0.4-1.5 dB.
-        "rms_correlation_gate": DEMO_CORRELATION_GATE,
-        "l1_gain_gate": DEMO_CORRELATION_GATE,
-        # The decoder's last convolution has a bias: the RMS term was met with a DC offset (-0.10 at -16 LUFS,
-        # most of the output's energy). The DC block subtracts the output's mean over each segment.
-        "remove_dc": True,
         "kmeans_iters": 3 if config.quick else 10,
-        "lr": config.lr,
         "seed": config.seed,
     }
+    if config.dead_code_usage_ratio is not None:
+        kwargs["dead_code_usage_ratio"] = config.dead_code_usage_ratio
+    if config.lr is not None:
+        kwargs["lr"] = config.lr
     kwargs.update(config.extra)
-    return CodecModule(**kwargs)
+    return demo_codec(**kwargs)
 
 
 class DemoInputError(RuntimeError):
@@ -674,7 +658,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-utterances", type=int, default=None, help=f"corpus size (default: {d.num_utterances})")
     p.add_argument("--max-steps", type=int, default=None, help=f"optimizer steps (default: {d.max_steps})")
     p.add_argument("--batch-size", type=int, default=None, help=f"batch size (default: {d.batch_size})")
-    p.add_argument("--lr", type=float, default=None, help=f"learning rate (default: {d.lr})")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: CodecModule's, the recipe's 1e-3)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1, see DemoConfig.threads)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

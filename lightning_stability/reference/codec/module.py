@@ -41,13 +41,17 @@ from lightning_stability.reference.codec.seanet import SEANetDecoder, SEANetEnco
 
 __all__ = ["CodecModule", "CodecOutput"]
 
-#: Loss terms ``CodecModule.compute_losses`` knows, with the weights used when ``loss_weights`` is not given.
-DEFAULT_LOSS_WEIGHTS: dict[str, float] = {
-    "mel": 15.0,  # DAC's multi-scale log-mel weight
-    "l1": 0.1,  # EnCodec's time-domain weight (lambda_t)
-    "rms": 1.0,  # amplitude matching (DESIGN.md section 1.2)
-    "vq": 1.0,  # codebook + commitment_weight * commitment (DAC: 1 and 0.25)
-}
+#: The weights used when ``loss_weights`` is not given: the objective the demo proved
+#: (``docs/codec_demo_experiments.md``; the recipe of :mod:`lightning_stability.reference.codec.recipe`). A dominant
+#: time-domain L1 (only a waveform term constrains phase, which SI-SNR measures), a multi-resolution STFT term that
+#: puts the output's energy and spectrum in place in the first steps, EnCodec's linear-magnitude mel as the adaptive
+#: term, and a 10x RMS term on the decoder's own output that sets the level once the output correlates.
+DEFAULT_LOSS_WEIGHTS: dict[str, float] = {"mel": 2.5, "l1": 1000.0, "stft": 3.0, "rms": 10.0, "vq": 1.0}
+#: The weights of 0.1 (DAC's log-mel 15, EnCodec's L1 0.1): on real speech its output ended 18-35 % too quiet.
+LEGACY_LOSS_WEIGHTS: dict[str, float] = {"mel": 15.0, "l1": 0.1, "rms": 1.0, "vq": 1.0}
+#: The correlation gate of the default ``rms`` term and gain-invariant ``l1``: both act as the output's correlation
+#: with its input rises from 0.4 to 0.8.
+DEFAULT_CORRELATION_GATE: tuple[float, float] = (0.4, 0.8)
 ADVERSARIAL_LOSS_WEIGHTS: dict[str, float] = {"adv": 1.0, "feat": 2.0}  # DAC's generator / feature-matching weights
 KNOWN_LOSSES = ("mel", "l1", "stft", "sisnr", "rms", "vq", "adv", "feat")
 
@@ -142,12 +146,13 @@ class CodecModule(pl.LightningModule):
               --ResidualVectorQuantizer--> codes [B, n_q, F], quantized [B, 128, F]
               --SEANetDecoder--> [B, C, F * 320] --trim to T, * s--> reconstruction [B, C, T]
 
-    The decoder is unbounded (no tanh, no learnable output scale: DESIGN.md section 1.2). Amplitude is carried by the
-    per-segment RMS scale ``s`` (computed from the input by :func:`~lightning_stability.nn.scale.normalize`, sent with
-    the codes and multiplied back by :func:`~lightning_stability.nn.scale.denormalize`; ``normalize_scale=True``,
-    the default; each training crop, or each ``encode`` input, is one segment) and by the RMS-matching loss.
+    The decoder is unbounded (no tanh, no learnable output scale: ``docs/design.md``, post-mortem 2). Amplitude is
+    carried by the per-segment RMS scale ``s`` (computed from the input by
+    :func:`~lightning_stability.nn.scale.normalize`, sent with the codes and multiplied back by
+    :func:`~lightning_stability.nn.scale.denormalize`; ``normalize_scale=True``, the default; each training crop, or
+    each ``encode`` input, is one segment) and by the RMS-matching loss.
 
-    **Losses** (the loss-dict protocol, DESIGN.md section 4): unweighted terms, combined by
+    **Losses** (the loss-dict protocol, ``docs/design.md``): unweighted terms, combined by
     ``self.loss_weights.weighted_sum`` (a :class:`~lightning_stability.losses.weights.LossWeights`, which
     ``AdaptiveLossWeight`` may tune):
 
@@ -213,20 +218,22 @@ class CodecModule(pl.LightningModule):
         remove_dc: subtract the decoder output's mean over time, ``y - mean_t(y)`` per item and channel, before the
             output scale (a DC block for a decoder with a bias in its last convolution: measured on the demo, the
             RMS-matching term was otherwise met by a DC offset of about -0.1 at -16 LUFS, i.e. most of the output's
-            energy). Off by default (a user's codec may need DC); the demo turns it on.
+            energy). On by default (the recipe); ``False`` for a codec that must carry DC.
         output_rms_clamp: ``None`` (default) or ``(min_scale, max_scale)``: a
             :class:`~lightning_stability.nn.scale.ClampedRMSScale` (``detach_scale=True``) after the decoder pulls the
             normalised-domain output towards unit RMS with the factor clamped to the bounds, a safety net whose
             factor ``ScaleFactorClamp`` logs and bounds (a factor pinned at ``max_scale`` means the decoder's output
             is collapsing). The decoder still learns the amplitude itself (the factor is a constant in backward).
-        loss_weights: ``{term: weight}``; default ``{"mel": 15, "l1": 0.1, "rms": 1, "vq": 1}`` (+ ``adv`` 1 and
-            ``feat`` 2 when adversarial). Terms: ``mel``, ``l1``, ``stft``, ``sisnr``, ``rms``, ``vq``, ``adv``,
-            ``feat``.
+        loss_weights: ``{term: weight}``; default the demo's recipe ``{"mel": 2.5, "l1": 1000, "stft": 3, "rms": 10,
+            "vq": 1}`` (+ ``adv`` 1 and ``feat`` 2 when adversarial; 0.1's default, DAC's log-mel 15 with EnCodec's L1
+            0.1, is ``LEGACY_LOSS_WEIGHTS`` in this module). Terms: ``mel``, ``l1``, ``stft``, ``sisnr``, ``rms``,
+            ``vq``, ``adv``, ``feat``.
         codebook_weight, commitment_weight: inside the ``vq`` term (DAC: 1 and 0.25).
         mel_window_lengths, mel_n_mels: resolutions of the ``mel`` term.
         mel_log_weight, mel_mag_weight: the ``mel`` term's log-mel L1 (DAC: 1) and linear-mel L1 (EnCodec's form:
-            its frequency loss is on linear mel magnitudes) weights.
-        lr, betas, weight_decay: AdamW (DAC: 1e-4, (0.8, 0.99)).
+            its frequency loss is on linear mel magnitudes) weights; default 0 and 1 (the recipe: EnCodec's form).
+        lr, betas, weight_decay: AdamW; default 1e-3 (the recipe's short budget; DAC uses 1e-4 over 400k steps, lower
+            it for a long run), (0.8, 0.99) (DAC), 0.
         lr_gamma: per-step exponential learning-rate decay (DAC: 0.999996; 1.0 = constant).
         adversarial, disc_filters, disc_n_ffts, adversarial_loss ("hinge" or "ls"), disc_lr: the discriminator.
         gradient_clip_val: gradient-norm clip applied in adversarial (manual) mode; with automatic optimization use
@@ -241,12 +248,16 @@ class CodecModule(pl.LightningModule):
             cannot score (silent, shorter than PESQ's 0.25 s or one 400 ms loudness block, NaN output) are skipped,
             counted in ``val/<name>_skipped`` and named in a warning; the epoch never fails on them. Exact under DDP
             (summed scores and counts).
-        rms_correlation_gate: ``None`` (default) or ``(rho0, rho1)``: the ``rms`` term's weight per item ramps from
-            0 at correlation ``rho0`` to 1 at ``rho1`` between the decoder's output and the input (detached; see
-            :class:`~lightning_stability.losses.spectral.RMSMatchingLoss`). An L1-trained output is shrunk by its
-            correlation with the target (the L1/L2-optimal gain is about ``rho``): early in training, matching the
-            level of an uncorrelated output only makes loud noise, while late the gate is open and the term pulls the
-            decoder's level to the target's, so a safety-net factor is not left pinned at its bound.
+        rms_correlation_gate: ``(rho0, rho1)`` (default ``(0.4, 0.8)``, the recipe) or ``None`` (no gate): the ``rms``
+            term's weight per item ramps from 0 at correlation ``rho0`` to 1 at ``rho1`` between the decoder's output
+            and the input (detached; see :class:`~lightning_stability.losses.spectral.RMSMatchingLoss`). An L1-trained
+            output is shrunk by its correlation with the target (the L1/L2-optimal gain is about ``rho``): early in
+            training, matching the level of an uncorrelated output only makes loud noise, while late the gate is open
+            and the term pulls the decoder's level to the target's, so a safety-net factor is not left pinned at its
+            bound.
+        l1_gain_gate: ``(rho0, rho1)`` (default ``(0.4, 0.8)``, the recipe) or ``None``: as the correlation rises
+            through the gate, the ``l1`` term compares the decoder's output rescaled to the input's RMS, so it shapes
+            the waveform and cannot pull the level down (the L1-optimal gain of a partly correlated output is below 1).
     """
 
     def __init__(
@@ -273,16 +284,16 @@ class CodecModule(pl.LightningModule):
         dead_code_check_every: int = 5,
         quantizer_dropout: float = 0.0,
         normalize_scale: bool = True,
-        remove_dc: bool = False,
+        remove_dc: bool = True,
         output_rms_clamp: tuple[float, float] | None = None,
         loss_weights: Mapping[str, float] | None = None,
         codebook_weight: float = 1.0,
         commitment_weight: float = 0.25,
         mel_window_lengths: Sequence[int] = DAC_MEL_WINDOWS,
         mel_n_mels: Sequence[int] = DAC_MEL_N_MELS,
-        mel_log_weight: float = 1.0,
-        mel_mag_weight: float = 0.0,
-        lr: float = 1e-4,
+        mel_log_weight: float = 0.0,
+        mel_mag_weight: float = 1.0,
+        lr: float = 1e-3,
         betas: tuple[float, float] = (0.8, 0.99),
         weight_decay: float = 0.0,
         lr_gamma: float = 1.0,
@@ -294,8 +305,8 @@ class CodecModule(pl.LightningModule):
         gradient_clip_val: float | None = None,
         seed: int = 0,
         quality_metrics: str | Sequence[str] | None = "auto",
-        rms_correlation_gate: tuple[float, float] | None = None,
-        l1_gain_gate: tuple[float, float] | None = None,
+        rms_correlation_gate: tuple[float, float] | None = DEFAULT_CORRELATION_GATE,
+        l1_gain_gate: tuple[float, float] | None = DEFAULT_CORRELATION_GATE,
     ) -> None:
         super().__init__()
         if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate < 1:
