@@ -1,4 +1,4 @@
-"""Fixed-budget experiment on the cascade transformer (the harness behind ``docs/cascade_experiments.md``).
+"""Fixed-budget experiment on the cascade transformer (the harness behind ``benchmarks/results/cascade_amplitude.json``).
 
     python scripts/cascade_experiment.py NAME STEPS ['{"config": {...}, "module": {...}, "data": {...}}'] [kit]
         [threads=N] [encoder=random|PATH] [seed=S]

@@ -32,7 +32,7 @@ held-out samples), wide-band PESQ (ITU-T P.862.2 by the ``pesq`` package, both s
 rest), DC offset (mean of the output over all held-out samples), codebook usage per stage (perplexity of
 the code histogram over all held-out frames, out of 1024, and the fraction of codes never used), bitrate
 (n_q x log2(codebook_size) x frame rate). Training wall time and steps are recorded. Published references
-(DESIGN.md §2; trained for days on GPUs): EnCodec 6 kbps SI-SDR 5.99 dB, mel distance 1.83; DAC 5.33 kbps SI-SDR
+(their papers; trained for days on GPUs): EnCodec 6 kbps SI-SDR 5.99 dB, mel distance 1.83; DAC 5.33 kbps SI-SDR
 8.13 dB, mel distance 1.07. A CPU budget of minutes gets nowhere near them; the comparison that matters is between
 the recipes at the same budget.
 

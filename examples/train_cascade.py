@@ -8,7 +8,7 @@
 
 It is what ``lightning-stability fit --config configs/cascade.yaml`` does. Task: latent-space enhancement; the source
 is the latents of a degraded utterance (noise, gain, band-limiting), the target those of the clean one, the
-conditioning those of another utterance of the same voice (DESIGN.md section 1.3 has the architecture). Afterwards it
+conditioning those of another utterance of the same voice (docs/design.md, post-mortem 3, has the architecture). Afterwards it
 reports, on held-out utterances, the masked L1 distance to the clean latents of the degraded input (doing nothing)
 and of each stage's output, each stage's gain over doing nothing, its RMS factor, the share of windows whose factor
 was clamped and the output/target RMS ratio, plus where the time went (data, training, evaluation), into
@@ -123,7 +123,7 @@ def main() -> None:
         val_fraction=0.1,
     )
     config = CascadeConfig(
-        widths=(128, 192, 192),  # DESIGN.md: (256, 384, 384) x 6 layers; this size trains on 2 CPU cores
+        widths=(128, 192, 192),  # the post-mortem's: (256, 384, 384) x 6 layers; this size trains on 2 CPU cores
         n_layers=3,
         n_heads=4,
     )

@@ -1,4 +1,4 @@
-"""The three-stage cascade transformer on codec latents (DESIGN.md §1.3), in plain torch.
+"""The three-stage cascade transformer on codec latents (``docs/design.md``, post-mortem 3), in plain torch.
 
 The model refines EnCodec-style latents ``[B, D=128, T]`` (24 kHz audio, hop 320: 75 frames/s, T = 1200 for 16 s) in
 ``n_stages`` transformer stages. Stage ``k`` computes, with ``prev_0 = source`` and ``a_0 = rms(reference)``::
@@ -102,7 +102,7 @@ _INITS = ("default", "scaled_residual", "small")
 # ---------------------------------------------------------------------------------------------------------------------
 @dataclass
 class CascadeConfig:
-    """Every number of the cascade. Defaults are the post-mortem's fixed configuration (DESIGN.md §1.3).
+    """Every number of the cascade. Defaults are the post-mortem's fixed configuration (``docs/design.md``, post-mortem 3).
 
     Sequences given as lists (YAML, JSON) are turned into tuples; ``n_layers`` may be one int for every stage.
     """
@@ -303,7 +303,7 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def small_init_(module: nn.Module, *, std: float = 1e-3, conv_factor: float = 0.5) -> nn.Module:
-    """The post-mortem's emergency initialisation (DESIGN.md §1.4), for comparison runs: returns ``module``.
+    """The post-mortem's emergency initialisation (``docs/design.md``, post-mortem 4), for comparison runs: returns ``module``.
 
     - ``nn.Linear`` / ``nn.Embedding`` weights ~ ``N(0, std^2)`` (default ``std = 0.001``), Linear biases 0;
     - convolution weights (``Conv1d/2d/3d`` and transposed) multiplied by ``conv_factor`` (default 0.5);

@@ -203,7 +203,7 @@ def build_callbacks(config: DemoConfig, out: Path) -> list:
     warmup = max(1, min(100, config.max_steps // 10))
     callbacks = [
         GradientGuard(),
-        # DESIGN.md section 1.1: base 2.5, bounds [1, 5] (the controller's defaults).
+        # docs/design.md, post-mortem 1: base 2.5, bounds [1, 5] (the controller's defaults).
         AdaptiveLossWeight("mel", warmup_steps=warmup),
         ScaleFactorClamp(),
         SignalMonitor(train_every_n_steps=max(1, min(50, config.max_steps // 20)), log_media=False),
