@@ -1,4 +1,5 @@
-"""Fixed-budget experiment on the cascade transformer (the harness behind ``benchmarks/results/cascade_amplitude.json``).
+"""Fixed-budget experiment on the cascade transformer (the harness behind
+``benchmarks/results/cascade_amplitude.json``).
 
     python scripts/cascade_experiment.py NAME STEPS ['{"config": {...}, "module": {...}, "data": {...}}'] [kit]
         [threads=N] [encoder=random|PATH] [seed=S]

@@ -1,4 +1,5 @@
-"""Rescue benchmark: The post-mortems' failure modes (docs/design.md) in miniature, trained plain, plain + clipping, and with the kit.
+"""Rescue benchmark: The post-mortems' failure modes (docs/design.md) in miniature, trained plain, plain + clipping,
+and with the kit.
 
 Every case is a small, seeded, deterministic training run on CPU. It is trained four ways:
 
@@ -11,7 +12,8 @@ Cases (the models, data, baselines and the old controller are defined in this fi
 package):
 
 1. ``codec_output_scale``: a tiny conv autoencoder whose decoder ends in ``output_scale * tanh(y)`` with a learnable
-   ``output_scale`` initialised at 3.0 (docs/design.md, post-mortem 2). Clean: the unbounded decoder (no tanh, no scale). Kit: the
+   ``output_scale`` initialised at 3.0 (docs/design.md, post-mortem 2). Clean: the unbounded decoder (no tanh, no
+   scale). Kit: the
    same faulty model with ``ScaleFactorClamp`` (projects ``output_scale`` into [0.7, 1.5] after every step, warns at
    fit start) + ``GradientGuard``.
 2. ``old_mel_weight_spike``: a tiny codec trained on ``2.5 * mel + 1.0 * l1`` whose mel term spikes x50 at one step,

@@ -8,7 +8,8 @@
 
 It is what ``lightning-stability fit --config configs/cascade.yaml`` does. Task: latent-space enhancement; the source
 is the latents of a degraded utterance (noise, gain, band-limiting), the target those of the clean one, the
-conditioning those of another utterance of the same voice (docs/design.md, post-mortem 3, has the architecture). Afterwards it
+conditioning those of another utterance of the same voice (docs/design.md, post-mortem 3, has the architecture).
+Afterwards it
 reports, on held-out utterances, the masked L1 distance to the clean latents of the degraded input (doing nothing)
 and of each stage's output, each stage's gain over doing nothing, its RMS factor, the share of windows whose factor
 was clamped and the output/target RMS ratio, plus where the time went (data, training, evaluation), into

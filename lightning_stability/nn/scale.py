@@ -3,7 +3,8 @@
 Two tools, both plain torch:
 
 - :class:`ClampedRMSScale` rescales a model output so its RMS matches a reference, with the factor clamped to
-  ``[min_scale, max_scale]`` (``docs/design.md``, post-mortem 3: the cascade transformer's last stage, clamp [0.7, 1.5]). The clamp is
+  ``[min_scale, max_scale]`` (``docs/design.md``, post-mortem 3: the cascade transformer's last stage, clamp [0.7,
+  1.5]). The clamp is
   what keeps the layer from hiding a collapsing residual path: an output whose RMS has fallen far below the target
   gets at most ``max_scale``, so the loss still sees (and the gradient still fixes) the collapse, and
   ``ScaleFactorClamp`` warns when the factor sits near the ceiling.

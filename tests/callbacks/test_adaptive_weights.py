@@ -1,4 +1,5 @@
-"""``AdaptiveLossWeight``: The seed table of docs/design.md (post-mortem 1) through a real Trainer, the old controller's failure for
+"""``AdaptiveLossWeight``: The seed table of docs/design.md (post-mortem 1) through a real Trainer, the old
+controller's failure for
 contrast, the decision table, state/resume, manual control, rank agreement and argument errors."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Bad input sweep: every public constructor (the public contract of tests/test_package.py, plus ``ClampedRMSScale``) rejects invalid arguments with a
+"""Bad input sweep: every public constructor (the public contract of tests/test_package.py, plus ``ClampedRMSScale``)
+rejects invalid arguments with a
 ``ValueError``/``TypeError`` whose message names the argument in backticks and shows the bad value; the modules fed
 wrong shapes, wrong sample rates, empty or corrupt audio files fail clearly (or skip with the path logged)."""
 

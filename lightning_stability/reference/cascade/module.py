@@ -1,4 +1,5 @@
-"""``CascadeTransformerModule``: the training recipe of the three-stage cascade on codec latents (``docs/design.md``, post-mortem 3).
+"""``CascadeTransformerModule``: the training recipe of the three-stage cascade on codec latents (``docs/design.md``,
+post-mortem 3).
 
 The network is :class:`~lightning_stability.reference.cascade.transformer.CascadeTransformer`; this module adds
 
@@ -13,7 +14,8 @@ The network is :class:`~lightning_stability.reference.cascade.transformer.Cascad
   (``CascadeConfig.predict_gain``), which this term trains towards the target's level;
 - an optional **factor penalty** ``L_scale = mean_k mean_b |log s_k^raw|`` (the RMS factors before clamping; weight 0
   by default: logged only, a stage's distance from needing no correction);
-- the **loss-dict protocol** (``docs/design.md``, "The loss dict"): the terms are named ``stage1 .. stageK``, ``cosine``, ``rms`` and
+- the **loss-dict protocol** (``docs/design.md``, "The loss dict"): the terms are named ``stage1 .. stageK``,
+  ``cosine``, ``rms`` and
   ``scale``, combined by
   ``self.loss_weights.weighted_sum(losses)`` (a :class:`~lightning_stability.losses.LossWeights`), and
   ``training_step`` returns ``{"loss", "losses", "preds", "target", "mask"}`` so ``AdaptiveLossWeight`` can own a
@@ -391,7 +393,7 @@ class CascadeTransformerModule(pl.LightningModule):
                     f"step {self.global_step} (clamp [{self.config.min_scale}, {self.config.max_scale}]): the stage's "
                     f"output is too quiet and the factor is compensating (residual weight "
                     f"r={self.model.stages[k].residual_weight}; in the post-mortem a weak r=0.1 let the output RMS "
-                    f"collapse: the cascade's last stage in the post-mortem). If it persists, try a larger residual weight or an RMS-matching term."
+                    f"collapse). If it persists, try a larger residual weight or an RMS-matching term."
                 )
 
     @override

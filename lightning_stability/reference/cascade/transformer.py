@@ -102,7 +102,8 @@ _INITS = ("default", "scaled_residual", "small")
 # ---------------------------------------------------------------------------------------------------------------------
 @dataclass
 class CascadeConfig:
-    """Every number of the cascade. Defaults are the post-mortem's fixed configuration (``docs/design.md``, post-mortem 3).
+    """Every number of the cascade. Defaults are the post-mortem's fixed configuration (``docs/design.md``, post-mortem
+    3).
 
     Sequences given as lists (YAML, JSON) are turned into tuples; ``n_layers`` may be one int for every stage.
     """
@@ -303,7 +304,8 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def small_init_(module: nn.Module, *, std: float = 1e-3, conv_factor: float = 0.5) -> nn.Module:
-    """The post-mortem's emergency initialisation (``docs/design.md``, post-mortem 4), for comparison runs: returns ``module``.
+    """The post-mortem's emergency initialisation (``docs/design.md``, post-mortem 4), for comparison runs: returns
+    ``module``.
 
     - ``nn.Linear`` / ``nn.Embedding`` weights ~ ``N(0, std^2)`` (default ``std = 0.001``), Linear biases 0;
     - convolution weights (``Conv1d/2d/3d`` and transposed) multiplied by ``conv_factor`` (default 0.5);

@@ -8,7 +8,8 @@ Differences from audiocraft kept on purpose:
 
 - weight norm is ``torch.nn.utils.parametrizations.weight_norm`` (the parametrizations API; state-dict keys
   ``parametrizations.weight.original0/1``);
-- the decoder is **unbounded**: no final ``tanh`` and no learnable output scale (``docs/design.md``, post-mortem 2: a tanh plus a
+- the decoder is **unbounded**: no final ``tanh`` and no learnable output scale (``docs/design.md``, post-mortem 2: a
+  tanh plus a
   learnable scale fought the convolutions over the output amplitude). Amplitude is handled by the codec's RMS
   scale normalisation and an RMS-matching loss instead.
 

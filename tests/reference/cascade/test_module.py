@@ -314,7 +314,8 @@ def _fit_and_measure(tmp_path, config, steps, **kwargs):
 
 
 def test_short_fit_matches_the_target_level_with_no_factor_at_a_bound(tmp_path):
-    """The amplitude fix (docs/guides/cascade.md, "Measured"): with the defaults (predicted gains, the output floor, the RMS
+    """The amplitude fix (docs/guides/cascade.md, "Measured"): with the defaults (predicted gains, the output floor,
+    the RMS
     term) a short fit ends with every stage's output/target RMS ratio in [0.9, 1.1] and no RMS factor at a clamp bound;
     the previous recipe on the same data and seed outputs the source's level (ratio ~0.7) and its last stage sits at
     the 1.5 ceiling."""
@@ -337,7 +338,8 @@ class StopWhenNonFinite(pl.Callback):
 
 
 def test_post_mortem_failure_in_miniature_and_its_fix(tmp_path):
-    """Post-mortem 3 (docs/design.md) in miniature: residual 0.1, no spectral norm, no qk-LayerNorm, a high learning rate: the gradient
+    """Post-mortem 3 (docs/design.md) in miniature: residual 0.1, no spectral norm, no qk-LayerNorm, a high learning
+    rate: the gradient
     norm grows by orders of magnitude and the run goes non-finite within a bounded number of steps. The same run
     (same data, seed, learning rate) with the fixed configuration (the defaults: r = (1, 1, 0.3), spectral norm,
     qk-LayerNorm, and the amplitude heads) plus ``GradientGuard`` stays finite for 60 steps and recovers from its

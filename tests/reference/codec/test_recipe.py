@@ -37,4 +37,5 @@ def test_the_demo_builds_the_recipe_and_keeps_a_users_argument():
         assert _plain(got) == _plain(value), name
     mine = demo_codec(loss_weights={"mel": 1.0}, remove_dc=False, n_filters=4)
     assert dict(mine.loss_weights.as_dict()) == {"mel": 1.0}
-    assert mine.hparams["remove_dc"] is False and mine.hparams["n_filters"] == 4
+    assert mine.hparams["remove_dc"] is False
+    assert mine.hparams["n_filters"] == 4
