@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lightning_stability.reference.codec.module import CodecModule
-from tests._helpers_codec import LENGTH, SR, TINY, chirps, loader
+from tests._helpers_codec import LENGTH, OBJECTIVE_0_1, SR, TINY, chirps, loader
 from tests.helpers import make_trainer
 
 # the test clips are 0.128 s: too short for PESQ, STOI and BS.1770 loudness; validation reports the skips, as designed
@@ -68,7 +68,7 @@ def test_fast_dev_run_follows_the_protocols(tmp_path):
     trainer = make_trainer(tmp_path, [rec], fast_dev_run=True, limit_val_batches=1)
     trainer.fit(codec, loader(), loader(4))
     out = rec.outputs[0]
-    assert set(out["losses"]) == {"mel", "l1", "rms", "vq"}
+    assert set(out["losses"]) == {"mel", "l1", "stft", "rms", "vq"}  # the default objective (the recipe's terms)
     assert all(v.dim() == 0 and not v.requires_grad for v in out["losses"].values())
     assert out["preds"].shape == out["target"].shape == (4, 1, LENGTH)
     expected = sum(codec.loss_weights[k] * v for k, v in out["losses"].items())
@@ -93,7 +93,7 @@ def test_fast_dev_run_follows_the_protocols(tmp_path):
 
 def test_short_fit_on_synthetic_clips_reduces_the_loss(tmp_path):
     torch.manual_seed(0)
-    codec = _codec()
+    codec = _codec(**OBJECTIVE_0_1)
     rec = _Recorder()
     trainer = make_trainer(tmp_path, [rec], max_steps=24)
     trainer.fit(codec, loader(16, shuffle=True))
@@ -128,7 +128,7 @@ def test_adversarial_gradients_never_leak_between_generator_and_discriminator(tm
         adversarial=True, disc_filters=2, disc_n_ffts=(64, 128), adversarial_loss="ls", gradient_clip_val=1.0
     )
     assert not codec.automatic_optimization
-    assert set(codec.loss_weights) == {"mel", "l1", "rms", "vq", "adv", "feat"}
+    assert set(codec.loss_weights) == {"mel", "l1", "stft", "rms", "vq", "adv", "feat"}
     audit = _GradAudit()
     disc_before = [p.detach().clone() for p in codec.discriminator.parameters()]
     trainer = make_trainer(tmp_path, [audit], max_steps=6)  # manual optimization: 2 optimizer steps per batch
