@@ -8,8 +8,8 @@ each utterance whole (cropped to at most ``eval_max_seconds``) through ``encode`
 Recipes (all at 6 kbps: 8 codebooks x 1024 codes (10 bits) x 75 frames/s at 24 kHz, hop 320 = ratios 8, 5, 4, 2; the
 same SEANet width ``n_filters``, LSTM depth, batch, crop, steps and learning rate):
 
-- ``kit``: ``CodecModule`` built exactly as ``lightning_stability.demo`` builds it (unbounded decoder, EnCodec scale
-  normalisation, RMS-output safety clamp, the demo's losses and weights, which the JSON records in
+- ``kit``: ``CodecModule`` built exactly as ``lightning_stability.reference.codec.demo`` builds it (unbounded decoder,
+  EnCodec scale normalisation, RMS-output safety clamp, the demo's losses and weights, which the JSON records in
   ``cases[].codec_hparams``) with the demo's kit callbacks (``demo.build_callbacks`` without its checkpoint and
   progress bar: ``GradientGuard``, ``AdaptiveLossWeight("mel")``, ``ScaleFactorClamp``, ``SignalMonitor``,
   ``StabilityReport`` written to a temporary folder);
@@ -32,7 +32,7 @@ held-out samples), wide-band PESQ (ITU-T P.862.2 by the ``pesq`` package, both s
 rest), DC offset (mean of the output over all held-out samples), codebook usage per stage (perplexity of
 the code histogram over all held-out frames, out of 1024, and the fraction of codes never used), bitrate
 (n_q x log2(codebook_size) x frame rate). Training wall time and steps are recorded. Published references
-(DESIGN.md §2; trained for days on GPUs): EnCodec 6 kbps SI-SDR 5.99 dB, mel distance 1.83; DAC 5.33 kbps SI-SDR
+(their papers; trained for days on GPUs): EnCodec 6 kbps SI-SDR 5.99 dB, mel distance 1.83; DAC 5.33 kbps SI-SDR
 8.13 dB, mel distance 1.07. A CPU budget of minutes gets nowhere near them; the comparison that matters is between
 the recipes at the same budget.
 
@@ -177,7 +177,7 @@ class EncodecPeer(pl.LightningModule):
 # ---------------------------------------------------------------------------------------------------------------------
 def demo_config(*, n_filters: int, lstm: int, lr: float, quick: bool, seed: int, steps: int):
     """The demo's configuration at this benchmark's width, learning rate and budget (everything else: the demo's)."""
-    from lightning_stability.demo import DemoConfig
+    from lightning_stability.reference.codec.demo import DemoConfig
 
     return DemoConfig(
         n_filters=n_filters,
@@ -194,18 +194,28 @@ def demo_config(*, n_filters: int, lstm: int, lr: float, quick: bool, seed: int,
 
 
 def codec_module(config):
-    """``CodecModule`` exactly as the demo builds it (``lightning_stability.demo``'s recipe: losses, weights, output
-    RMS safety clamp, dead-code threshold), so the benchmark measures the codec the project ships."""
-    from lightning_stability import demo
+    """``CodecModule`` as the demo builds it: the recipe (``reference/codec/recipe.py``: ``CodecModule``'s default
+    objective, the demo's output safety net) at this benchmark's width, so it measures the codec the project ships."""
+    from lightning_stability.reference.codec.recipe import demo_codec
 
-    return demo._codec(config)
+    return demo_codec(
+        sample_rate=config.sample_rate,
+        n_filters=config.n_filters,
+        lstm=config.lstm,
+        n_q=config.n_q,
+        codebook_size=config.codebook_size,
+        kmeans_iters=3 if config.quick else 10,
+        lr=config.lr,
+        seed=config.seed,
+    )
 
 
 def kit_callbacks(config, root: Path) -> list[Any]:
-    """The demo's kit (``lightning_stability.demo.build_callbacks``) without its checkpoint and progress bar."""
+    """The demo's kit (``lightning_stability.reference.codec.demo.build_callbacks``) without its checkpoint and
+    progress bar."""
     from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 
-    from lightning_stability.demo import build_callbacks
+    from lightning_stability.reference.codec.demo import build_callbacks
 
     return [cb for cb in build_callbacks(config, root / "report") if not isinstance(cb, (ModelCheckpoint, ProgressBar))]
 
@@ -384,7 +394,7 @@ def main() -> int:
     if unknown:
         p.error(f"unknown recipe(s) {unknown}; the recipes are {list(DESCRIPTIONS)}")
 
-    from lightning_stability.data import SpeechCorpusDataModule
+    from lightning_stability.reference.data import SpeechCorpusDataModule
 
     with tempfile.TemporaryDirectory(prefix="codec_quality_") as tmp:
         root = Path(tmp)

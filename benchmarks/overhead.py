@@ -125,14 +125,14 @@ def audio_loader(n_batches: int, batch_size: int = 4, samples: int = 2048) -> Da
 def demo_codec() -> pl.LightningModule:
     """The demo's ``CodecModule`` (``lightning-stability demo``: SEANet width 8, one LSTM layer, 8 x 1024-code RVQ at
     24 kHz, the demo's loss mix), the package's main model: about 0.3 s per step on one CPU thread."""
-    from lightning_stability.demo import DemoConfig, _codec
+    from lightning_stability.reference.codec import recipe
 
-    return _codec(DemoConfig())
+    return recipe.demo_codec()
 
 
 def codec_loader(n_batches: int) -> DataLoader:
     """Batches of the demo's shape (8 x 0.5 s at 24 kHz): tones plus noise, so no speech synthesis is needed."""
-    from lightning_stability.demo import DemoConfig
+    from lightning_stability.reference.codec.demo import DemoConfig
 
     cfg = DemoConfig()
     samples = int(cfg.segment_seconds * cfg.sample_rate)

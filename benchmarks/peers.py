@@ -507,7 +507,7 @@ class GanCodec:
 
     @staticmethod
     def build(seed: int, data: tuple[int, int, int]):
-        from lightning_stability.modules import CodecModule
+        from lightning_stability.reference.codec import CodecModule
 
         class BenchGanCodec(CodecModule):
             def eval_loss(self, batch) -> Tensor:

@@ -1,4 +1,5 @@
-"""Rescue benchmark: DESIGN.md §1's failure modes in miniature, trained plain, plain + clipping, and with the kit.
+"""Rescue benchmark: The post-mortems' failure modes (docs/design.md) in miniature, trained plain, plain + clipping,
+and with the kit.
 
 Every case is a small, seeded, deterministic training run on CPU. It is trained four ways:
 
@@ -11,7 +12,8 @@ Cases (the models, data, baselines and the old controller are defined in this fi
 package):
 
 1. ``codec_output_scale``: a tiny conv autoencoder whose decoder ends in ``output_scale * tanh(y)`` with a learnable
-   ``output_scale`` initialised at 3.0 (DESIGN.md §1.2). Clean: the unbounded decoder (no tanh, no scale). Kit: the
+   ``output_scale`` initialised at 3.0 (docs/design.md, post-mortem 2). Clean: the unbounded decoder (no tanh, no
+   scale). Kit: the
    same faulty model with ``ScaleFactorClamp`` (projects ``output_scale`` into [0.7, 1.5] after every step, warns at
    fit start) + ``GradientGuard``.
 2. ``old_mel_weight_spike``: a tiny codec trained on ``2.5 * mel + 1.0 * l1`` whose mel term spikes x50 at one step,
@@ -266,7 +268,7 @@ class TinyCodec(pl.LightningModule):
 
 
 class OldMelWeightController(Callback):
-    """The OLD adaptive mel-weight controller of the post-mortem (DESIGN.md §1.1), kept as the baseline.
+    """The OLD adaptive mel-weight controller of the post-mortem (docs/design.md, post-mortem 1), kept as the baseline.
 
     Every step, from the unweighted mel loss ``l``::
 
@@ -352,7 +354,7 @@ def cascade_config(fixed: bool) -> dict[str, Any]:
 
 
 def cascade_module_class():
-    from lightning_stability.modules import CascadeTransformerModule
+    from lightning_stability.reference.cascade import CascadeTransformerModule
 
     class BenchCascade(CascadeTransformerModule):
         """The package's cascade with this benchmark's fixed data and an eval loss (L1 of the last stage's output)."""
@@ -399,14 +401,14 @@ class _KitAttention(nn.Module):
 
     def __init__(self, width: int, n_heads: int) -> None:
         super().__init__()
-        from lightning_stability.nn.transformer import CascadeConfig, SelfAttention
+        from lightning_stability.reference.cascade.transformer import CascadeConfig, SelfAttention
 
         config = CascadeConfig(n_heads=n_heads, qk_layernorm=True, widths=(width,) * 3)
         self.attn = SelfAttention(config, width)
         self.head_dim = width // n_heads
 
     def forward(self, x: Tensor) -> Tensor:
-        from lightning_stability.nn.transformer import rotary_angles
+        from lightning_stability.reference.cascade.transformer import rotary_angles
 
         rope = rotary_angles(x.shape[1], self.head_dim, 10000.0, x.device)
         return self.attn(x, rope, None)
@@ -739,7 +741,7 @@ def make_cases(quick: bool, seed: int) -> list[Case]:
         torch.manual_seed(seed)
         model = DeepTeacher(init_std=0.02 if way == "clean" else 0.2, kit_attention=way == "kit", seed=seed)
         if way == "kit":
-            from lightning_stability.nn.transformer import small_init_
+            from lightning_stability.reference.cascade.transformer import small_init_
 
             small_init_(model)  # the package's init helper: Linear weights ~ N(0, 1e-3^2), biases 0
         return model

@@ -3,7 +3,8 @@
 Markers a page may contain, replaced at build time (so a page can never disagree with the measurements):
 
 - ``<!-- api: lightning_stability.callbacks -->``: one ``::: lightning_stability.callbacks.<Name>`` block per public
-  name of that package (its lazy ``_NAMES`` map), so a new or renamed public name shows up in the API reference.
+  name of that package (its lazy ``_NAMES`` map), so a new or renamed public name shows up in the API reference; a
+  name the map resolves in another package (kept at an old path) is documented there only.
 - ``<!-- table: NAME -->`` (alone on a line): the Markdown table that ``TABLES[NAME]`` makes from
   ``benchmarks/results/*.json``.
 - ``{{ result("FILE.json", "dotted.path", ".3f") }}``: one value of a JSON file, formatted (a format spec, or
@@ -644,7 +645,9 @@ def api_blocks(package: str) -> str:
     names = getattr(importlib.import_module(package), "_NAMES", None)
     if not names:
         raise ValueError(f"{package!r} has no `_NAMES` map of public names")
-    return "\n\n".join(f"::: {package}.{name}" for name in names)
+    # a name kept at an old path (an absolute module, e.g. `lightning_stability.nn.SEANetEncoder`) is documented once,
+    # where it lives now
+    return "\n\n".join(f"::: {package}.{name}" for name, module in names.items() if module.startswith("."))
 
 
 def render_table(name: str, results: Results) -> str:

@@ -8,7 +8,8 @@
 
 It is what ``lightning-stability fit --config configs/cascade.yaml`` does. Task: latent-space enhancement; the source
 is the latents of a degraded utterance (noise, gain, band-limiting), the target those of the clean one, the
-conditioning those of another utterance of the same voice (DESIGN.md section 1.3 has the architecture). Afterwards it
+conditioning those of another utterance of the same voice (docs/design.md, post-mortem 3, has the architecture).
+Afterwards it
 reports, on held-out utterances, the masked L1 distance to the clean latents of the degraded input (doing nothing)
 and of each stage's output, each stage's gain over doing nothing, its RMS factor, the share of windows whose factor
 was clamped and the output/target RMS ratio, plus where the time went (data, training, evaluation), into
@@ -25,65 +26,20 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch import Tensor
 
-from lightning_stability.callbacks import (
-    AdaptiveLossWeight,
-    GradientGuard,
-    ScaleFactorClamp,
-    SignalMonitor,
-    StabilityReport,
+from lightning_stability.callbacks import SignalMonitor, StabilityReport
+from lightning_stability.reference.cascade.evaluation import evaluate
+from lightning_stability.reference.cascade.recipe import (
+    CASCADE_CORPUS,
+    CASCADE_DATA,
+    CASCADE_MODULE,
+    GRADIENT_CLIP_VAL,
+    cascade_config,
+    cascade_module,
+    kit_callbacks,
 )
-from lightning_stability.data import LatentPairDataModule
-from lightning_stability.modules import CascadeTransformerModule
-from lightning_stability.modules.cascade import masked_distance
-from lightning_stability.nn.transformer import CascadeConfig
-
-
-def evaluate(model: CascadeTransformerModule, data: LatentPairDataModule) -> dict:
-    """Held-out amplitude and distance of every stage, on the validation split's windows.
-
-    Per stage: masked L1 to the clean latents (and, for ``input``, of the degraded input: doing nothing), its gain
-    over doing nothing ``1 - L1_k / L1_input``, the mean RMS factor, the share of windows whose factor was clamped,
-    and the global output/target RMS ratio over real frames ``sqrt(sum y_k^2 / sum target^2)``.
-    """
-    model.eval()
-    n_stages = model.config.n_stages
-    l1 = {"input": 0.0, **{f"stage{k + 1}": 0.0 for k in range(n_stages)}}
-    scales, clamped, sq_out = [0.0] * n_stages, [0.0] * n_stages, [0.0] * n_stages
-    window_ratios: list[list[Tensor]] = [[] for _ in range(n_stages)]
-    sq_target, windows, batches = 0.0, 0, 0
-    with torch.no_grad():
-        for batch in data.val_dataloader():
-            result = model.compute(batch)
-            mask, target = batch["mask"], batch["target"]
-            frames = mask[:, None, :].float()
-            size = target.shape[0]
-            l1["input"] += float(masked_distance(batch["source"], target, mask)) * size
-            sq_target += float((target.float().square() * frames).sum())
-            for k, y in enumerate(result["output"].stages):
-                l1[f"stage{k + 1}"] += float(masked_distance(y, target, mask)) * size
-                scales[k] += float(result["output"].scales[k].sum())
-                clamped[k] += float(result["output"].clamped_fractions[k]) * size
-                sq_out[k] += float((y.float().square() * frames).sum())
-                window_ratios[k].append(
-                    ((y.float().square() * frames).sum((1, 2)) / (target.float().square() * frames).sum((1, 2))).sqrt()
-                )
-            windows += size
-            batches += 1
-    l1 = {name: value / windows for name, value in l1.items()}
-    return {
-        "val_l1": l1,
-        "val_gain_over_input": {name: 1.0 - value / l1["input"] for name, value in l1.items() if name != "input"},
-        "val_rms_factor": [s / windows for s in scales],
-        "val_clamped_fraction": [c / windows for c in clamped],
-        "val_rms_ratio": [(s / max(sq_target, 1e-12)) ** 0.5 for s in sq_out],
-        "val_rms_ratio_window_quantiles": [  # 10 %, 50 %, 90 % of the per-window ratios
-            [float(q) for q in torch.cat(r).quantile(torch.tensor([0.1, 0.5, 0.9]))] for r in window_ratios
-        ],
-        "val_windows": windows,
-        "val_batches": batches,
-    }
+from lightning_stability.reference.cascade.transformer import CascadeConfig
+from lightning_stability.reference.data import LatentPairDataModule
 
 
 def main() -> None:
@@ -101,7 +57,7 @@ def main() -> None:
     # 2000 (as configs/cascade.yaml): on the demo codec's latents the held-out gain of the output passes 15 % at
     # about 2000 steps and is still rising (docs/guides/cascade.md, "Measured")
     parser.add_argument("--max-steps", type=int, default=2000)
-    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--lr", type=float, default=CASCADE_MODULE["lr"])
     parser.add_argument(
         "--post-mortem",
         action="store_true",
@@ -116,17 +72,11 @@ def main() -> None:
         encoder=args.codec,
         fallback_to_random=True,  # no demo checkpoint yet: a fixed random convolutional encoder
         audio=args.audio_dir,
-        corpus={"cache_dir": args.corpus_cache or args.out / "speech_corpus", "num_utterances": 240, "num_voices": 8},
+        corpus={"cache_dir": args.corpus_cache or args.out / "speech_corpus", **CASCADE_CORPUS},
         cache_dir=args.out / "latent_cache",
-        segment_frames=150,  # 2 s at 75 frames/s
-        batch_size=8,
-        val_fraction=0.1,
+        **CASCADE_DATA,  # 2 s windows at 75 frames/s
     )
-    config = CascadeConfig(
-        widths=(128, 192, 192),  # DESIGN.md: (256, 384, 384) x 6 layers; this size trains on 2 CPU cores
-        n_layers=3,
-        n_heads=4,
-    )
+    config = cascade_config()  # the recipe's size: the post-mortem's (256, 384, 384) x 6 layers halved
     if args.post_mortem:
         config = CascadeConfig(
             widths=config.widths,
@@ -141,24 +91,16 @@ def main() -> None:
             frame_envelope=False,
             identity_init=False,
         )
-    model = CascadeTransformerModule(
-        config,
-        stage_weights=(0.5, 0.5, 1.0),
-        cosine_weight=0.1,
-        rms_weight=0.0 if args.post_mortem else 1.0,
-        lr=args.lr,
-    )
+    model = cascade_module(config, rms_weight=0.0 if args.post_mortem else 1.0, lr=args.lr)
     trainer = pl.Trainer(
         max_steps=args.max_steps,
         default_root_dir=args.out,
         val_check_interval=200,
         check_val_every_n_epoch=None,
         log_every_n_steps=25,
-        gradient_clip_val=5.0,
+        gradient_clip_val=GRADIENT_CLIP_VAL,
         callbacks=[
-            GradientGuard(on_persistent="rollback"),
-            AdaptiveLossWeight("stage3", base_weight=None, min_weight=0.5, max_weight=2.0),
-            ScaleFactorClamp(min_scale=0.7, max_scale=1.5, warn_above=1.3),
+            *kit_callbacks(config),  # GradientGuard, AdaptiveLossWeight("stage3"), ScaleFactorClamp
             SignalMonitor(train_every_n_steps=50, signal_type="latent"),
             StabilityReport(dirpath=args.out),
             ModelCheckpoint(dirpath=args.out / "checkpoints", save_last=True),

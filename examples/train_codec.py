@@ -25,9 +25,10 @@ from lightning_stability.callbacks import (
     SignalMonitor,
     StabilityReport,
 )
-from lightning_stability.data import AudioFolderDataModule, SpeechCorpusDataModule
 from lightning_stability.losses.spectral import mel_distance
-from lightning_stability.modules import CodecModule
+from lightning_stability.reference.codec import CodecModule
+from lightning_stability.reference.codec.recipe import DEMO_RECIPE
+from lightning_stability.reference.data import AudioFolderDataModule, SpeechCorpusDataModule
 
 
 def main() -> None:
@@ -44,24 +45,10 @@ def main() -> None:
     else:
         data = SpeechCorpusDataModule(args.out / "speech_corpus", language="te", num_utterances=240, **common)
 
-    model = CodecModule(
-        sample_rate=sample_rate,
-        n_filters=8,  # EnCodec uses 32; 8 trains on a CPU
-        lstm=1,
-        n_q=8,
-        codebook_size=1024,
-        dead_code_usage_ratio=0.1,  # Moshi's dead-code rule: independent of the batch size
-        output_rms_clamp=(0.7, 1.5),
-        # short budget (the demo's, measured in docs/codec_demo_experiments.md): a dominant time-domain L1 +
-        # multi-resolution STFT + linear mel (EnCodec) + DC block; for a long run DAC's mel_log_weight=1, mel 15
-        mel_log_weight=0.0,
-        mel_mag_weight=1.0,
-        loss_weights={"mel": 2.5, "l1": 1000.0, "stft": 3.0, "rms": 10.0, "vq": 1.0},
-        rms_correlation_gate=(0.4, 0.8),  # the decoder learns the level (issue 13): see docs/guides/codec.md
-        l1_gain_gate=(0.4, 0.8),
-        remove_dc=True,
-        lr=1e-3,
-    )
+    # The demo's codec: EnCodec's 24 kHz layout, narrower so it trains on a CPU (DEMO_SIZE), with the output safety net
+    # ScaleFactorClamp watches. The objective (losses, weights, correlation gates, DC block, lr) is CodecModule's
+    # defaults: the recipe measured in docs/codec_demo_experiments.md. Pass any argument to change it.
+    model = CodecModule(**DEMO_RECIPE)
     trainer = pl.Trainer(
         max_steps=args.max_steps,
         default_root_dir=args.out,
@@ -69,7 +56,7 @@ def main() -> None:
         check_val_every_n_epoch=None,
         callbacks=[
             GradientGuard(),
-            AdaptiveLossWeight("mel"),  # base 2.5 within [1, 5] (DESIGN.md section 1.1)
+            AdaptiveLossWeight("mel"),  # base 2.5 within [1, 5] (docs/design.md, post-mortem 1)
             ScaleFactorClamp(min_scale=0.7, max_scale=1.5),
             SignalMonitor(train_every_n_steps=50),
             StabilityReport(dirpath=args.out),

@@ -8,7 +8,7 @@
 
 Lightning's ``ModelParallelStrategy`` starts the other processes by running this script again (``torchrun`` works
 too). ``CascadeTransformerModule.configure_model`` shards every transformer block and every stage over the
-data-parallel mesh (``lightning_stability.modules.shard_module``); ``tensor_parallel_size=1`` because the module
+data-parallel mesh (``lightning_stability.sharding.shard_module``); ``tensor_parallel_size=1`` because the module
 shards data-parallel only. The data are synthetic latent pairs (smooth random walks at the post-mortem's RMS of 5.7,
 plus noise), generated in memory, so the script needs nothing else. Rank 0 writes ``<out>/results.json`` and the
 stability report.
@@ -35,7 +35,7 @@ from lightning_stability.callbacks import (
     SpectralNormInjection,
     StabilityReport,
 )
-from lightning_stability.modules import CascadeTransformerModule
+from lightning_stability.reference.cascade import CascadeTransformerModule
 
 
 class LatentPairs(Dataset):

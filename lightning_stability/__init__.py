@@ -2,4 +2,4 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "callbacks", "data", "losses", "metrics", "modules", "nn"]
+__all__ = ["__version__", "callbacks", "data", "losses", "metrics", "modules", "nn", "reference", "sharding"]

@@ -56,8 +56,8 @@ def _import_package_classes() -> None:
     """Import every public class of the callbacks, modules and data packages (they are lazy), so that jsonargparse,
     which finds subclasses among the imported ones, resolves their short names and lists them in ``--help``."""
     import lightning_stability.callbacks as callbacks
-    import lightning_stability.data as data
     import lightning_stability.modules as modules
+    import lightning_stability.reference.data as data
 
     for package in (callbacks, modules, data):
         for name in package.__all__:
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command == "demo":
-        from lightning_stability.demo import run_demo_cli
+        from lightning_stability.reference.codec.demo import run_demo_cli
 
         return run_demo_cli(rest)
     if command in LIGHTNING_COMMANDS:

@@ -2,7 +2,7 @@
 
     python scripts/cascade_baselines.py [random|CODEC.ckpt] [ROOT]
 
-On the latents ``scripts/cascade_experiment.py`` trains on (the 240-utterance eSpeak NG corpus cached under ``ROOT``,
+On the latents ``benchmarks/cascade_amplitude.py`` trains on (the 240-utterance eSpeak NG corpus cached under ``ROOT``,
 default ``$CASCADE_EXP_ROOT`` or ``cascade_exp``; the same split), per held-out utterance: masked L1 of doing nothing
 (the degraded source), of the source rescaled to the target's RMS (an oracle that fixes only the level and reads the
 answer to do it), of the best single scalar gain per utterance (an oracle too), and of a per-frame ridge regression
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lightning_stability.data import LatentPairDataModule
+from lightning_stability.reference.data import LatentPairDataModule
 
 
 def _frames(items, k: int):

@@ -1,8 +1,10 @@
 """Fixed-budget experiment on the demo codec (the harness behind ``docs/codec_demo_experiments.md``).
 
-    python scripts/codec_experiment.py NAME STEPS ['{"codec": "kwargs"}'] ['{"datamodule": "kwargs"}'] [noq] [threads=N]
+    python scripts/codec_experiment.py NAME STEPS ['{"codec": "kwargs"}'] ['{"datamodule": "kwargs"}'] [noq]
+        [pre-recipe] [threads=N]
 
-Trains the demo's ``CodecModule`` (its defaults before the objective change, overridden by the JSON codec kwargs) for
+Trains the demo's ``CodecModule`` (``reference/codec/recipe.py``'s ``DEMO_RECIPE``; with ``pre-recipe`` the objective
+the documented experiments started from, ``PRE_RECIPE``; overridden by the JSON codec kwargs) for
 ``STEPS`` optimizer steps on the eSpeak NG Telugu corpus in ``$CODEC_EXP_CORPUS`` (default ``speech_corpus``; made if
 missing), no callbacks, then reconstructs every held-out utterance and prints one ``RESULT {json}`` line (SI-SNR, DAC
 mel distance, output DC, RMS ratio, cross-correlation peak lag on 4 utterances, training time), also appended to
@@ -21,10 +23,18 @@ import numpy as np
 import torch
 from torchmetrics.functional.audio import scale_invariant_signal_noise_ratio as si_snr
 
-from lightning_stability.data import SpeechCorpusDataModule
 from lightning_stability.losses.spectral import mel_distance
-from lightning_stability.modules import CodecModule
-from lightning_stability.nn.quantize import QuantizedResult
+from lightning_stability.reference.codec import CodecModule
+from lightning_stability.reference.codec.quantize import QuantizedResult
+from lightning_stability.reference.codec.recipe import DEMO_RECIPE
+from lightning_stability.reference.data import SpeechCorpusDataModule
+
+#: The objective the experiments of docs/codec_demo_experiments.md started from (their JSON overrides apply to it).
+PRE_RECIPE = {
+    "threshold_ema_dead_code": 0.05, "dead_code_usage_ratio": None,
+    "loss_weights": {"mel": 2.5, "l1": 0.2, "rms": 1.0, "vq": 1.0}, "rms_correlation_gate": None,
+    "l1_gain_gate": None, "remove_dc": False,
+}  # fmt: skip
 
 warnings.filterwarnings("ignore")
 
@@ -55,12 +65,10 @@ def main(argv: list[str]) -> None:
     threads = int(dict(a.split("=") for a in flags if "=" in a).get("threads", 1))
     torch.set_num_threads(threads)
     pl.seed_everything(0, verbose=False)
-    base = {
-        "sample_rate": 24000, "n_filters": 8, "lstm": 1, "n_q": 8, "codebook_size": 1024,
-        "threshold_ema_dead_code": 0.05, "output_rms_clamp": (0.7, 1.5), "mel_log_weight": 0.0,
-        "mel_mag_weight": 1.0, "loss_weights": {"mel": 2.5, "l1": 0.2, "rms": 1.0, "vq": 1.0}, "kmeans_iters": 10,
-        "lr": 1e-3, "seed": 0,
-    }  # fmt: skip
+    # the recipe (CodecModule's defaults at the demo's size); `pre-recipe`: the objective the experiments of
+    # docs/codec_demo_experiments.md started from (before issue 13), so their commands reproduce
+    pre = PRE_RECIPE if "pre-recipe" in flags else {}
+    base = {**DEMO_RECIPE, "kmeans_iters": 10, "seed": 0, **pre}
     codec = CodecModule(**{**base, **codec_kw})
     if noq:
         codec.quantizer = _Identity()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv and install a matching torch/torchaudio pair plus this package with its test extras.
 # Works on a fresh machine (no GPU needed): the torchaudio wheels on PyPI link against the CUDA build of
-# torch, which imports and runs on a CPU; the CPU-only torch build cannot load torchaudio (DESIGN.md §5).
+# torch, which imports and runs on a CPU; the CPU-only torch build cannot load torchaudio (torchaudio needs the CUDA build's libraries).
 # Re-running is fast: nothing is reinstalled while pyproject.toml and this script are unchanged.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,6 +1,6 @@
 """Shared test helpers: a tiny LightningModule that injects faults at chosen steps, and its data.
 
-``FaultyModule`` follows the project's protocols (DESIGN.md §4): ``training_step`` returns
+``FaultyModule`` follows the project's protocols (docs/design.md, "Protocols"): ``training_step`` returns
 ``{"loss": total, "losses": {name: unweighted}, "preds": ..., "target": ...}``.
 
 Faults are keyed by ``global_step`` (the optimizer-step index; it still advances on a step the guard skipped, because

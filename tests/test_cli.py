@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lightning_stability.cli import main
-from lightning_stability.modules import CodecModule
+from lightning_stability.reference.codec import CodecModule
 from tests.conftest import REPO_ROOT
 
 
@@ -120,8 +120,8 @@ def test_short_class_names_in_yaml_and_on_the_command_line(tmp_path, monkeypatch
     run = tmp_path / "lightning_logs" / "version_0"
     saved = (run / "config.yaml").read_text()  # LightningCLI's own dump of what it parsed
     for path in (
-        "lightning_stability.modules.CodecModule",
-        "lightning_stability.data.AudioFolderDataModule",
+        "lightning_stability.reference.codec.CodecModule",
+        "lightning_stability.reference.data.AudioFolderDataModule",
         "lightning_stability.callbacks.SignalMonitor",
         "lightning_stability.callbacks.StabilityReport",
         "lightning_stability.callbacks.GradientGuard",
@@ -159,7 +159,7 @@ def test_model_and_data_by_short_name_on_the_command_line(tmp_path):
     ]
     assert main(argv) == 0
     saved = (tmp_path / "lightning_logs" / "version_0" / "config.yaml").read_text()
-    assert "class_path: lightning_stability.modules.CodecModule" in saved
+    assert "class_path: lightning_stability.reference.codec.CodecModule" in saved
 
 
 def test_fit_help_lists_the_package_classes_in_a_subprocess(tmp_path):
@@ -175,14 +175,14 @@ def test_fit_help_lists_the_package_classes_in_a_subprocess(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage: lightning-stability [options] fit")
-    known = " ".join(proc.stdout.split())  # the help wraps lists of known subclasses
+    known = "".join(proc.stdout.split())  # the help wraps lists of known subclasses, long names mid-word
     for path in (
         "lightning_stability.callbacks.GradientGuard",
         "lightning_stability.callbacks.AdaptiveLossWeight",
         "lightning_stability.callbacks.SignalMonitor",
-        "lightning_stability.modules.CodecModule",
-        "lightning_stability.modules.CascadeTransformerModule",
-        "lightning_stability.data.SpeechCorpusDataModule",
+        "lightning_stability.reference.codec.CodecModule",
+        "lightning_stability.reference.cascade.CascadeTransformerModule",
+        "lightning_stability.reference.data.SpeechCorpusDataModule",
     ):
         assert path in known
     assert "args parameter" not in proc.stderr

@@ -35,7 +35,8 @@ def test_console_script_help_runs():
     assert main(["no-such-command"]) == 2
 
 
-# DESIGN.md §4: the public contract. Renaming any of these needs a CHANGELOG entry; this test makes it deliberate.
+# The public contract (docs/design.md, "Layering"). Renaming any of these needs a CHANGELOG entry; this test makes it
+# deliberate.
 PUBLIC = {
     "callbacks": ["GradientGuard", "AdaptiveLossWeight", "SpectralNormInjection", "ScaleFactorClamp", "SignalMonitor",
                   "StabilityReport", "CodebookMonitor", "AdversarialBalanceMonitor"],

@@ -325,7 +325,8 @@ def correlation_gate_weights(preds: Tensor, target: Tensor, gate: tuple[float, f
 
 
 class RMSMatchingLoss(nn.Module):
-    r"""RMS matching: ``mean_b g_b | log rms(pred_b) - log rms(target_b) |`` (the amplitude term of DESIGN.md §1.2).
+    r"""RMS matching: ``mean_b g_b | log rms(pred_b) - log rms(target_b) |`` (the amplitude term of ``docs/design.md``,
+    post-mortem 2).
 
     ``rms(x) = sqrt(mean(x^2) + eps^2)`` per item over channels and time (or per frame of ``frame_length`` samples
     when given), so silence gives ``log eps`` rather than ``-inf`` and the gradient stays finite. The loss is 0

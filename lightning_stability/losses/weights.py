@@ -1,7 +1,7 @@
 """The loss-weight protocol: one mapping from loss name to weight, shared by a module and the callbacks that tune it.
 
 A LightningModule keeps a :class:`LossWeights` as ``self.loss_weights`` and combines its unweighted loss terms with
-it (DESIGN.md §4, "loss dict")::
+it (``docs/design.md``, "The loss dict")::
 
     class MyCodec(pl.LightningModule):
         def __init__(self, loss_weights: dict[str, float] = {"mel": 2.5, "l1": 1.0, "sisnr": 0.0}):

@@ -3,13 +3,14 @@
 Two tools, both plain torch:
 
 - :class:`ClampedRMSScale` rescales a model output so its RMS matches a reference, with the factor clamped to
-  ``[min_scale, max_scale]`` (DESIGN.md §1.3: the cascade transformer's last stage, clamp [0.7, 1.5]). The clamp is
+  ``[min_scale, max_scale]`` (``docs/design.md``, post-mortem 3: the cascade transformer's last stage, clamp [0.7,
+  1.5]). The clamp is
   what keeps the layer from hiding a collapsing residual path: an output whose RMS has fallen far below the target
   gets at most ``max_scale``, so the loss still sees (and the gradient still fixes) the collapse, and
   ``ScaleFactorClamp`` warns when the factor sits near the ceiling.
 - :func:`normalize` / :func:`denormalize`: EnCodec's per-segment RMS normalisation (audiocraft
   ``EncodecModel.preprocess`` / ``postprocess``). The encoder sees ``x / scale``, ``scale`` travels with the codes
-  and the decoder's output is multiplied back by it (DESIGN.md §1.2: the unbounded decoder).
+  and the decoder's output is multiplied back by it (``docs/design.md``, post-mortem 2: the unbounded decoder).
 
 Every RMS is computed in fp32 with autocast disabled, whatever the input dtype, and is guarded against silent input
 (RMS 0 never produces ``inf`` or ``NaN``, in the forward or the backward pass).
@@ -69,8 +70,8 @@ class ClampedRMSScale(nn.Module):
     reference gives ``s = s_min``; neither produces ``inf`` or ``NaN``, forward or backward.
 
     Args:
-        min_scale: lower clamp bound (> 0). DESIGN.md §1.3 uses 0.7.
-        max_scale: upper clamp bound (>= ``min_scale``). DESIGN.md §1.3 uses 1.5. Both bounds can be changed at run
+        min_scale: lower clamp bound (> 0). The cascade uses 0.7.
+        max_scale: upper clamp bound (>= ``min_scale``). The cascade uses 1.5. Both bounds can be changed at run
             time (``layer.min_scale = ...`` or :meth:`set_bounds`); ``ScaleFactorClamp`` does so.
         per_frame: one factor per time step (RMS over channels) instead of one per item. Needs ``[B, C, T]`` inputs.
         detach_scale: whether ``s`` is treated as a constant in the backward pass.

@@ -11,7 +11,7 @@ power iteration on two buffers ``u`` and ``v`` (one iteration per training forwa
     \\qquad \\sigma(W) \\approx u^\\top W v
 
 A layer whose weight has ``sigma <= 1`` cannot amplify its input's norm, which is what stopped the cascade
-transformer's last ``output_proj`` from amplifying gradients to NaN (DESIGN.md §1.3).
+transformer's last ``output_proj`` from amplifying gradients to NaN (``docs/design.md``, post-mortem 3).
 
 Everything here uses torch's own parametrization (``torch.nn.utils.parametrizations.spectral_norm``), so a wrapped
 module's ``state_dict`` has the keys ``<name>.parametrizations.weight.original`` (the trainable parameter, the same

@@ -36,8 +36,9 @@ from lightning_stability.callbacks import (
     SpectralNormInjection,
     StabilityReport,
 )
-from lightning_stability.data._audio import ResumableDataLoader
-from lightning_stability.modules import CascadeTransformerModule, CodecModule
+from lightning_stability.reference.cascade import CascadeTransformerModule
+from lightning_stability.reference.codec import CodecModule
+from lightning_stability.reference.data._audio import ResumableDataLoader
 from tests.helpers import scale_grad
 
 SR = 8000

@@ -1,4 +1,5 @@
-"""Bad input sweep: every public constructor (DESIGN.md §4, plus ``ClampedRMSScale``) rejects invalid arguments with a
+"""Bad input sweep: every public constructor (the public contract of tests/test_package.py, plus ``ClampedRMSScale``)
+rejects invalid arguments with a
 ``ValueError``/``TypeError`` whose message names the argument in backticks and shows the bad value; the modules fed
 wrong shapes, wrong sample rates, empty or corrupt audio files fail clearly (or skip with the path logged)."""
 
@@ -22,7 +23,6 @@ from lightning_stability.callbacks import (
     SpectralNormInjection,
     StabilityReport,
 )
-from lightning_stability.data import AudioFolderDataModule, LatentPairDataModule, SpeechCorpusDataModule
 from lightning_stability.losses import LossBalancer, LossWeights, MultiResolutionMelLoss
 from lightning_stability.losses.spectral import MultiResolutionSTFTLoss, RMSMatchingLoss
 from lightning_stability.metrics import (
@@ -34,8 +34,10 @@ from lightning_stability.metrics import (
     RMSRatio,
     WidebandPESQ,
 )
-from lightning_stability.modules import CascadeTransformerModule, CodecModule
 from lightning_stability.nn.scale import ClampedRMSScale
+from lightning_stability.reference.cascade import CascadeTransformerModule
+from lightning_stability.reference.codec import CodecModule
+from lightning_stability.reference.data import AudioFolderDataModule, LatentPairDataModule, SpeechCorpusDataModule
 from tests.helpers import make_trainer
 from tests.reliability._stack import CASCADE, CODEC, SR, chirps, make_module
 
@@ -227,8 +229,8 @@ def test_the_table_covers_every_public_class():
     public = {getattr(pkg, n) for pkg in (callbacks, data, losses, metrics, modules) for n in pkg.__all__}
     public = {c for c in public if isinstance(c, type) and not issubclass(c, Exception)}
     covered = {(case.values[0] if hasattr(case, "values") else case)[0] for case in CASES}
-    from lightning_stability.data import ResumableDataLoader
     from lightning_stability.losses import BalancedLoss, SpikeDamping
+    from lightning_stability.reference.data import ResumableDataLoader
 
     # RMSRatio and DCOffset take no arguments of their own; SpikeDamping and BalancedLoss are records the library
     # builds (`register_damping`, `LossBalancer.__call__`, which validate their inputs); ResumableDataLoader takes

@@ -10,9 +10,9 @@ What is exact, and where it is not (Lightning 2.6):
   ``torch.utils.data.DataLoader`` has no state: Lightning warns ("not resumable") and **restarts the interrupted
   epoch from its first batch**, so the resumed run trains on batches the killed run already used and ends one
   partial epoch away from the uninterrupted run (``test_plain_dataloader_mid_epoch_resume_replays_...``). The
-  package's datamodules now return ``lightning_stability.data._audio.ResumableDataLoader`` for training (it skips the
-  consumed batches at the index level); with it the resume is bit-exact. A checkpoint at an epoch boundary is exact
-  with either loader.
+  package's datamodules now return ``lightning_stability.reference.data._audio.ResumableDataLoader`` for training (it
+  skips the consumed batches at the index level); with it the resume is bit-exact. A checkpoint at an epoch boundary is
+  exact with either loader.
 - ``GradientGuard``'s rollback snapshot lives in memory only: after a resume the first snapshot is the resumed state,
   so a later rollback may return to a different step than in the uninterrupted run (its decisions are otherwise
   identical).
@@ -182,7 +182,7 @@ def _folder_fit(tmp_path: Path, folder: Path, name: str, max_steps: int, ckpt: P
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from lightning_stability.data import AudioFolderDataModule
+    from lightning_stability.reference.data import AudioFolderDataModule
     from tests.helpers import make_trainer
     from tests.reliability._stack import full_stack, make_module, stack_state
 

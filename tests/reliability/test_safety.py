@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_stability.callbacks import SpectralNormInjection
-from lightning_stability.data import LatentPairDataModule, SpeechCorpusDataModule
+from lightning_stability.reference.data import LatentPairDataModule, SpeechCorpusDataModule
 from tests.helpers import FAULT_WARNINGS, make_trainer
 from tests.reliability._stack import full_stack, loader, make_module, record_fault
 
@@ -153,7 +153,7 @@ def test_wandb_key_from_the_environment_reaches_no_file(tmp_path, monkeypatch):
 
 _KILLABLE_CORPUS = """
 import sys, time
-from lightning_stability.data import SpeechCorpusDataModule
+from lightning_stability.reference.data import SpeechCorpusDataModule
 dm = SpeechCorpusDataModule(sys.argv[1], num_utterances=24, num_voices=2, generation_workers=1, sample_rate=8000)
 real = dm._synthesize
 def synthesize_then_hang(chunks):

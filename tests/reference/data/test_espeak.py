@@ -11,7 +11,7 @@ import soundfile as sf
 
 pytest.importorskip("espeakng_loader", reason="eSpeak NG ships with the optional `espeakng-loader` package")
 
-from lightning_stability.data import espeak  # noqa: E402
+from lightning_stability.reference.data import espeak  # noqa: E402
 
 TELUGU = "నేను ఈ రోజు బజారుకు వెళ్తున్నాను."  # "I am going to the market today."
 ENGLISH = "The quick brown fox jumps over the lazy dog."
@@ -124,7 +124,7 @@ def test_missing_package_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_p
     monkeypatch.setattr(espeak, "_ENGINE", None)
     with pytest.raises(espeak.ESpeakError, match="needs the PyPI package `espeakng-loader`.*pip install"):
         espeak.synthesize("hello", "en")
-    from lightning_stability.data import SpeechCorpusDataModule
+    from lightning_stability.reference.data import SpeechCorpusDataModule
 
     with pytest.raises(espeak.ESpeakError, match="espeakng-loader"):
         SpeechCorpusDataModule(tmp_path, num_utterances=2, num_voices=1).prepare_data()

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lightning_stability.nn.discriminator import (
+from lightning_stability.reference.codec.discriminator import (
     MultiScaleSTFTDiscriminator,
     discriminator_loss,
     feature_matching_loss,

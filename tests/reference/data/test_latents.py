@@ -6,8 +6,8 @@ import soundfile as sf
 import torch
 from torch import nn
 
-from lightning_stability.data._audio import resample
-from lightning_stability.data.latents import (
+from lightning_stability.reference.data._audio import resample
+from lightning_stability.reference.data.latents import (
     LatentPairDataModule,
     RandomConvEncoder,
     collate_latents,
@@ -337,7 +337,7 @@ def test_default_task_on_the_speech_corpus(tmp_path):
 def _codec_checkpoint(tmp_path, dim=D):
     import lightning.pytorch as pl
 
-    from lightning_stability.modules.codec import CodecModule
+    from lightning_stability.reference.codec.module import CodecModule
 
     codec = CodecModule(n_filters=4, dimension=dim, lstm=0, n_q=1, codebook_size=16, kmeans_init=False)
     trainer = pl.Trainer(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, accelerator="cpu")
@@ -348,8 +348,8 @@ def _codec_checkpoint(tmp_path, dim=D):
 
 
 def test_codec_checkpoint_encoder_gives_the_codecs_latents(tmp_path):
-    from lightning_stability.data.latents import CodecLatentEncoder
     from lightning_stability.nn.scale import normalize
+    from lightning_stability.reference.codec.latents import CodecLatentEncoder
 
     codec, path = _codec_checkpoint(tmp_path)
     audio = write_audio(tmp_path / "audio")
@@ -378,7 +378,7 @@ def test_resumed_fit_sees_the_batches_of_an_uninterrupted_one(tmp_path):
     ends with the parameters of an uninterrupted one."""
     import lightning.pytorch as pl
 
-    from lightning_stability.modules import CascadeTransformerModule
+    from lightning_stability.reference.cascade import CascadeTransformerModule
     from tests.helpers import assert_same, make_trainer, snapshot
 
     root = write_folder(tmp_path / "lat", lengths=(40, 35, 30, 45, 50, 38), voices=("a", "a", "b", "b", "a", "b"))

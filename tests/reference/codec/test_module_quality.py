@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_stability.metrics.perceptual import loudness_error, stoi, wideband_pesq
-from lightning_stability.modules.codec import CodecModule
+from lightning_stability.reference.codec.module import CodecModule
 from tests._helpers_codec import TINY, chirps
 from tests.helpers import make_trainer
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_stability.nn.quantize import ResidualVectorQuantizer
+from lightning_stability.reference.codec.quantize import ResidualVectorQuantizer
 from tests._helpers_spectral_scale import NoHostReads
 
 VARIANTS = {

@@ -1,10 +1,12 @@
-"""Fixed-budget experiment on the cascade transformer (the harness behind ``docs/cascade_experiments.md``).
+"""Fixed-budget experiment on the cascade transformer (the harness behind
+``benchmarks/results/cascade_amplitude.json``).
 
-    python scripts/cascade_experiment.py NAME STEPS ['{"config": {...}, "module": {...}, "data": {...}}'] [kit]
+    python benchmarks/cascade_amplitude.py NAME STEPS ['{"config": {...}, "module": {...}, "data": {...}}'] [kit]
         [threads=N] [encoder=random|PATH] [seed=S]
 
-Trains ``examples/train_cascade.py``'s model (``CascadeConfig(widths=(128, 192, 192), n_layers=3, n_heads=4)``,
-``stage_weights=(0.5, 0.5, 1.0)``, ``cosine_weight=0.1``, lr 3e-4, gradient clip 5.0; the JSON overrides the config
+Trains the cascade recipe's model (``lightning_stability/reference/cascade/recipe.py``, as the example:
+``CascadeConfig(widths=(128, 192, 192), n_layers=3, n_heads=4)``, ``stage_weights=(0.5, 0.5, 1.0)``,
+``cosine_weight=0.1``, lr 3e-4, gradient clip 5.0; the JSON overrides the config
 fields, the module's keyword arguments and the ``LatentPairDataModule`` arguments) for ``STEPS`` optimizer steps on
 the latents of the 240-utterance eSpeak NG corpus, cached under ``$CASCADE_EXP_ROOT`` (default ``cascade_exp``:
 ``speech_corpus/`` and ``latent_cache/``, made once and reused by every run). ``encoder=random`` (default) uses
@@ -15,7 +17,9 @@ Then it evaluates every held-out window (the validation split's centred 150-fram
 ``RESULT {json}`` line, also appended to ``$CASCADE_EXP_RESULTS`` (default ``cascade_experiments.jsonl``): per stage
 the masked L1 to the clean latents and its gain over the degraded input (doing nothing), the share of windows whose
 RMS factor is clamped, the mean factor and the global output/target RMS ratio over real frames (see
-``examples/train_cascade.py``'s ``evaluate``), plus training time.
+``lightning_stability.reference.cascade.evaluation.evaluate``), plus training time.
+``python benchmarks/cascade_amplitude_collect.py RESULTS.jsonl RUN...`` then writes
+``benchmarks/results/cascade_amplitude.json``, the README's cascade row.
 """
 
 import hashlib
@@ -29,12 +33,15 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from lightning_stability.data import LatentPairDataModule
-from lightning_stability.modules import CascadeTransformerModule
-from lightning_stability.nn.transformer import CascadeConfig
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from train_cascade import evaluate  # noqa: E402  (the example's held-out evaluation, so numbers agree)
+from lightning_stability.reference.cascade.evaluation import evaluate  # the example's evaluation: numbers agree
+from lightning_stability.reference.cascade.recipe import (
+    CASCADE_CORPUS,
+    CASCADE_DATA,
+    GRADIENT_CLIP_VAL,
+    cascade_config,
+    kit_callbacks,
+)
+from lightning_stability.reference.data import LatentPairDataModule
 
 warnings.filterwarnings("ignore")
 
@@ -95,7 +102,7 @@ def main(argv: list[str]) -> None:
     name, steps = argv[0], int(argv[1])
     package = Path(__file__).resolve().parents[1] / "lightning_stability"
     code = hashlib.sha256()
-    for part in ("nn/transformer.py", "nn/scale.py", "modules/cascade.py"):
+    for part in ("reference/cascade/transformer.py", "nn/scale.py", "reference/cascade/module.py"):
         code.update((package / part).read_bytes())
     spec = json.loads(argv[2]) if len(argv) > 2 and argv[2] else {}
     flags = argv[3:]
@@ -106,23 +113,22 @@ def main(argv: list[str]) -> None:
     root = Path(os.environ.get("CASCADE_EXP_ROOT", "cascade_exp"))
     data = LatentPairDataModule(
         encoder=None if encoder == "random" else encoder,
-        corpus={"cache_dir": root / "speech_corpus", "num_utterances": 240, "num_voices": 8},
+        corpus={"cache_dir": root / "speech_corpus", **CASCADE_CORPUS},
         cache_dir=root / "latent_cache",
-        **{"segment_frames": 150, "batch_size": 8, "val_fraction": 0.1, **spec.get("data", {})},
+        **{**CASCADE_DATA, **spec.get("data", {})},
     )
     t0 = time.perf_counter()
     data.prepare_data()
     data.setup("fit")
     data_s = time.perf_counter() - t0
     if spec.get("rms_last_only"):  # the README's hypothesis as worded: the RMS term on the last stage only
-        import lightning_stability.modules.cascade as cascade_module
+        import lightning_stability.reference.cascade.module as cascade_module
 
         full = cascade_module._rms_error
         cascade_module._rms_error = lambda stages, target, mask: full(stages[-1:], target, mask)
-    config = CascadeConfig(**{"widths": (128, 192, 192), "n_layers": 3, "n_heads": 4, **spec.get("config", {})})
+    config = cascade_config(**spec.get("config", {}))
     pl.seed_everything(seed, verbose=False)
-    module_kw = {"stage_weights": (0.5, 0.5, 1.0), "cosine_weight": 0.1, "lr": 3e-4, **spec.get("module", {})}
-    model = CascadeTransformerModule(config, **module_kw)
+    model = cascade_module(config, **spec.get("module", {}))
     if "branch_gain" in spec:  # screening: start r >= 1 stages nearer the identity (their projection scaled down)
         with torch.no_grad():
             for stage in model.model.stages:
@@ -132,16 +138,11 @@ def main(argv: list[str]) -> None:
     curve = HeldOut(data, int(options.get("eval_every", 0)))
     callbacks: list = [trace, curve]
     if "kit" in flags:
-        from lightning_stability.callbacks import AdaptiveLossWeight, GradientGuard, ScaleFactorClamp
-
-        callbacks += [
-            GradientGuard(zscore=2.5, on_persistent="rollback"),
-            AdaptiveLossWeight("stage3", base_weight=None, min_weight=0.5, max_weight=2.0),
-            ScaleFactorClamp(min_scale=config.min_scale, max_scale=config.max_scale, warn_above=config.warn_above),
-        ]
+        callbacks += kit_callbacks(config)
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=5.0,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        gradient_clip_val=GRADIENT_CLIP_VAL,
         callbacks=callbacks,
     )  # fmt: skip
     t0 = time.perf_counter()

@@ -1,8 +1,8 @@
 """Collect measured cascade runs into ``benchmarks/results/cascade_amplitude.json`` (read by ``docs/hooks.py``).
 
-    python scripts/cascade_results.py RESULTS.jsonl RUN [RUN ...] [--out FILE.json]
+    python benchmarks/cascade_amplitude_collect.py RESULTS.jsonl RUN [RUN ...] [--out FILE.json]
 
-``RESULTS.jsonl`` is what ``scripts/cascade_experiment.py`` appends to (``$CASCADE_EXP_RESULTS``); each ``RUN`` names
+``RESULTS.jsonl`` is what ``benchmarks/cascade_amplitude.py`` appends to (``$CASCADE_EXP_RESULTS``); each ``RUN`` names
 a run (on the random encoder's latents or on a codec checkpoint's: the run says which); the last run of that name
 counts, one case each, in this order; ``--out`` defaults to ``benchmarks/results/cascade_amplitude.json``. Nothing is
 computed here: the per-stage numbers are the runs' own held-out evaluation, the targets those of issue 13.3 (no
@@ -26,7 +26,7 @@ TARGETS = {"max_clamped_fraction": 0.1, "rms_ratio": [0.9, 1.1], "min_gain_over_
 
 
 def _command(run: dict) -> str:
-    parts = ["python", "scripts/cascade_experiment.py", run["name"], str(run["steps"])]
+    parts = ["python", "benchmarks/cascade_amplitude.py", run["name"], str(run["steps"])]
     flags = run["encoder"] != "random" or run.get("kit") or run.get("seed", 0)
     if run.get("spec") or flags:  # positional: '' when only flags follow (the script reads argv[2] as the JSON)
         parts.append(json.dumps(run["spec"]) if run.get("spec") else "")

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lightning_stability.nn.transformer import (
+from lightning_stability.reference.cascade.transformer import (
     CascadeConfig,
     CascadeTransformer,
     _calibration,
@@ -44,7 +44,7 @@ def test_default_config_is_the_post_mortem_fix():
     assert cfg.rms_reference == "source"
     assert cfg.qk_layernorm  # the fix the miniature post-mortem needs most (tests/modules/test_cascade.py)
     assert cfg.normalize_input
-    assert cfg.predict_gain  # the amplitude fixes (docs/cascade_experiments.md)
+    assert cfg.predict_gain  # the amplitude fixes (docs/guides/cascade.md)
     assert cfg.calibrate_output
     assert cfg.frame_envelope
     assert cfg.calibrate_exact

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from lightning_stability.nn.seanet import SEANetDecoder, SEANetEncoder
+from lightning_stability.reference.codec.seanet import SEANetDecoder, SEANetEncoder
 
 
 def _pair(ratios, causal=False, lstm=0):

@@ -12,8 +12,13 @@ import pytest
 import soundfile as sf
 import torch
 
-from lightning_stability.data import AudioFolderDataModule
-from lightning_stability.data._audio import AudioFileError, EpochShuffleSampler, integrated_loudness, k_weighting
+from lightning_stability.reference.data import AudioFolderDataModule
+from lightning_stability.reference.data._audio import (
+    AudioFileError,
+    EpochShuffleSampler,
+    integrated_loudness,
+    k_weighting,
+)
 from tests.helpers import make_trainer
 
 SR = 24000

@@ -15,9 +15,9 @@ import torch
 
 pytest.importorskip("espeakng_loader", reason="eSpeak NG ships with the optional `espeakng-loader` package")
 
-from lightning_stability.data import SpeechCorpusDataModule, espeak  # noqa: E402
-from lightning_stability.data._audio import AudioFileError  # noqa: E402
-from lightning_stability.data.speech_corpus import bundled_languages, bundled_sentences  # noqa: E402
+from lightning_stability.reference.data import SpeechCorpusDataModule, espeak  # noqa: E402
+from lightning_stability.reference.data._audio import AudioFileError  # noqa: E402
+from lightning_stability.reference.data.speech_corpus import bundled_languages, bundled_sentences  # noqa: E402
 from tests.helpers import make_trainer  # noqa: E402
 
 

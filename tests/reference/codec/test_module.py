@@ -4,8 +4,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_stability.modules.codec import CodecModule
-from tests._helpers_codec import LENGTH, SR, TINY, chirps, loader
+from lightning_stability.reference.codec.module import CodecModule
+from tests._helpers_codec import LENGTH, OBJECTIVE_0_1, SR, TINY, chirps, loader
 from tests.helpers import make_trainer
 
 # the test clips are 0.128 s: too short for PESQ, STOI and BS.1770 loudness; validation reports the skips, as designed
@@ -68,7 +68,7 @@ def test_fast_dev_run_follows_the_protocols(tmp_path):
     trainer = make_trainer(tmp_path, [rec], fast_dev_run=True, limit_val_batches=1)
     trainer.fit(codec, loader(), loader(4))
     out = rec.outputs[0]
-    assert set(out["losses"]) == {"mel", "l1", "rms", "vq"}
+    assert set(out["losses"]) == {"mel", "l1", "stft", "rms", "vq"}  # the default objective (the recipe's terms)
     assert all(v.dim() == 0 and not v.requires_grad for v in out["losses"].values())
     assert out["preds"].shape == out["target"].shape == (4, 1, LENGTH)
     expected = sum(codec.loss_weights[k] * v for k, v in out["losses"].items())
@@ -93,7 +93,7 @@ def test_fast_dev_run_follows_the_protocols(tmp_path):
 
 def test_short_fit_on_synthetic_clips_reduces_the_loss(tmp_path):
     torch.manual_seed(0)
-    codec = _codec()
+    codec = _codec(**OBJECTIVE_0_1)
     rec = _Recorder()
     trainer = make_trainer(tmp_path, [rec], max_steps=24)
     trainer.fit(codec, loader(16, shuffle=True))
@@ -128,7 +128,7 @@ def test_adversarial_gradients_never_leak_between_generator_and_discriminator(tm
         adversarial=True, disc_filters=2, disc_n_ffts=(64, 128), adversarial_loss="ls", gradient_clip_val=1.0
     )
     assert not codec.automatic_optimization
-    assert set(codec.loss_weights) == {"mel", "l1", "rms", "vq", "adv", "feat"}
+    assert set(codec.loss_weights) == {"mel", "l1", "stft", "rms", "vq", "adv", "feat"}
     audit = _GradAudit()
     disc_before = [p.detach().clone() for p in codec.discriminator.parameters()]
     trainer = make_trainer(tmp_path, [audit], max_steps=6)  # manual optimization: 2 optimizer steps per batch
@@ -381,7 +381,7 @@ def test_short_fit_learns_the_amplitude_instead_of_pinning_the_factor(tmp_path):
     # safety-net factor sits at its bound; the correlation-gated RMS term on the decoder's own output (alone, or with
     # the demo's gain-invariant L1) makes the decoder learn the level, so the factor stays inside its range.
     without = _amplitude_fit(tmp_path, 0.0, None)
-    from lightning_stability.demo import DEMO_CORRELATION_GATE, DEMO_LOSS_WEIGHTS
+    from lightning_stability.reference.codec.demo import DEMO_CORRELATION_GATE, DEMO_LOSS_WEIGHTS
 
     gated = _amplitude_fit(tmp_path, 20.0, (0.2, 0.6))  # the RMS term alone, earlier gate
     fixed = _amplitude_fit(tmp_path, DEMO_LOSS_WEIGHTS["rms"], DEMO_CORRELATION_GATE, l1_gate=DEMO_CORRELATION_GATE)
@@ -399,7 +399,7 @@ def test_l1_gain_gate_leaves_the_level_to_the_other_terms():
     # With the gate open the l1 term compares the decoder's output rescaled to the input's RMS: its gradient has no
     # component along the decoder's output (it shapes the waveform, it cannot shrink it). Closed, it is the plain L1
     # of the emitted output.
-    from lightning_stability.modules.codec import CodecOutput
+    from lightning_stability.reference.codec.module import CodecOutput
 
     codec = _codec(loss_weights={"l1": 1.0}, l1_gain_gate=(0.2, 0.6))
     audio = chirps(4)

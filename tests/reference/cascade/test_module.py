@@ -7,13 +7,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_stability.modules.cascade import (
+from lightning_stability.reference.cascade.module import (
     CascadeTransformerModule,
     _WarmupCosine,
     masked_cosine_distance,
     masked_distance,
 )
-from lightning_stability.nn.transformer import CascadeConfig
+from lightning_stability.reference.cascade.transformer import CascadeConfig
 from tests.helpers import FAULT_WARNINGS, assert_same, make_trainer, snapshot
 
 pytestmark = FAULT_WARNINGS  # the post-mortem runs provoke the guard's and the cascade's notices on purpose
@@ -314,7 +314,8 @@ def _fit_and_measure(tmp_path, config, steps, **kwargs):
 
 
 def test_short_fit_matches_the_target_level_with_no_factor_at_a_bound(tmp_path):
-    """The amplitude fix (docs/cascade_experiments.md): with the defaults (predicted gains, the output floor, the RMS
+    """The amplitude fix (docs/guides/cascade.md, "Measured"): with the defaults (predicted gains, the output floor,
+    the RMS
     term) a short fit ends with every stage's output/target RMS ratio in [0.9, 1.1] and no RMS factor at a clamp bound;
     the previous recipe on the same data and seed outputs the source's level (ratio ~0.7) and its last stage sits at
     the 1.5 ceiling."""
@@ -337,7 +338,8 @@ class StopWhenNonFinite(pl.Callback):
 
 
 def test_post_mortem_failure_in_miniature_and_its_fix(tmp_path):
-    """DESIGN.md §1.3 in miniature: residual 0.1, no spectral norm, no qk-LayerNorm, a high learning rate: the gradient
+    """Post-mortem 3 (docs/design.md) in miniature: residual 0.1, no spectral norm, no qk-LayerNorm, a high learning
+    rate: the gradient
     norm grows by orders of magnitude and the run goes non-finite within a bounded number of steps. The same run
     (same data, seed, learning rate) with the fixed configuration (the defaults: r = (1, 1, 0.3), spectral norm,
     qk-LayerNorm, and the amplitude heads) plus ``GradientGuard`` stays finite for 60 steps and recovers from its
@@ -394,7 +396,7 @@ class SaveRankState(pl.Callback):
 @pytest.mark.ddp
 @pytest.mark.timeout(180)
 def test_ddp_spawn_fit_keeps_ranks_identical(tmp_path):
-    from lightning_stability.data.latents import LatentPairDataModule
+    from lightning_stability.reference.data.latents import LatentPairDataModule
 
     root = tmp_path / "latents"
     root.mkdir()
@@ -430,7 +432,7 @@ def test_cli_config_runs_two_steps(tmp_path):
     (no demo checkpoint here: the data falls back to the fixed random encoder)."""
     from lightning_stability.cli import main
 
-    config = Path(__file__).resolve().parents[2] / "configs" / "cascade.yaml"
+    config = Path(__file__).resolve().parents[3] / "configs" / "cascade.yaml"
     rc = main(
         [
             "fit",

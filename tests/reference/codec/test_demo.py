@@ -148,7 +148,7 @@ def test_demo_rejects_a_val_fraction_without_held_out_files(tmp_path, capsys):
 def test_long_recordings_are_reconstructed_in_chunks_and_capped(tmp_path):
     import torch
 
-    from lightning_stability.demo import DemoConfig, _codec, reconstruct
+    from lightning_stability.reference.codec.demo import DemoConfig, _codec, reconstruct
 
     codec = _codec(DemoConfig.quick_config()).eval()
     audio = 0.1 * torch.randn(1, 1, 24000 * 3 + 123)
@@ -168,7 +168,7 @@ def test_long_recordings_are_reconstructed_in_chunks_and_capped(tmp_path):
 
 
 def test_held_out_files_longer_than_the_cap_are_cut_and_counted(tmp_path, monkeypatch):
-    import lightning_stability.demo as demo
+    import lightning_stability.reference.codec.demo as demo
 
     config = demo.DemoConfig.quick_config(data=str(_recordings(tmp_path / "rec", n=4)), val_fraction=0.5)
     datamodule = demo._datamodule(config)
@@ -190,7 +190,7 @@ def test_held_out_files_longer_than_the_cap_are_cut_and_counted(tmp_path, monkey
 def test_an_item_a_measure_cannot_score_is_named_with_the_reason():
     import torch
 
-    from lightning_stability.demo import _quality
+    from lightning_stability.reference.codec.demo import _quality
     from tests.metrics.test_perceptual import voiced
 
     short = voiced(0.2, 24000)[None, None]  # under PESQ's 0.25 s and one 400 ms BS.1770 block
