@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING
 from lightning_stability._lazy import lazy_getattr
 
 _NAMES = {
-    "GradientGuard": ".gradient_guard",
+    "GradientGuard": ".guard.gradient_guard",
     "AdaptiveLossWeight": ".adaptive_weights",
     "SpectralNormInjection": ".spectral_norm",
     "ScaleFactorClamp": ".scale_clamp",
@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # the static view of the lazy names (type checkers, the API r
     from lightning_stability.callbacks.adversarial_balance import AdversarialBalanceMonitor as AdversarialBalanceMonitor
     from lightning_stability.callbacks.codebook_monitor import CodebookMonitor as CodebookMonitor
     from lightning_stability.callbacks.codebook_monitor import QuantizerTap as QuantizerTap
-    from lightning_stability.callbacks.gradient_guard import GradientGuard as GradientGuard
+    from lightning_stability.callbacks.guard.gradient_guard import GradientGuard as GradientGuard
     from lightning_stability.callbacks.scale_clamp import ScaleFactorClamp as ScaleFactorClamp
     from lightning_stability.callbacks.signal_monitor import SignalMonitor as SignalMonitor
     from lightning_stability.callbacks.spectral_norm import SpectralNormInjection as SpectralNormInjection

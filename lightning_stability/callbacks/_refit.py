@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 
-from lightning_stability.callbacks._guard_policy import NormStats
-from lightning_stability.callbacks._guard_state import OptimizerState
+from lightning_stability.callbacks.guard._policy import NormStats
+from lightning_stability.callbacks.guard._state import OptimizerState
 
 if TYPE_CHECKING:
-    from lightning_stability.callbacks.gradient_guard import GradientGuard
+    from lightning_stability.callbacks.guard.gradient_guard import GradientGuard
 
 
 def begin_fit(callback: Any, pl_module: pl.LightningModule) -> bool | None:

@@ -19,12 +19,12 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_stability.callbacks._events import EventLog
-from lightning_stability.callbacks._guard_norm import collect_grads, grad_norms
 from lightning_stability.callbacks._logging import log_scalars
 from lightning_stability.callbacks._outputs import only_the_loss, only_the_loss_message
 from lightning_stability.callbacks._refit import begin_fit
 from lightning_stability.callbacks._sharding import ShardReducer
 from lightning_stability.callbacks._state_key import cached_state_key
+from lightning_stability.callbacks.guard._norm import collect_grads, grad_norms
 from lightning_stability.losses.weights import LossWeights, SpikeDamping
 
 __all__ = ["AdaptiveLossWeight", "Decision"]

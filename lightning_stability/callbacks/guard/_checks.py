@@ -24,7 +24,7 @@ def check_positive(name: str, value: Any, allow_none: bool = True) -> None:
         raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}")
 
 
-#: the default spike rule of ``GradientGuard()`` (see ``_guard_policy``): an outlier is a norm above
+#: the default spike rule of ``GradientGuard()`` (see ``guard._policy``): an outlier is a norm above
 #: ``SPIKE_RATIO`` times its running mean; it is skipped when the loss is ``LOSS_ZSCORE`` standard deviations off its
 #: own running mean, clipped when it is above ``CLIP_RATIO`` times the mean without the loss, and ``REBASE_AFTER``
 #: acted-upon outliers in a row are a level shift.

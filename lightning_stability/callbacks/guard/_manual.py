@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_stability.callbacks._guard_state import BufferSnapshot
+from lightning_stability.callbacks.guard._state import BufferSnapshot
 
 
 def buffer_owners(

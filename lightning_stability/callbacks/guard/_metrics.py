@@ -20,7 +20,7 @@ from torch import Tensor
 from lightning_stability.callbacks._logging import _scalar, log_scalars
 
 if TYPE_CHECKING:
-    from lightning_stability.callbacks.gradient_guard import GradientGuard
+    from lightning_stability.callbacks.guard.gradient_guard import GradientGuard
 
 
 def log_guard(guard: GradientGuard, trainer: pl.Trainer, norm: float, thr: float | None, moment: float | None) -> None:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from lightning_stability.callbacks._guard_policy import NormStats
-from lightning_stability.callbacks._guard_state import COUNTERS, OptimizerState
+from lightning_stability.callbacks.guard._policy import NormStats
+from lightning_stability.callbacks.guard._state import COUNTERS, OptimizerState
 
 if TYPE_CHECKING:
-    from lightning_stability.callbacks.gradient_guard import GradientGuard
+    from lightning_stability.callbacks.guard.gradient_guard import GradientGuard
 
 #: ``state_dict()["version"]``: 1 in 0.1.0 (no streak statistics, no ``num_rebased``; still loads), 2 in 0.2
 #: (no loss statistics; still loads, the loss statistics warm up again), 3 since

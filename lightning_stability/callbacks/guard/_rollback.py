@@ -17,13 +17,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_stability.callbacks._guard_norm import all_finite, collect_grads
-from lightning_stability.callbacks._guard_optim import is_fused
-from lightning_stability.callbacks._guard_policy import NormStats
-from lightning_stability.callbacks._guard_state import OptimizerState, TrainingSnapshot, filled
+from lightning_stability.callbacks.guard._norm import all_finite, collect_grads
+from lightning_stability.callbacks.guard._optim import is_fused
+from lightning_stability.callbacks.guard._policy import NormStats
+from lightning_stability.callbacks.guard._state import OptimizerState, TrainingSnapshot, filled
 
 if TYPE_CHECKING:
-    from lightning_stability.callbacks.gradient_guard import GradientGuard
+    from lightning_stability.callbacks.guard.gradient_guard import GradientGuard
 
 
 def after_decision(
@@ -88,7 +88,7 @@ def rollback(guard: GradientGuard, trainer, pl_module, what: str) -> None:
     snap = guard._snapshot
     assert snap is not None
     if guard._manual:
-        # manual optimization: a graph of this batch may still wait for its backward (see `_guard_manual`); the
+        # manual optimization: a graph of this batch may still wait for its backward (see `guard._manual`); the
         # snapshot is restored at the end of the batch, and every optimizer step until then is skipped
         guard._rollback_pending = True
     else:

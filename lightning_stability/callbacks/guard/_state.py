@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_stability.callbacks._guard_policy import NormStats
 from lightning_stability.callbacks._sharding import is_dtensor, local_tensor
+from lightning_stability.callbacks.guard._policy import NormStats
 
 BufferSelector = bool | str | Sequence[str] | Callable[[str, Tensor], bool]
 

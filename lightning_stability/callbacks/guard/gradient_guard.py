@@ -20,20 +20,23 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_stability.callbacks._events import EventLog
-from lightning_stability.callbacks._guard_checks import check_int, check_positive, resolve_rule
-from lightning_stability.callbacks._guard_manual import DeferredRestore, buffer_owners, plain_name, restore_buffers
-from lightning_stability.callbacks._guard_metrics import log_guard, publish_latest
-from lightning_stability.callbacks._guard_moments import first_moment_norm, has_first_moment
-from lightning_stability.callbacks._guard_norm import collect_grads, describe, diagnose, grad_norms
-from lightning_stability.callbacks._guard_optim import (
+from lightning_stability.callbacks._refit import begin_fit, reset_guard
+from lightning_stability.callbacks._sharding import ShardReducer
+from lightning_stability.callbacks._state_key import cached_state_key
+from lightning_stability.callbacks.guard._checks import check_int, check_positive, resolve_rule
+from lightning_stability.callbacks.guard._manual import DeferredRestore, buffer_owners, plain_name, restore_buffers
+from lightning_stability.callbacks.guard._metrics import log_guard, publish_latest
+from lightning_stability.callbacks.guard._moments import first_moment_norm, has_first_moment
+from lightning_stability.callbacks.guard._norm import collect_grads, describe, diagnose, grad_norms
+from lightning_stability.callbacks.guard._optim import (
     StepSkipper,
     active_scaler,
     is_fused,
     optimizer_index,
     scaler_state,
 )
-from lightning_stability.callbacks._guard_persist import guard_state_dict, load_guard_state
-from lightning_stability.callbacks._guard_policy import (
+from lightning_stability.callbacks.guard._persist import guard_state_dict, load_guard_state
+from lightning_stability.callbacks.guard._policy import (
     GUARD_SKIPS,
     MOMENT_JUDGED,
     NOT_STEPPED,
@@ -53,15 +56,15 @@ from lightning_stability.callbacks._guard_policy import (
     update_stats,
     update_stats_on_device,
 )
-from lightning_stability.callbacks._guard_rollback import (
+from lightning_stability.callbacks.guard._rollback import (
     after_decision,
     check_persistent,
     finish_rollback,
     state_is_finite,
     take_snapshot,
 )
-from lightning_stability.callbacks._guard_sched import SchedulerHold
-from lightning_stability.callbacks._guard_state import (
+from lightning_stability.callbacks.guard._sched import SchedulerHold
+from lightning_stability.callbacks.guard._state import (
     COUNTERS,
     BufferSelector,
     BufferSnapshot,
@@ -69,9 +72,6 @@ from lightning_stability.callbacks._guard_state import (
     TrainingSnapshot,
     select_buffers,
 )
-from lightning_stability.callbacks._refit import begin_fit, reset_guard
-from lightning_stability.callbacks._sharding import ShardReducer
-from lightning_stability.callbacks._state_key import cached_state_key
 
 _ON_PERSISTENT = ("rollback", "stop", "raise")
 _SPIKE_ACTIONS = ("skip", "clip")
@@ -89,7 +89,7 @@ class GradientGuard(Callback):
     identical on every rank, and a NaN/inf in any rank's shard skips the step on every rank (see
     ``_sharding.ShardLayout``). Buffer copies and rollback snapshots then hold each rank's own shards.
 
-    **Decide** (most severe first; the pure rule is in ``_guard_policy.evaluate``):
+    **Decide** (most severe first; the pure rule is in ``guard._policy.evaluate``):
 
     - non-finite norm: skip (``"nonfinite"``). Under fp16 AMP, an overflow that ``GradScaler`` found while the loss was
       finite is its normal calibration: counted in ``num_amp_overflows`` / ``guard/amp_overflows``, not as a skip; the
@@ -132,7 +132,7 @@ class GradientGuard(Callback):
     the *first* micro-batch, so a skip discards the buffer updates of every micro-batch of that step. In manual
     optimization the copy is taken at the start of the first batch after the last batch that stepped; a skip restores,
     at the end of the batch (a graph of the batch may still await its backward), only the buffers of the modules whose
-    parameters the skipped optimizer updates (``_guard_manual``); a rollback waits for the batch's end too.
+    parameters the skipped optimizer updates (``guard._manual``); a rollback waits for the batch's end too.
     ``True`` (default) selects every buffer of the LightningModule, integer ones included (``num_batches_tracked``),
     so a skipped step is bit-identical; a glob pattern (or a list), or
     a callable ``(name, buffer) -> bool``, selects fewer; ``False`` none.
@@ -231,7 +231,7 @@ class GradientGuard(Callback):
         diagnose_top_k: layers listed in a diagnosis.
         agree_across_ranks: all-reduce the decision every step (only needed for exotic strategies).
         pause_schedulers_on_skip: a step not taken (guard skip or fp16 overflow) does not advance the optimizer's
-            ``interval="step"`` learning-rate schedulers (automatic optimization; see ``_guard_sched``).
+            ``interval="step"`` learning-rate schedulers (automatic optimization; see ``guard._sched``).
 
     Raises:
         ValueError: an argument out of range or not one of the accepted words.
@@ -351,7 +351,7 @@ class GradientGuard(Callback):
         self.diagnose_top_k = diagnose_top_k
         self.agree_across_ranks = agree_across_ranks
         self.pause_schedulers_on_skip = pause_schedulers_on_skip
-        self._sched_hold = SchedulerHold()  # see `_guard_sched`
+        self._sched_hold = SchedulerHold()  # see `guard._sched`
         self._cfg = PolicyConfig(
             self.max_norm,
             self.zscore,
@@ -499,7 +499,7 @@ class GradientGuard(Callback):
             self._deferred.apply(self._buffers)
         if self._rollback_pending:
             finish_rollback(self, trainer, pl_module)
-        if trainer.is_last_batch:  # monitors checked at the end of the epoch find the keys (`_guard_metrics`)
+        if trainer.is_last_batch:  # monitors checked at the end of the epoch find the keys (`guard._metrics`)
             publish_latest(self, trainer)
         if self._stepped_this_batch:  # the next batch starts a new optimizer step: take a new buffer copy then
             self._stepped_this_batch = False
