@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -83,3 +84,95 @@ def resolve_rule(
         )
     as_float = lambda v: None if v is None else float(v)  # noqa: E731
     return as_float(min_ratio), as_float(loss_zscore), as_float(clip_ratio), rebase_after
+
+
+_ON_PERSISTENT = ("rollback", "stop", "raise")
+_SPIKE_ACTIONS = ("skip", "clip")
+_SNAPSHOT_DEVICES = ("cpu", "same")
+
+
+def check_arguments(
+    *,
+    max_norm: Any,
+    zscore: Any,
+    zscore_alpha: Any,
+    zscore_warmup: Any,
+    zscore_rebase_after: Any,
+    zscore_min_ratio: Any,
+    spike_ratio: Any,
+    loss_zscore: Any,
+    clip_ratio: Any,
+    track_first_moment: Any,
+    first_moment_zscore: Any,
+    spike_action: Any,
+    max_consecutive_skips: Any,
+    max_consecutive_amp_overflows: Any,
+    on_persistent: Any,
+    snapshot_every: Any,
+    snapshot_device: Any,
+    skip_batches_after_rollback: Any,
+    max_rollbacks: Any,
+    sync_free: Any,
+    protect_buffers: Any,
+    log_every_n_steps: Any,
+    warn_every_n_steps: Any,
+    diagnose_top_k: Any,
+    agree_across_ranks: Any,
+    pause_schedulers_on_skip: Any,
+) -> tuple[float | None, float | None, float | None, int | None]:
+    """Check every argument of ``GradientGuard``; returns the resolved rule (see :func:`resolve_rule`)."""
+    check_positive("max_norm", max_norm)
+    check_positive("zscore", zscore)
+    if isinstance(zscore_alpha, bool) or not isinstance(zscore_alpha, (int, float)):
+        raise TypeError(f"`zscore_alpha` must be a number in (0, 1), got {zscore_alpha!r}")
+    if not 0.0 < zscore_alpha < 1.0:
+        raise ValueError(f"`zscore_alpha` must be in (0, 1), got {zscore_alpha!r}")
+    check_int("zscore_warmup", zscore_warmup, 1)
+    check_positive("zscore_min_ratio", zscore_min_ratio)
+    if zscore_min_ratio is not None and zscore_min_ratio <= 1:
+        raise ValueError(
+            f"`zscore_min_ratio` must be > 1 (a spike is at least this multiple of the running mean), got "
+            f"{zscore_min_ratio!r}"
+        )
+    if zscore_min_ratio is not None and zscore is None:
+        raise ValueError("`zscore_min_ratio` is a floor of the z-score threshold: it needs `zscore`, got None")
+    if not isinstance(track_first_moment, bool):
+        raise TypeError(f"`track_first_moment` must be a bool, got {track_first_moment!r}")
+    check_positive("first_moment_zscore", first_moment_zscore)
+    if spike_action not in _SPIKE_ACTIONS:
+        raise ValueError(f"`spike_action` must be one of {_SPIKE_ACTIONS}, got {spike_action!r}")
+    check_int("max_consecutive_skips", max_consecutive_skips, 1, allow_none=True)
+    check_int("max_consecutive_amp_overflows", max_consecutive_amp_overflows, 1, allow_none=True)
+    if on_persistent not in _ON_PERSISTENT:
+        raise ValueError(f"`on_persistent` must be one of {_ON_PERSISTENT}, got {on_persistent!r}")
+    check_int("snapshot_every", snapshot_every, 1)
+    if snapshot_device not in _SNAPSHOT_DEVICES:
+        raise ValueError(f"`snapshot_device` must be one of {_SNAPSHOT_DEVICES}, got {snapshot_device!r}")
+    check_int("skip_batches_after_rollback", skip_batches_after_rollback, 0)
+    check_int("max_rollbacks", max_rollbacks, 0)
+    if sync_free is not None and not isinstance(sync_free, bool):
+        raise TypeError(f"`sync_free` must be a bool or None (automatic), got {sync_free!r}")
+    rule = resolve_rule(zscore, zscore_min_ratio, spike_ratio, loss_zscore, clip_ratio, zscore_rebase_after)
+    min_ratio = rule[0]
+    if spike_action == "clip" and zscore is None and min_ratio is None:
+        raise ValueError(
+            "`spike_action='clip'` needs a spike threshold to clip to (`zscore` or `spike_ratio`), got both None"
+        )
+    if not (
+        isinstance(protect_buffers, (bool, str))
+        or callable(protect_buffers)
+        or (isinstance(protect_buffers, Sequence) and all(isinstance(p, str) for p in protect_buffers))
+    ):
+        raise TypeError(
+            "`protect_buffers` must be a bool, a glob pattern, a list of patterns or a callable"
+            f" (name, buffer) -> bool, got {protect_buffers!r}"
+        )
+    check_int("log_every_n_steps", log_every_n_steps, 1, allow_none=True)
+    check_int("warn_every_n_steps", warn_every_n_steps, 1)
+    check_int("diagnose_top_k", diagnose_top_k, 1)
+    if not isinstance(agree_across_ranks, bool):
+        raise TypeError(f"`agree_across_ranks` must be a bool, got {agree_across_ranks!r}")
+    if not isinstance(pause_schedulers_on_skip, bool):
+        raise TypeError(f"`pause_schedulers_on_skip` must be a bool, got {pause_schedulers_on_skip!r}")
+
+    return rule

@@ -9,7 +9,6 @@ optimizer, unscaled) and before Lightning's gradient clipping and the step, for 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -20,10 +19,10 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_stability.callbacks._events import EventLog
-from lightning_stability.callbacks._refit import begin_fit, reset_guard
+from lightning_stability.callbacks._refit import begin_fit
 from lightning_stability.callbacks._sharding import ShardReducer
 from lightning_stability.callbacks._state_key import cached_state_key
-from lightning_stability.callbacks.guard._checks import check_int, check_positive, resolve_rule
+from lightning_stability.callbacks.guard._checks import check_arguments
 from lightning_stability.callbacks.guard._manual import DeferredRestore, buffer_owners, plain_name, restore_buffers
 from lightning_stability.callbacks.guard._metrics import log_guard, publish_latest
 from lightning_stability.callbacks.guard._moments import first_moment_norm, has_first_moment
@@ -56,145 +55,37 @@ from lightning_stability.callbacks.guard._policy import (
     update_stats,
     update_stats_on_device,
 )
-from lightning_stability.callbacks.guard._rollback import (
-    after_decision,
-    check_persistent,
-    finish_rollback,
-    state_is_finite,
-    take_snapshot,
-)
+from lightning_stability.callbacks.guard._rollback import Rollback, state_is_finite
 from lightning_stability.callbacks.guard._sched import SchedulerHold
 from lightning_stability.callbacks.guard._state import (
     COUNTERS,
     BufferSelector,
     BufferSnapshot,
+    Counters,
     OptimizerState,
-    TrainingSnapshot,
+    StepContext,
     select_buffers,
 )
-
-_ON_PERSISTENT = ("rollback", "stop", "raise")
-_SPIKE_ACTIONS = ("skip", "clip")
-_SNAPSHOT_DEVICES = ("cpu", "same")
 
 
 class GradientGuard(Callback):
     r"""Decide, per optimizer step, whether the step may proceed; skip it for real when it may not.
 
-    **Measure.** The total L2 norm of the optimizer's gradients, ``torch._foreach_norm`` per (device, dtype) group,
-    accumulated in float32 (fp16/bf16 gradients cannot overflow it). Under sharded strategies (``ModelParallelStrategy``
-    with FSDP2 ``fully_shard`` or tensor parallelism, ``FSDPStrategy``) each rank holds a shard of every gradient, some
-    empty: the per-parameter squared norms of the local shards are all-reduced as one vector (one collective, on the
-    device), so the per-parameter norms of the diagnosis and the total are those of the whole gradients and are
-    identical on every rank, and a NaN/inf in any rank's shard skips the step on every rank (see
-    ``_sharding.ShardLayout``). Buffer copies and rollback snapshots then hold each rank's own shards.
+    Measures the total L2 norm of the optimizer's gradients (``torch._foreach_norm`` per (device, dtype) group,
+    in float32; all-reduced as one vector under sharded strategies), decides with a pure rule (most severe first:
+    non-finite, over ``max_norm``, a spike against the running statistics of accepted norms, confirmed by the loss by
+    default; ``guard._policy.evaluate``), and skips for real: every gradient of the optimizer is set to ``None`` (a
+    fused optimizer is skipped through its ``found_inf``), the protected buffers are restored, step-interval
+    learning-rate schedulers are held. fp16 AMP overflows are the scaler's calibration, counted apart. Persistent
+    trouble (``max_consecutive_skips`` skips in a row, a collapsing loss scale, corrupted weights) rolls back to an
+    in-memory snapshot, stops or raises (``on_persistent``). Every decision that is not a plain accept is an event in
+    ``event_log`` (kind and ``data["cause"]``), read by ``StabilityReport``; ``guard/*`` metrics are logged every
+    ``log_every_n_steps`` steps. With ``sync_free`` (by default on a GPU with a fused optimizer) the decision stays
+    on the device and the host reads it every ``log_every_n_steps`` steps.
 
-    **Decide** (most severe first; the pure rule is in ``guard._policy.evaluate``):
-
-    - non-finite norm: skip (``"nonfinite"``). Under fp16 AMP, an overflow that ``GradScaler`` found while the loss was
-      finite is its normal calibration: counted in ``num_amp_overflows`` / ``guard/amp_overflows``, not as a skip; the
-      scaler skips that step itself and backs off its scale (its bookkeeping is never touched).
-    - ``max_norm``: skip a step whose norm exceeds this fixed bound.
-    - finite spikes, the default rule (``GradientGuard()``): a step whose norm is above ``spike_ratio`` (3) times the
-      running mean of the accepted norms is an *outlier*. An outlier whose loss is also ``loss_zscore`` (6) standard
-      deviations off the loss's own running mean is a data fault (a corrupt or wrongly scaled batch, a loss term that
-      blew up): it is skipped (``spike_action="clip"``: clipped to the threshold). An outlier the loss does not
-      confirm is a healthy excursion (the noise of a small model's norm, the end of a warm-up, unfrozen layers) and is
-      taken as it is, unless its norm is above ``clip_ratio`` (10) times the mean, where it is clipped to the
-      threshold. The loss is the one Lightning's backward saw (summed over micro-batches, unscaled under fp16,
-      averaged over ranks with one collective on the device); without one (a manual ``loss.backward()``), only the
-      clip backstop acts. Statistics (of the norm and of the loss): exact mean/variance over the first
-      ``zscore_warmup`` (25) accepted steps, then an EMA with ``zscore_alpha`` (0.97); they live in ``state_dict``, so
-      a resumed run makes the same decisions. ``benchmarks/fault_zoo.py`` measures this rule against every peer.
-    - ``zscore`` (the rule of 0.2, ZClip's 2.5): a step whose norm exceeds ``mean + zscore * std`` is a spike, skipped
-      (or clipped); ``zscore_min_ratio`` is a floor of that threshold as a multiple of the mean. Passing ``zscore``
-      selects that rule unchanged: ``spike_ratio``, ``loss_zscore`` and ``clip_ratio`` then default to ``None``
-      (pass them to combine both).
-    - level shifts (``zscore_rebase_after``; default 3, 8 with ``zscore``): spikes never enter the statistics, so a
-      burst of them cannot raise its own threshold; but when ``zscore_rebase_after`` acted-upon outliers come *in a
-      row*, the scale has moved for good (a loss weight switched from 1 to 5, a discriminator switched on): that step
-      is taken (``guard/rebases``, a ``"rebase"`` event) and the statistics restart from the streak. A lasting shift
-      costs ``zscore_rebase_after - 1`` actions instead of stalling the run; the price is that a burst of that many
-      consecutive finite spikes becomes the baseline too (OLMo-core's window makes the same trade). Non-finite norms
-      never enter any statistics; an accepted step ends a streak. ``None``: outliers never enter (the 0.1.0 rule).
-
-    **Skip.** A skip sets every gradient of the optimizer to ``None``: torch optimizers then leave those parameters
-    entirely alone (no moment update, no step count, no weight decay). Zeroing gradients would not be a skip (Adam's
-    momentum still moves the weights). Fused optimizers (``fused=True``) are skipped through their ``found_inf`` tensor
-    instead (the mechanism GradScaler uses, OR-ed with the scaler's own flag, never replacing it); the kernel skips on
-    the device and reverts its step counts. Lightning's ``gradient_clip_val`` clipping runs after the guard and is a
-    no-op on a skipped step. ``trainer.global_step`` still advances (``optimizer.step`` was called).
-
-    **Buffers** (``protect_buffers``). Some state changes in the forward pass: BatchNorm statistics, EMA codebooks,
-    spectral norm's power-iteration vectors ``_u``/``_v``. At the first batch of every optimizer step the selected
-    buffers are copied into preallocated storage (foreach copies, cost proportional to the buffers); when the step is
-    not taken (guard skip or AMP overflow) they are copied back. With gradient accumulation the copy is taken before
-    the *first* micro-batch, so a skip discards the buffer updates of every micro-batch of that step. In manual
-    optimization the copy is taken at the start of the first batch after the last batch that stepped; a skip restores,
-    at the end of the batch (a graph of the batch may still await its backward), only the buffers of the modules whose
-    parameters the skipped optimizer updates (``guard._manual``); a rollback waits for the batch's end too.
-    ``True`` (default) selects every buffer of the LightningModule, integer ones included (``num_batches_tracked``),
-    so a skipped step is bit-identical; a glob pattern (or a list), or
-    a callable ``(name, buffer) -> bool``, selects fewer; ``False`` none.
-
-    **Persistent trouble.** After ``max_consecutive_skips`` guard skips in a row (AMP overflows neither count nor
-    reset the run; ``max_consecutive_amp_overflows`` overflows in a row, a collapsing loss scale, count as trouble
-    too), ``on_persistent`` acts:
-
-    - ``"rollback"``: restore the in-memory snapshot of the LightningModule (``state_dict``) and every optimizer
-      (``state_dict``), taken at the start of training and then after every ``snapshot_every`` accepted steps, at a
-      step with no pending skip; then skip the optimizer steps of the next ``skip_batches_after_rollback`` batches.
-      Memory: parameters + buffers + optimizer state (3x the parameters with Adam), on the CPU by default
-      (``snapshot_device="same"``: on the parameters' device). The guard's running statistics roll back with it;
-      learning-rate schedulers and the GradScaler do not. After ``max_rollbacks`` rollbacks the run stops instead.
-      The snapshot is not written to checkpoints: after a resume the first snapshot is the resumed state.
-    - ``"stop"``: ``trainer.should_stop = True``: the run ends cleanly after this batch. Skipped steps never changed the
-      parameters, so the state that checkpoints save is the last good one.
-    - ``"raise"``: ``RuntimeError`` with the diagnosis.
-
-    **Corrupted weights.** A non-finite step whose parameters or optimizer state are themselves non-finite (a stray
-    in-place write, an update that overflowed; checked with one max-abs reduction per non-finite step, host mode only)
-    is persistent trouble at once, since no skip can repair it: ``"rollback"`` rolls back immediately (rollback
-    snapshots are only ever taken of a finite state); ``"stop"`` (or ``"rollback"`` without a snapshot or with
-    ``max_rollbacks`` spent) raises ``RuntimeError`` instead of stopping cleanly, because a clean end would let
-    checkpoint callbacks save the corrupted weights over the last good checkpoint.
-
-    **Diagnosis.** On a skipped step an event (``"skip"``, ``"amp_overflow"``, ``"rollback"``, ``"stop"``...) goes to
-    ``event_log`` with the reason, the norm, the parameters whose gradient norm is non-finite (module paths) and the
-    ``diagnose_top_k`` layers with the largest norms; a rank-zero warning says the same at most once every
-    ``warn_every_n_steps`` steps.
-
-    **Ranks.** The decision is a deterministic function of the gradients, which DDP has already all-reduced (so an
-    inf on one rank is an inf on every rank) and of state every rank updates identically; rank-local inputs (the loss
-    flag under fp16 AMP) and sharded norms are all-reduced on the device. ``agree_across_ranks=True`` additionally
-    all-reduces (MAX) the decision itself every step.
-
-    **Sync-free mode** (``sync_free=True``, and by default on a GPU). With a fused optimizer the whole decision stays on
-    the device: norm, loss, statistics, counters and the buffer restore (``torch.where``) are tensors, and the skip is
-    the optimizer's ``found_inf``; nothing is read back to the host except every ``log_every_n_steps`` steps, where
-    counters are read, events and warnings are emitted (the diagnosis describes the most recent skip), metrics are
-    logged, snapshots are taken and persistent trouble is acted on (so a rollback/stop/raise may come up to
-    ``log_every_n_steps`` steps late; every step in between is still skipped or accepted correctly). Non-fused
-    optimizers can only be skipped from the host (``p.grad = None``): for them sync-free mode falls back to one host
-    read of the decision per step (a warning says so once). The first step of a fused optimizer is also decided on the
-    host: its kernel initialises the state of new parameters even on a skipped step (torch's fused SGD even leaves an
-    uninitialised momentum buffer), which the guard then removes.
-
-    **First moment** (``track_first_moment``, ``first_moment_zscore``; Adam-family optimizers). Marin's 32B runs saw
-    Adam update-norm spikes (the first moment doubling, the second moment flat) before loss spikes. With
-    ``track_first_moment=True`` the guard computes, on the device and before the step, the norm of the first moment
-    this step would write, ``||beta1 * exp_avg + (1 - beta1) * grad||``, logs it as ``guard/first_moment_norm`` and
-    traces it in ``event_log`` (host mode: read in the same transfer as the gradient norm, no extra host read;
-    sync-free mode: read at the ``log_every_n_steps`` sync point). Cost: a foreach lerp into temporaries the size of
-    the gradients and a foreach norm per step. ``first_moment_zscore`` acts on it: a second, independent z-score
-    detector with its own statistics (same ``zscore_alpha``, ``zscore_warmup`` and ``zscore_rebase_after`` rule), and
-    a step it flags is skipped (``"moment_spike"``) even when the gradient-norm rule would take it. It is judged only
-    on steps whose gradient norm is finite, within ``max_norm`` and not forced. An optimizer without ``betas`` /
-    ``exp_avg`` (SGD) has no first moment: a warning says so once and the signal is off for it.
-
-    **Logs** (every ``log_every_n_steps`` optimizer steps, default: the Trainer's): ``guard/grad_norm``,
-    ``guard/skipped`` (cumulative), ``guard/consecutive_skips``, ``guard/rollbacks``, ``guard/amp_overflows`` and,
-    with ``zscore``, ``guard/threshold`` and ``guard/rebases`` (cumulative).
+    The full rule (the default spike rule and the z-score rule of 0.2, level shifts, buffers, rollback, corrupted
+    weights, ranks, sync-free mode, the first moment) is in the guide, ``docs/guides/gradient-guard.md``, section
+    "How the guard decides" (published with the documentation of this version).
 
     Args:
         max_norm: skip steps whose total gradient norm exceeds this (``None``: no fixed bound).
@@ -270,60 +161,18 @@ class GradientGuard(Callback):
         agree_across_ranks: bool = False,
         pause_schedulers_on_skip: bool = True,
     ) -> None:
-        check_positive("max_norm", max_norm)
-        check_positive("zscore", zscore)
-        if isinstance(zscore_alpha, bool) or not isinstance(zscore_alpha, (int, float)):
-            raise TypeError(f"`zscore_alpha` must be a number in (0, 1), got {zscore_alpha!r}")
-        if not 0.0 < zscore_alpha < 1.0:
-            raise ValueError(f"`zscore_alpha` must be in (0, 1), got {zscore_alpha!r}")
-        check_int("zscore_warmup", zscore_warmup, 1)
-        check_positive("zscore_min_ratio", zscore_min_ratio)
-        if zscore_min_ratio is not None and zscore_min_ratio <= 1:
-            raise ValueError(
-                f"`zscore_min_ratio` must be > 1 (a spike is at least this multiple of the running mean), got "
-                f"{zscore_min_ratio!r}"
-            )
-        if zscore_min_ratio is not None and zscore is None:
-            raise ValueError("`zscore_min_ratio` is a floor of the z-score threshold: it needs `zscore`, got None")
-        if not isinstance(track_first_moment, bool):
-            raise TypeError(f"`track_first_moment` must be a bool, got {track_first_moment!r}")
-        check_positive("first_moment_zscore", first_moment_zscore)
-        if spike_action not in _SPIKE_ACTIONS:
-            raise ValueError(f"`spike_action` must be one of {_SPIKE_ACTIONS}, got {spike_action!r}")
-        check_int("max_consecutive_skips", max_consecutive_skips, 1, allow_none=True)
-        check_int("max_consecutive_amp_overflows", max_consecutive_amp_overflows, 1, allow_none=True)
-        if on_persistent not in _ON_PERSISTENT:
-            raise ValueError(f"`on_persistent` must be one of {_ON_PERSISTENT}, got {on_persistent!r}")
-        check_int("snapshot_every", snapshot_every, 1)
-        if snapshot_device not in _SNAPSHOT_DEVICES:
-            raise ValueError(f"`snapshot_device` must be one of {_SNAPSHOT_DEVICES}, got {snapshot_device!r}")
-        check_int("skip_batches_after_rollback", skip_batches_after_rollback, 0)
-        check_int("max_rollbacks", max_rollbacks, 0)
-        if sync_free is not None and not isinstance(sync_free, bool):
-            raise TypeError(f"`sync_free` must be a bool or None (automatic), got {sync_free!r}")
-        min_ratio, loss_zscore, clip_ratio, zscore_rebase_after = resolve_rule(
-            zscore, zscore_min_ratio, spike_ratio, loss_zscore, clip_ratio, zscore_rebase_after
-        )
-        if spike_action == "clip" and zscore is None and min_ratio is None:
-            raise ValueError(
-                "`spike_action='clip'` needs a spike threshold to clip to (`zscore` or `spike_ratio`), got both None"
-            )
-        if not (
-            isinstance(protect_buffers, (bool, str))
-            or callable(protect_buffers)
-            or (isinstance(protect_buffers, Sequence) and all(isinstance(p, str) for p in protect_buffers))
-        ):
-            raise TypeError(
-                "`protect_buffers` must be a bool, a glob pattern, a list of patterns or a callable"
-                f" (name, buffer) -> bool, got {protect_buffers!r}"
-            )
-        check_int("log_every_n_steps", log_every_n_steps, 1, allow_none=True)
-        check_int("warn_every_n_steps", warn_every_n_steps, 1)
-        check_int("diagnose_top_k", diagnose_top_k, 1)
-        if not isinstance(agree_across_ranks, bool):
-            raise TypeError(f"`agree_across_ranks` must be a bool, got {agree_across_ranks!r}")
-        if not isinstance(pause_schedulers_on_skip, bool):
-            raise TypeError(f"`pause_schedulers_on_skip` must be a bool, got {pause_schedulers_on_skip!r}")
+        min_ratio, loss_zscore, clip_ratio, zscore_rebase_after = check_arguments(
+            max_norm=max_norm, zscore=zscore, zscore_alpha=zscore_alpha, zscore_warmup=zscore_warmup,
+            zscore_rebase_after=zscore_rebase_after, zscore_min_ratio=zscore_min_ratio, spike_ratio=spike_ratio,
+            loss_zscore=loss_zscore, clip_ratio=clip_ratio, track_first_moment=track_first_moment,
+            first_moment_zscore=first_moment_zscore, spike_action=spike_action,
+            max_consecutive_skips=max_consecutive_skips, max_consecutive_amp_overflows=max_consecutive_amp_overflows,
+            on_persistent=on_persistent, snapshot_every=snapshot_every, snapshot_device=snapshot_device,
+            skip_batches_after_rollback=skip_batches_after_rollback, max_rollbacks=max_rollbacks, sync_free=sync_free,
+            protect_buffers=protect_buffers, log_every_n_steps=log_every_n_steps,
+            warn_every_n_steps=warn_every_n_steps, diagnose_top_k=diagnose_top_k,
+            agree_across_ranks=agree_across_ranks, pause_schedulers_on_skip=pause_schedulers_on_skip,
+        )  # fmt: skip
 
         self.max_norm = None if max_norm is None else float(max_norm)
         self.zscore = None if zscore is None else float(zscore)
@@ -371,31 +220,34 @@ class GradientGuard(Callback):
         self._no_moment: set[int] = set()  # optimizers without a first moment (warned once)
 
         self.event_log = EventLog(source=self.state_key)
-        self.num_rollbacks = 0
+        self._skipper = StepSkipper()  # p.grad = None, or found_inf for fused optimizers (with its step hooks)
+        self._rollback = Rollback(
+            on_persistent=on_persistent,
+            max_consecutive_skips=max_consecutive_skips,
+            max_consecutive_amp_overflows=max_consecutive_amp_overflows,
+            snapshot_every=snapshot_every,
+            snapshot_device=snapshot_device,
+            skip_batches_after_rollback=skip_batches_after_rollback,
+            max_rollbacks=max_rollbacks,
+            event_log=self.event_log,
+            skipper=self._skipper,
+        )
         self.last_grad_norm: Tensor | None = None
         self._last_host: tuple[float, float | None, float | None] | None = None  # host mode: norm, threshold, moment
         self._opt_states: dict[int, OptimizerState] = {}
-        self._skip_remaining = 0
-        self._rolled_back_this_batch = False
-        self._good_since_snapshot = 0
-        self._snapshot_due = False
-        self._snapshot: TrainingSnapshot | None = None
         self._last_warn_step: int | None = None
         self._warned_reasons: set[int] = set()  # kinds of skip announced so far (see `_warn`)
         self._buffers: BufferSnapshot | None = None
         self._buffers_armed = False
-        self._manual = False  # manual optimization: restores and rollbacks wait for the end of the batch
-        self._deferred: DeferredRestore | None = None
-        self._rollback_pending = False
+        self._deferred: DeferredRestore | None = None  # manual optimization: restores wait for the batch's end
         self._stepped_this_batch = False
         self._param_names: dict[int, str] = {}
         self._loss_bad: Tensor | None = None
         self._loss_sum: Tensor | None = None  # the loss of the backward passes since the last optimizer step
         self._batch_loss: Tensor | None = None  # the last such loss of this batch (a second optimizer reuses it)
-        self._skipper = StepSkipper()  # p.grad = None, or found_inf for fused optimizers (with its step hooks)
         self._warned_fallback = False
         self._log_every = 50
-        self._last_read: dict[int, list[int]] = {}
+        self._last_read: dict[int, Counters] = {}
         self._active_scaler: torch.amp.GradScaler | None = None
         self._shards: ShardReducer | None = None
         self._process_group: Any = None
@@ -410,24 +262,53 @@ class GradientGuard(Callback):
     @property
     def num_skipped(self) -> int:
         """Optimizer steps the guard skipped (AMP overflows excluded)."""
-        return sum(s.read_counters()[0] for s in self._opt_states.values())
+        return sum(s.read_counters().num_skipped for s in self._opt_states.values())
 
     @property
     def num_amp_overflows(self) -> int:
-        return sum(s.read_counters()[1] for s in self._opt_states.values())
+        return sum(s.read_counters().num_amp_overflows for s in self._opt_states.values())
 
     @property
     def num_clipped(self) -> int:
-        return sum(s.read_counters()[2] for s in self._opt_states.values())
+        return sum(s.read_counters().num_clipped for s in self._opt_states.values())
 
     @property
     def num_rebased(self) -> int:
         """Level shifts: steps at which a streak of ``zscore_rebase_after`` spikes became the new baseline."""
-        return sum(s.read_counters()[6] for s in self._opt_states.values())
+        return sum(s.read_counters().num_rebased for s in self._opt_states.values())
+
+    @property
+    def num_rollbacks(self) -> int:
+        """Rollbacks so far in this fit."""
+        return self._rollback.num_rollbacks
 
     @property
     def consecutive_skips(self) -> int:
-        return max((s.read_counters()[3] for s in self._opt_states.values()), default=0)
+        return max((s.read_counters().consecutive for s in self._opt_states.values()), default=0)
+
+    @property
+    def _armed_buffers(self) -> BufferSnapshot | None:
+        """The protected buffers, when a copy was taken for this optimizer step (what a skip restores)."""
+        return self._buffers if self._buffers_armed else None
+
+    def _new_fit(self, keep_statistics: bool) -> None:
+        """The same guard in a new fit (see ``callbacks._refit``): fresh counters, events and rollback state; the
+        running statistics kept when ``keep_statistics`` (the same module keeps training)."""
+        states = {}
+        for idx, old in self._opt_states.items():
+            st = OptimizerState()
+            if keep_statistics:
+                st.stats = NormStats.from_list(old.stats_t.tolist()) if old.stats_t is not None else old.stats
+                st.mstats = NormStats.from_list(old.mstats_t.tolist()) if old.mstats_t is not None else old.mstats
+            states[idx] = st
+        self._opt_states = states
+        self.event_log.reset()
+        self._rollback.reset()
+        self.last_grad_norm = None
+        self._last_host = None
+        self._last_warn_step = None
+        self._warned_reasons = set()
+        self._last_read.clear()
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -446,7 +327,7 @@ class GradientGuard(Callback):
             return
         again = begin_fit(self, pl_module)  # a reused guard: this fit's counters; statistics kept for the same module
         if again is not None:
-            reset_guard(self, keep_statistics=again)
+            self._new_fit(keep_statistics=again)
         if "deepspeed" in type(trainer.strategy).__name__.lower():
             raise RuntimeError(
                 f"`GradientGuard` does not support `{type(trainer.strategy).__name__}`: DeepSpeed partitions gradients"
@@ -469,23 +350,18 @@ class GradientGuard(Callback):
         if self.protect_buffers is not False:
             entries = select_buffers(pl_module, self.protect_buffers)
             self._buffers = BufferSnapshot(entries) if entries else None
-        self._manual = not pl_module.automatic_optimization
-        self._rollback_pending = False
         self._deferred = None
-        if self._manual and self._buffers is not None:
+        if not pl_module.automatic_optimization and self._buffers is not None:
             self._deferred = DeferredRestore(buffer_owners(pl_module, self._buffers.names, trainer.optimizers))
         self._buffers_armed = False
-        self._snapshot = None
-        if self.on_persistent == "rollback":
-            take_snapshot(self, trainer, pl_module)
+        self._rollback.train_start(trainer, pl_module, self._opt_states, self._deferred)
 
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._batch_loss = None
-        if self._snapshot_due:
-            take_snapshot(self, trainer, pl_module)
+        self._rollback.batch_start(trainer, pl_module, self._opt_states)
         if self._buffers is not None and not self._buffers_armed:
             self._buffers.capture()
             self._buffers_armed = True
@@ -497,17 +373,12 @@ class GradientGuard(Callback):
         self._sched_hold.undo()  # Lightning stepped the step-interval schedulers before this hook
         if self._deferred is not None:  # manual optimization: every backward of the batch has run
             self._deferred.apply(self._buffers)
-        if self._rollback_pending:
-            finish_rollback(self, trainer, pl_module)
         if trainer.is_last_batch:  # monitors checked at the end of the epoch find the keys (`guard._metrics`)
             publish_latest(self, trainer)
         if self._stepped_this_batch:  # the next batch starts a new optimizer step: take a new buffer copy then
             self._stepped_this_batch = False
             self._buffers_armed = False
-        if self._rolled_back_this_batch:
-            self._rolled_back_this_batch = False
-        elif self._skip_remaining > 0:
-            self._skip_remaining -= 1
+        self._rollback.batch_end(trainer, pl_module, self._opt_states)
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -580,7 +451,7 @@ class GradientGuard(Callback):
                     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
                     loss_bad = flag > 0
         st.moment_t = self._moment_norm(optimizer, inv_scale) if self.track_first_moment else None
-        forced = self._skip_remaining > 0 or self._rollback_pending  # a rollback due at the end of this batch
+        forced = self._rollback.forced
         # automatic (None): decide on the device where a host read would stall one (CUDA) and the optimizer can be
         # skipped there (fused); on a CPU the host read costs nothing
         sync_free = self.sync_free if self.sync_free is not None else norms.total.device.type != "cpu"
@@ -592,15 +463,14 @@ class GradientGuard(Callback):
                 " optimizer can only be skipped from the host, so the guard reads its decision once per step"
                 " (pass `fused=True` to the optimizer for a step without host synchronisation)."
             )
+        ctx = StepContext(
+            trainer, pl_module, optimizer, idx, st, params, grads, norms, amp_found, loss_bad, forced, loss
+        )
         if device_mode:
             self._skipper.host_skipped[id(optimizer)] = False
-            self._device_step(
-                trainer, pl_module, optimizer, idx, st, params, grads, norms, amp_found, loss_bad, forced, loss
-            )
+            self._device_step(ctx)
         else:
-            self._host_step(
-                trainer, pl_module, optimizer, idx, st, params, grads, norms, amp_found, loss_bad, forced, loss
-            )
+            self._host_step(ctx)
         if self.pause_schedulers_on_skip:
             self._sched_hold.decided(trainer, optimizer, self._skipper, device_mode)
 
@@ -610,7 +480,7 @@ class GradientGuard(Callback):
         self._skipper.clear()
         self._sched_hold.clear()
         self._no_moment.clear()
-        self._snapshot = None
+        self._rollback.teardown()
         self._buffers = None
         self._shards = None
         self._loss_sum = self._batch_loss = None
@@ -618,9 +488,9 @@ class GradientGuard(Callback):
     # ------------------------------------------------------------------------------------------------------------------
     # host-decided step (default)
 
-    def _host_step(
-        self, trainer, pl_module, optimizer, idx, st, params, grads, norms, amp_found, loss_bad, forced, loss
-    ):
+    def _host_step(self, ctx: StepContext) -> None:
+        trainer, pl_module, optimizer, st, norms = ctx.trainer, ctx.pl_module, ctx.optimizer, ctx.state, ctx.norms
+        amp_found, loss_bad, loss, forced = ctx.amp_found, ctx.loss_bad, ctx.loss, ctx.forced
         device = norms.total.device
         moment = loss_value = None
         if amp_found is None and loss_bad is None and st.moment_t is None and loss is None:
@@ -666,12 +536,12 @@ class GradientGuard(Callback):
 
         if action is Action.CLIP:
             factor = decision.threshold / norm
-            for g in grads:
+            for g in ctx.grads:
                 g.mul_(factor)
         skipped = action in NOT_STEPPED
         if skipped:
-            self._skipper.skip(optimizer, params, fused=is_fused(optimizer))
-            restore_buffers(self, idx, True)
+            self._skipper.skip(optimizer, ctx.params, fused=is_fused(optimizer))
+            restore_buffers(self._armed_buffers, self._deferred, ctx.idx, True)
         self._skipper.host_skipped[id(optimizer)] = skipped
 
         # the gradient-norm (and loss) statistics follow the gradient-norm rule's own decision (see `combine`)
@@ -703,7 +573,7 @@ class GradientGuard(Callback):
         if action is not Action.ACCEPT:
             per_tensor = norms.per_tensor.tolist()
             data = diagnose(
-                params, self._param_names, per_tensor, action, norm, decision.threshold, self.diagnose_top_k
+                ctx.params, self._param_names, per_tensor, action, norm, decision.threshold, self.diagnose_top_k
             )
             if moment is not None:
                 data["first_moment_norm"] = moment
@@ -732,7 +602,7 @@ class GradientGuard(Callback):
         corrupted = action is Action.NONFINITE and not state_is_finite(trainer, pl_module)
         accepted = action in STEPPED
         self._last_host = (norm, decision.threshold, moment)
-        after_decision(self, trainer, pl_module, st, accepted=accepted, corrupted=corrupted)
+        self._rollback.after_decision(trainer, pl_module, self._opt_states, st, accepted=accepted, corrupted=corrupted)
         if (step + 1) % self._log_every == 0:
             thr = decision.threshold if decision.threshold is not None else None
             self._log(pl_module, norm, thr, moment)
@@ -740,9 +610,8 @@ class GradientGuard(Callback):
     # ------------------------------------------------------------------------------------------------------------------
     # device-decided step (sync_free=True with a fused optimizer)
 
-    def _device_step(
-        self, trainer, pl_module, optimizer, idx, st, params, grads, norms, amp_found, loss_bad, forced, loss
-    ):
+    def _device_step(self, ctx: StepContext) -> None:
+        trainer, optimizer, st, norms, loss = ctx.trainer, ctx.optimizer, ctx.state, ctx.norms, ctx.loss
         device = norms.total.device
         if st.to_device(device):  # device state just built from the host numbers (first step, or a new device)
             self._last_read[id(st)] = st.host_counters()
@@ -751,9 +620,9 @@ class GradientGuard(Callback):
             norms.total,
             st.stats_t,
             self._cfg,
-            amp_overflow=amp_found,
-            nonfinite_loss=loss_bad,
-            forced=forced,
+            amp_overflow=ctx.amp_found,
+            nonfinite_loss=ctx.loss_bad,
+            forced=ctx.forced,
             loss=loss,
             loss_stats=st.lstats_t,
         )
@@ -769,29 +638,29 @@ class GradientGuard(Callback):
             torch.distributed.all_reduce(code, op=torch.distributed.ReduceOp.MAX)
         if self._cfg.clip:
             factor = torch.where(code == int(Action.CLIP), thr / norms.total, 1.0)
-            torch._foreach_mul_(grads, factor)
+            torch._foreach_mul_(ctx.grads, factor)
         not_stepped = code >= int(Action.FORCED)
         self._skipper.set_found_inf(optimizer, not_stepped.to(torch.float32))
-        restore_buffers(self, idx, not_stepped)
+        restore_buffers(self._armed_buffers, self._deferred, ctx.idx, not_stepped)
         stats_code = torch.where(code == int(Action.MOMENT_SPIKE), g_code, code)  # see `combine`
         st.stats_t = update_stats_on_device(st.stats_t, stats_code, norms.total, thr, self._cfg)
         if loss is not None:
             st.lstats_t = update_stats_on_device(st.lstats_t, stats_code, loss, loss, self._cfg)
         guard_skip = not_stepped & (code != int(Action.AMP_OVERFLOW))
         amp = code == int(Action.AMP_OVERFLOW)
-        trouble = guard_skip & (code != int(Action.FORCED)) & (not forced)  # see _host_step
+        trouble = guard_skip & (code != int(Action.FORCED)) & (not ctx.forced)  # see _host_step
         accepted = ~not_stepped
-        c = st.counters_t
+        c = Counters(*st.counters_t.unbind())
         st.counters_t = torch.stack(
-            [
-                c[0] + guard_skip,
-                c[1] + amp,
-                c[2] + (code == int(Action.CLIP)),
-                torch.where(accepted, 0, c[3] + trouble),
-                torch.where(accepted, 0, c[4] + amp),
-                torch.where(guard_skip, trainer.global_step, c[5]),
-                c[6] + (code == int(Action.REBASE)),
-            ]
+            Counters(
+                num_skipped=c.num_skipped + guard_skip,
+                num_amp_overflows=c.num_amp_overflows + amp,
+                num_clipped=c.num_clipped + (code == int(Action.CLIP)),
+                consecutive=torch.where(accepted, 0, c.consecutive + trouble),
+                consecutive_amp=torch.where(accepted, 0, c.consecutive_amp + amp),
+                last_skip_step=torch.where(guard_skip, trainer.global_step, c.last_skip_step),
+                num_rebased=c.num_rebased + (code == int(Action.REBASE)),
+            )
         )
         st.last_code_t = code
         st.last_thr_t = thr
@@ -801,10 +670,11 @@ class GradientGuard(Callback):
         else:
             st.last_skip_norms_t = torch.where(not_stepped, norms.per_tensor, torch.zeros_like(norms.per_tensor))
         if (trainer.global_step + 1) % self._log_every == 0:
-            self._sync_point(trainer, pl_module, optimizer, idx, st, params, norms)
+            self._sync_point(ctx)
 
-    def _sync_point(self, trainer, pl_module, optimizer, idx, st, params, norms) -> None:
+    def _sync_point(self, ctx: StepContext) -> None:
         """Sync-free mode: the host reads the device state (once per ``log_every_n_steps`` steps) and acts on it."""
+        trainer, pl_module, st, norms = ctx.trainer, ctx.pl_module, ctx.state, ctx.norms
         values = torch.cat(
             [
                 st.counters_t.to(torch.float64),
@@ -817,14 +687,14 @@ class GradientGuard(Callback):
         ).tolist()
         moment = values[-1] if st.moment_t is not None else None
         nc, ns = len(COUNTERS), NormStats.SIZE
-        counters = [int(v) for v in values[:nc]]
+        counters = Counters(*(int(v) for v in values[:nc]))
         norm, thr = values[nc + ns], values[nc + ns + 1]
         code, last_skip_code = Action(int(values[nc + ns + 2])), Action(int(values[nc + ns + 3]))
-        before = self._last_read.get(id(st), [0] * nc)
+        before = self._last_read.get(id(st), Counters())
         self._last_read[id(st)] = counters
-        new_skips = counters[0] - before[0]
-        new_amp = counters[1] - before[1]
-        new_rebases = counters[6] - before[6]
+        new_skips = counters.num_skipped - before.num_skipped
+        new_amp = counters.num_amp_overflows - before.num_amp_overflows
+        new_rebases = counters.num_rebased - before.num_rebased
         step = trainer.global_step
         self.event_log.trace("grad_norm", step, norm)
         if moment is not None:
@@ -834,8 +704,9 @@ class GradientGuard(Callback):
         if new_skips > 0 or new_amp > 0:
             per_tensor = st.last_skip_norms_t.tolist()
             last_norm = math.sqrt(sum(v * v for v in per_tensor))  # the last skipped step's total norm
-            data = diagnose(params, self._param_names, per_tensor, last_skip_code, last_norm, None, self.diagnose_top_k)
-            data.update(new_skips=new_skips, new_amp_overflows=new_amp, last_skip_step=counters[5])
+            top_k = self.diagnose_top_k
+            data = diagnose(ctx.params, self._param_names, per_tensor, last_skip_code, last_norm, None, top_k)
+            data.update(new_skips=new_skips, new_amp_overflows=new_amp, last_skip_step=counters.last_skip_step)
             kind = "amp_overflow" if new_skips == 0 else "skip"
             reason = (
                 f"{new_skips} skip(s), {new_amp} AMP overflow(s) since the last read; last: {REASONS[last_skip_code]}"
@@ -844,15 +715,14 @@ class GradientGuard(Callback):
             if new_skips > 0:
                 self._warn(step, f"GradientGuard: {reason}. {describe(data)}", last_skip_code)
         # mirror the host numbers so persistent trouble and snapshots use the same code as the host path
-        st.consecutive, st.consecutive_amp = counters[3], counters[4]
+        st.consecutive, st.consecutive_amp = counters.consecutive, counters.consecutive_amp
         accepted = code in STEPPED
-        if check_persistent(self, trainer, pl_module, st):
-            self._skipper.set_found_inf(optimizer, torch.ones((), dtype=torch.float32, device=norms.total.device))
-        elif accepted and self.on_persistent == "rollback":
+        if self._rollback.check_persistent(trainer, pl_module, self._opt_states, st):
+            ones = torch.ones((), dtype=torch.float32, device=norms.total.device)
+            self._skipper.set_found_inf(ctx.optimizer, ones)
+        elif accepted:
             # the steps since the last read that were neither skipped nor overflowed were accepted
-            self._good_since_snapshot += max(self._log_every - new_skips - new_amp, 0)
-            if self._good_since_snapshot >= self.snapshot_every:
-                self._snapshot_due = True
+            self._rollback.count_accepted(max(self._log_every - new_skips - new_amp, 0))
         self._log(pl_module, norm, thr if math.isfinite(thr) else None, moment)
 
     # ------------------------------------------------------------------------------------------------------------------
