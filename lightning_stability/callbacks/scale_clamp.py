@@ -15,11 +15,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_stability._checks import check_positive
 from lightning_stability.callbacks._events import EventLog
 from lightning_stability.callbacks._logging import log_scalars
 from lightning_stability.callbacks._sharding import ShardLayout, ShardReducer, local_tensor, whole_extremes
 from lightning_stability.callbacks._state_key import cached_state_key
-from lightning_stability.nn.scale import ClampedRMSScale, _check_bounds
+from lightning_stability.nn.scale import ClampedRMSScale
 
 __all__ = ["ScaleFactorClamp"]
 
@@ -215,7 +216,13 @@ class ScaleFactorClamp(Callback):
         log_every_n_steps: int | None = None,
     ) -> None:
         super().__init__()
-        self.min_scale, self.max_scale = _check_bounds(min_scale, max_scale)
+        self.min_scale = check_positive("min_scale", min_scale, noun="a float")
+        self.max_scale = check_positive("max_scale", max_scale, noun="a float")
+        if min_scale > max_scale:
+            raise ValueError(
+                f"`min_scale` must be <= `max_scale`, got min_scale={min_scale!r} > max_scale={max_scale!r}"
+            )
+        # these four keep their 0.1 messages (a wrong type is a ValueError here; tests pin the wording)
         if warn_above is not None:
             if not _is_finite_number(warn_above):
                 raise ValueError(f"`warn_above` must be None or a finite number, got {warn_above!r}")

@@ -1,29 +1,12 @@
-"""Argument checks of ``GradientGuard``: the error names the argument in backticks and shows the value it got."""
+"""Argument checks of ``GradientGuard`` (with ``lightning_stability._checks``: a ``TypeError`` for a wrong type, a
+``ValueError`` for a wrong value, the argument named in backticks with the value received)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
-
-def check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"`{name}` must be an int{' or None' if allow_none else ''}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {value!r}")
-
-
-def check_positive(name: str, value: Any, allow_none: bool = True) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"`{name}` must be a positive number or None, got {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}")
-
+from lightning_stability._checks import check_bool, check_choice, check_int, check_number, check_positive
 
 #: the default spike rule of ``GradientGuard()`` (see ``guard._policy``): an outlier is a norm above
 #: ``SPIKE_RATIO`` times its running mean; it is skipped when the loss is ``LOSS_ZSCORE`` standard deviations off its
@@ -51,7 +34,7 @@ def resolve_rule(
     legacy = zscore is not None
     for name, value in (("spike_ratio", spike_ratio), ("loss_zscore", loss_zscore), ("clip_ratio", clip_ratio)):
         if value != "auto":
-            check_positive(name, value)
+            check_positive(name, value, allow_none=True)
     if rebase_after != "auto":
         check_int("zscore_rebase_after", rebase_after, 2, allow_none=True)
     for name, value in (("spike_ratio", spike_ratio), ("clip_ratio", clip_ratio)):
@@ -121,14 +104,12 @@ def check_arguments(
     pause_schedulers_on_skip: Any,
 ) -> tuple[float | None, float | None, float | None, int | None]:
     """Check every argument of ``GradientGuard``; returns the resolved rule (see :func:`resolve_rule`)."""
-    check_positive("max_norm", max_norm)
-    check_positive("zscore", zscore)
-    if isinstance(zscore_alpha, bool) or not isinstance(zscore_alpha, (int, float)):
-        raise TypeError(f"`zscore_alpha` must be a number in (0, 1), got {zscore_alpha!r}")
-    if not 0.0 < zscore_alpha < 1.0:
+    check_positive("max_norm", max_norm, allow_none=True)
+    check_positive("zscore", zscore, allow_none=True)
+    if check_number("zscore_alpha", zscore_alpha) >= 1.0 or zscore_alpha <= 0.0:
         raise ValueError(f"`zscore_alpha` must be in (0, 1), got {zscore_alpha!r}")
     check_int("zscore_warmup", zscore_warmup, 1)
-    check_positive("zscore_min_ratio", zscore_min_ratio)
+    check_positive("zscore_min_ratio", zscore_min_ratio, allow_none=True)
     if zscore_min_ratio is not None and zscore_min_ratio <= 1:
         raise ValueError(
             f"`zscore_min_ratio` must be > 1 (a spike is at least this multiple of the running mean), got "
@@ -136,22 +117,17 @@ def check_arguments(
         )
     if zscore_min_ratio is not None and zscore is None:
         raise ValueError("`zscore_min_ratio` is a floor of the z-score threshold: it needs `zscore`, got None")
-    if not isinstance(track_first_moment, bool):
-        raise TypeError(f"`track_first_moment` must be a bool, got {track_first_moment!r}")
-    check_positive("first_moment_zscore", first_moment_zscore)
-    if spike_action not in _SPIKE_ACTIONS:
-        raise ValueError(f"`spike_action` must be one of {_SPIKE_ACTIONS}, got {spike_action!r}")
+    check_bool("track_first_moment", track_first_moment)
+    check_positive("first_moment_zscore", first_moment_zscore, allow_none=True)
+    check_choice("spike_action", spike_action, _SPIKE_ACTIONS)
     check_int("max_consecutive_skips", max_consecutive_skips, 1, allow_none=True)
     check_int("max_consecutive_amp_overflows", max_consecutive_amp_overflows, 1, allow_none=True)
-    if on_persistent not in _ON_PERSISTENT:
-        raise ValueError(f"`on_persistent` must be one of {_ON_PERSISTENT}, got {on_persistent!r}")
+    check_choice("on_persistent", on_persistent, _ON_PERSISTENT)
     check_int("snapshot_every", snapshot_every, 1)
-    if snapshot_device not in _SNAPSHOT_DEVICES:
-        raise ValueError(f"`snapshot_device` must be one of {_SNAPSHOT_DEVICES}, got {snapshot_device!r}")
+    check_choice("snapshot_device", snapshot_device, _SNAPSHOT_DEVICES)
     check_int("skip_batches_after_rollback", skip_batches_after_rollback, 0)
     check_int("max_rollbacks", max_rollbacks, 0)
-    if sync_free is not None and not isinstance(sync_free, bool):
-        raise TypeError(f"`sync_free` must be a bool or None (automatic), got {sync_free!r}")
+    check_bool("sync_free", sync_free, allow_none=True)
     rule = resolve_rule(zscore, zscore_min_ratio, spike_ratio, loss_zscore, clip_ratio, zscore_rebase_after)
     min_ratio = rule[0]
     if spike_action == "clip" and zscore is None and min_ratio is None:
@@ -170,9 +146,7 @@ def check_arguments(
     check_int("log_every_n_steps", log_every_n_steps, 1, allow_none=True)
     check_int("warn_every_n_steps", warn_every_n_steps, 1)
     check_int("diagnose_top_k", diagnose_top_k, 1)
-    if not isinstance(agree_across_ranks, bool):
-        raise TypeError(f"`agree_across_ranks` must be a bool, got {agree_across_ranks!r}")
-    if not isinstance(pause_schedulers_on_skip, bool):
-        raise TypeError(f"`pause_schedulers_on_skip` must be a bool, got {pause_schedulers_on_skip!r}")
+    check_bool("agree_across_ranks", agree_across_ranks)
+    check_bool("pause_schedulers_on_skip", pause_schedulers_on_skip)
 
     return rule
