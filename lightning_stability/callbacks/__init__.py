@@ -14,11 +14,15 @@ _NAMES = {
     "CodebookMonitor": ".codebook_monitor",
     "QuantizerTap": ".codebook_monitor",
     "AdversarialBalanceMonitor": ".adversarial_balance",
+    "EventLog": "._events",
+    "StabilityEvent": "._events",
 }
 __all__ = list(_NAMES)
 __getattr__ = lazy_getattr(__name__, _NAMES)
 
 if TYPE_CHECKING:  # the static view of the lazy names (type checkers, the API reference)
+    from lightning_stability.callbacks._events import EventLog as EventLog
+    from lightning_stability.callbacks._events import StabilityEvent as StabilityEvent
     from lightning_stability.callbacks.adaptive_weights import AdaptiveLossWeight as AdaptiveLossWeight
     from lightning_stability.callbacks.adversarial_balance import AdversarialBalanceMonitor as AdversarialBalanceMonitor
     from lightning_stability.callbacks.codebook_monitor import CodebookMonitor as CodebookMonitor

@@ -146,7 +146,7 @@ class _Tracked:
 class ScaleFactorClamp(Callback):
     r"""Keep every output scale factor of a model inside ``[min_scale, max_scale]``, log it, and warn when it sits high.
 
-    DESIGN.md §1.2-1.3: a learnable ``output_scale`` initialised at 3.0 amplified an untrained codec decoder, and the
+    docs/design.md: a learnable ``output_scale`` initialised at 3.0 amplified an untrained codec decoder, and the
     cascade transformer's RMS factor ``target_rms / out_rms`` climbed because its residual path collapsed (r = 0.1: RMS
     1.09 against a target of 5.69). The fix was a clamp to [0.7, 1.5] with a warning above 1.3. This callback applies
     it to any model, without editing it.
@@ -312,8 +312,8 @@ class ScaleFactorClamp(Callback):
                 shown = f"{hi:.4g}" if t.target.numel() == 1 else f"in [{lo:.4g}, {hi:.4g}]"
                 reason = (
                     f"learnable scale `{t.name}` starts at {shown}, more than {self.init_warn_ratio:g}x away from 1: "
-                    "an output scale far from 1 amplifies (or silences) an untrained network (DESIGN.md §1.2: 3.0 "
-                    f"gave loss 155, SNR -15 dB); it is projected into [{self.min_scale}, {self.max_scale}] now"
+                    "an output scale far from 1 amplifies (or silences) an untrained network (a decoder's scale "
+                    f"at 3.0 gave loss 155, SNR -15 dB); it is projected into [{self.min_scale}, {self.max_scale}] now"
                 )
                 rank_zero_warn(f"ScaleFactorClamp: {reason}")
                 self.event_log.add(trainer.global_step, "scale_init", reason, name=t.name, min=lo, max=hi)
@@ -478,13 +478,13 @@ class ScaleFactorClamp(Callback):
         if t.kind == "layer":
             why = (
                 "The output RMS is far below its target, so the layer amplifies it as far as it may: the path that "
-                "feeds it may be collapsing (DESIGN.md §1.3: a cascade stage with residual r = 0.1 left RMS 1.09 "
+                "feeds it may be collapsing (a cascade stage with residual r = 0.1 left RMS 1.09 "
                 "against a target of 5.69); consider a stronger residual or check the stage that feeds this output."
             )
         else:
             why = (
                 "The learnable scale keeps growing: the network under it produces too little amplitude and the scale "
-                "compensates (DESIGN.md §1.2); check the output level of the layers before it, or give amplitude its "
+                "compensates; check the output level of the layers before it, or give amplitude its "
                 "own loss term (an RMS or waveform term) instead of relying on the scale."
             )
         reason = (

@@ -410,7 +410,7 @@ class SignalMonitor(Callback):
         wanted = f"'{self.preds_key}' and '{self.target_key}'"
         if outputs is None:
             raise RuntimeError(
-                f"SignalMonitor needs `{hook}` to return a dict with {wanted} (DESIGN.md section 4), but it "
+                f"SignalMonitor needs `{hook}` to return a dict with {wanted} (the loss-dict protocol), but it "
                 "returned None"
             )
         if only_the_loss(outputs):

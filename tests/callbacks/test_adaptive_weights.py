@@ -1,4 +1,4 @@
-"""``AdaptiveLossWeight``: DESIGN.md §1.1's seed table through a real Trainer, the old controller's failure for
+"""``AdaptiveLossWeight``: docs/design.md's seed table through a real Trainer, the old controller's failure for
 contrast, the decision table, state/resume, manual control, rank agreement and argument errors."""
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class ScriptedLossModule(pl.LightningModule):
 
 
 def seed_table_losses(n: int = 500) -> list[float]:
-    """DESIGN.md §1.1's seed table, read under the controller's rules.
+    """docs/design.md's seed table, read under the controller's rules.
 
     The table's "gradual -4 %" is the loss trajectory: the mel loss sits at 2.0 / 0.96**6 = 2.555 (±1 % noise) until
     step 150, then falls by 4 % every 25 steps (smoothly) to 2.0 at step 300, and stays at 2.0 (±1 %): 2.0 exactly at

@@ -1,4 +1,4 @@
-"""Bad input sweep: every public constructor (DESIGN.md §4, plus ``ClampedRMSScale``) rejects invalid arguments with a
+"""Bad input sweep: every public constructor (plus ``ClampedRMSScale``) rejects invalid arguments with a
 ``ValueError``/``TypeError`` whose message names the argument in backticks and shows the bad value; the modules fed
 wrong shapes, wrong sample rates, empty or corrupt audio files fail clearly (or skip with the path logged)."""
 

@@ -700,7 +700,9 @@ class GradientGuard(Callback):
         if moment is not None:
             self.event_log.trace("first_moment_norm", step, moment)
         if new_rebases > 0:
-            self.event_log.add(step, "rebase", f"{new_rebases} level shift(s) since the last read", norm=norm)
+            self.event_log.add(
+                step, "rebase", f"{new_rebases} level shift(s) since the last read", cause="rebase", norm=norm
+            )
         if new_skips > 0 or new_amp > 0:
             per_tensor = st.last_skip_norms_t.tolist()
             last_norm = math.sqrt(sum(v * v for v in per_tensor))  # the last skipped step's total norm
