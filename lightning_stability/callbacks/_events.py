@@ -32,6 +32,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from lightning_stability._checks import check_int
+
 
 @dataclass
 class StabilityEvent:
@@ -75,10 +77,10 @@ class EventLog:
     """
 
     def __init__(self, source: str, max_events: int = 1000, max_trace_points: int = 4096) -> None:
-        if max_events < 1:
-            raise ValueError(f"`max_events` must be >= 1, got {max_events!r}")
-        if max_trace_points < 2:
-            raise ValueError(f"`max_trace_points` must be >= 2, got {max_trace_points!r}")
+        if not isinstance(source, str):
+            raise TypeError(f"`source` must be a string, got {source!r}")
+        check_int("max_events", max_events, 1)
+        check_int("max_trace_points", max_trace_points, 2)
         self.source = source
         self.max_events = max_events
         self.max_trace_points = max_trace_points

@@ -18,6 +18,7 @@ from lightning_stability.callbacks import (
     AdaptiveLossWeight,
     AdversarialBalanceMonitor,
     CodebookMonitor,
+    EventLog,
     GradientGuard,
     QuantizerTap,
     ScaleFactorClamp,
@@ -65,6 +66,9 @@ CASES = [
     (GradientGuard, (), {"log_every_n_steps": 0}, "log_every_n_steps", None),
     (GradientGuard, (), {"track_first_moment": 1}, "track_first_moment", None),
     (GradientGuard, (), {"pause_schedulers_on_skip": "no"}, "pause_schedulers_on_skip", None),
+    (EventLog, ("mine",), {"max_events": 0}, "max_events", None),
+    (EventLog, ("mine",), {"max_trace_points": 2.0}, "max_trace_points", None),
+    (EventLog, (3,), {}, "source", None),
     (AdversarialBalanceMonitor, (), {"loss_type": "wgan"}, "loss_type", None),
     (AdversarialBalanceMonitor, (), {"window": 0}, "window", None),
     (AdversarialBalanceMonitor, (), {"window": 2.0}, "window", None),
@@ -241,13 +245,15 @@ def test_the_table_covers_every_public_class():
     public = {getattr(pkg, n) for pkg in (callbacks, data, losses, metrics, modules) for n in pkg.__all__}
     public = {c for c in public if isinstance(c, type) and not issubclass(c, Exception)}
     covered = {(case.values[0] if hasattr(case, "values") else case)[0] for case in CASES}
+    from lightning_stability.callbacks import StabilityEvent
     from lightning_stability.data import ResumableDataLoader
     from lightning_stability.losses import BalancedLoss, SpikeDamping
 
     # RMSRatio and DCOffset take no arguments of their own; SpikeDamping and BalancedLoss are records the library
     # builds (`register_damping`, `LossBalancer.__call__`, which validate their inputs); ResumableDataLoader takes
     # torch's DataLoader arguments, validated by torch.
-    not_user_built = {RMSRatio, DCOffset, SpikeDamping, BalancedLoss, ResumableDataLoader}
+    # StabilityEvent is the record EventLog.add builds.
+    not_user_built = {RMSRatio, DCOffset, SpikeDamping, BalancedLoss, ResumableDataLoader, StabilityEvent}
     assert public - covered <= not_user_built, public - covered
     with pytest.raises((ValueError, TypeError), match="dist_sync_on_step|unexpected|argument"):
         RMSRatio(no_such_argument=1)

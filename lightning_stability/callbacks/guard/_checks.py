@@ -34,7 +34,7 @@ def resolve_rule(
     legacy = zscore is not None
     for name, value in (("spike_ratio", spike_ratio), ("loss_zscore", loss_zscore), ("clip_ratio", clip_ratio)):
         if value != "auto":
-            check_positive(name, value, allow_none=True)
+            check_positive(name, value, allow_none=True, noun="a positive number")
     if rebase_after != "auto":
         check_int("zscore_rebase_after", rebase_after, 2, allow_none=True)
     for name, value in (("spike_ratio", spike_ratio), ("clip_ratio", clip_ratio)):
@@ -104,12 +104,12 @@ def check_arguments(
     pause_schedulers_on_skip: Any,
 ) -> tuple[float | None, float | None, float | None, int | None]:
     """Check every argument of ``GradientGuard``; returns the resolved rule (see :func:`resolve_rule`)."""
-    check_positive("max_norm", max_norm, allow_none=True)
-    check_positive("zscore", zscore, allow_none=True)
+    check_positive("max_norm", max_norm, allow_none=True, noun="a positive number")
+    check_positive("zscore", zscore, allow_none=True, noun="a positive number")
     if check_number("zscore_alpha", zscore_alpha) >= 1.0 or zscore_alpha <= 0.0:
         raise ValueError(f"`zscore_alpha` must be in (0, 1), got {zscore_alpha!r}")
     check_int("zscore_warmup", zscore_warmup, 1)
-    check_positive("zscore_min_ratio", zscore_min_ratio, allow_none=True)
+    check_positive("zscore_min_ratio", zscore_min_ratio, allow_none=True, noun="a positive number")
     if zscore_min_ratio is not None and zscore_min_ratio <= 1:
         raise ValueError(
             f"`zscore_min_ratio` must be > 1 (a spike is at least this multiple of the running mean), got "
@@ -118,7 +118,7 @@ def check_arguments(
     if zscore_min_ratio is not None and zscore is None:
         raise ValueError("`zscore_min_ratio` is a floor of the z-score threshold: it needs `zscore`, got None")
     check_bool("track_first_moment", track_first_moment)
-    check_positive("first_moment_zscore", first_moment_zscore, allow_none=True)
+    check_positive("first_moment_zscore", first_moment_zscore, allow_none=True, noun="a positive number")
     check_choice("spike_action", spike_action, _SPIKE_ACTIONS)
     check_int("max_consecutive_skips", max_consecutive_skips, 1, allow_none=True)
     check_int("max_consecutive_amp_overflows", max_consecutive_amp_overflows, 1, allow_none=True)
