@@ -6,7 +6,7 @@ rate grows every step until the loss overflows):
 
 1. ``plain`` and a logging-only guard, ``GradientGuard(track_first_moment=True)`` (no z-score: it skips only
    non-finite steps), whose ``event_log`` traces hold the gradient norm and the bias-corrected first-moment norm of
-   every step (logged with no extra host read). The guard's own z-score rule (``_guard_policy.evaluate`` /
+   every step (logged with no extra host read). The guard's own z-score rule (``guard._policy.evaluate`` /
    ``update_stats``, the defaults ``alpha=0.97``, ``warmup=25``, ``rebase_after=8``) is replayed on each trace for
    several thresholds: the first step it flags at or after the onset (the step the lr starts growing) is that
    signal's warning, earlier flags are false alarms; lead time = the plain run's first non-finite loss step minus the
@@ -44,7 +44,7 @@ SIGNALS = {"grad_norm": "gradient norm", "first_moment_norm": "first-moment norm
 def replay(trace: list[tuple[int, float]], zscore: float, onset: int) -> tuple[int | None, int]:
     """The first step at or after ``onset`` that the guard's z-score rule flags on ``trace`` (a spike, or a rebase
     after a streak), and how many steps it flagged before ``onset`` (false alarms: the lr was still constant)."""
-    from lightning_stability.callbacks._guard_policy import Action, NormStats, PolicyConfig, evaluate, update_stats
+    from lightning_stability.callbacks.guard._policy import Action, NormStats, PolicyConfig, evaluate, update_stats
 
     cfg = PolicyConfig(zscore=zscore, alpha=0.97, warmup=25, rebase_after=8)
     stats = NormStats()

@@ -1,10 +1,24 @@
-"""The record every callback keeps of what it did, read by ``StabilityReport``.
+"""The record every callback keeps of what it did, read by ``StabilityReport`` (public: ``EventLog`` and
+``StabilityEvent`` are exported from ``lightning_stability.callbacks``).
 
 A callback that wants to appear in the report exposes ``self.event_log: EventLog``. The log holds
 
 - ``events``: a bounded list of :class:`StabilityEvent` (a skip, a rollback, a weight change, a clamp warning...),
 - ``traces``: named series of ``(step, value)`` points (gradient norm, loss weight, scale factor, SNR...), bounded by
   keeping every other point once a series is full, so a long run keeps its whole shape at a fixed memory cost.
+
+Consumers read an event's ``kind`` and ``data["cause"]``, never its ``reason`` (a sentence for a person, which may be
+reworded). The kinds per source:
+
+- ``GradientGuard``: ``"skip"``, ``"clip"``, ``"rebase"``, ``"amp_overflow"`` (``cause``: the decision, one of
+  ``"nonfinite"``, ``"over_max"``, ``"spike"``, ``"moment_spike"``, ``"forced"`` (inside the window after a rollback),
+  ``"clip"``, ``"rebase"``, ``"amp_overflow"``); ``"rollback"``, ``"stop"``, ``"raise"`` (``cause``:
+  ``"consecutive_skips"``, ``"consecutive_amp_overflows"``, ``"corrupted"``); ``"snapshot_refused"``
+  (``"nonfinite_state"``).
+- the other callbacks write their own kinds (``AdaptiveLossWeight``'s weight changes, ``ScaleFactorClamp``'s
+  ``"scale_high"``, ``CodebookMonitor``'s ``"codebook_collapse"``...); the report counts every kind it does not know
+  under its source and shows the first such event's reason.
+- a user's callback: any kind and cause; ``"skip"`` events are counted as skipped steps by their ``data["cause"]``.
 
 Both are plain Python data so ``state_dict()`` round-trips through a checkpoint and a resumed run's report continues
 where the interrupted one stopped.
@@ -18,10 +32,14 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from lightning_stability._checks import check_int
+
 
 @dataclass
 class StabilityEvent:
-    """One decision a callback made. ``kind`` is a short machine-readable word, ``reason`` a sentence for a person."""
+    """One decision a callback made. ``kind`` is a short machine-readable word (see the module docstring for the
+    kinds of each callback), ``reason`` a sentence for a person, ``data`` the numbers, with ``data["cause"]`` a short
+    machine-readable word when the kind has causes."""
 
     step: int
     source: str
@@ -34,7 +52,22 @@ class StabilityEvent:
 
 
 class EventLog:
-    """Bounded events and traces of one callback.
+    """Bounded events and traces of one callback (give your own callback one to appear in ``StabilityReport``).
+
+    Example::
+
+        from lightning.pytorch.callbacks import Callback
+        from lightning_stability.callbacks import EventLog
+
+        class LossWatch(Callback):
+            def __init__(self):
+                self.event_log = EventLog(source="LossWatch")
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                loss = float(outputs["loss"])
+                self.event_log.trace("loss", trainer.global_step, loss)
+                if loss > 10:
+                    self.event_log.add(trainer.global_step, "loss_high", f"loss {loss:.3g} > 10", cause="threshold")
 
     Args:
         source: name written into every event (usually the callback's ``state_key``).
@@ -44,10 +77,10 @@ class EventLog:
     """
 
     def __init__(self, source: str, max_events: int = 1000, max_trace_points: int = 4096) -> None:
-        if max_events < 1:
-            raise ValueError(f"`max_events` must be >= 1, got {max_events!r}")
-        if max_trace_points < 2:
-            raise ValueError(f"`max_trace_points` must be >= 2, got {max_trace_points!r}")
+        if not isinstance(source, str):
+            raise TypeError(f"`source` must be a string, got {source!r}")
+        check_int("max_events", max_events, 1)
+        check_int("max_trace_points", max_trace_points, 2)
         self.source = source
         self.max_events = max_events
         self.max_trace_points = max_trace_points

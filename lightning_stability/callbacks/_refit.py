@@ -14,15 +14,9 @@ weight and loss averages (the weight the module trains with). A different module
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lightning.pytorch as pl
-
-from lightning_stability.callbacks._guard_policy import NormStats
-from lightning_stability.callbacks._guard_state import OptimizerState
-
-if TYPE_CHECKING:
-    from lightning_stability.callbacks.gradient_guard import GradientGuard
 
 
 def begin_fit(callback: Any, pl_module: pl.LightningModule) -> bool | None:
@@ -32,27 +26,3 @@ def begin_fit(callback: Any, pl_module: pl.LightningModule) -> bool | None:
     if previous is None:
         return None
     return previous() is pl_module
-
-
-def reset_guard(guard: GradientGuard, keep_statistics: bool) -> None:
-    """A new fit: fresh counters, events and rollback state; the running statistics kept when ``keep_statistics``."""
-    states = {}
-    for idx, old in guard._opt_states.items():
-        st = OptimizerState()
-        if keep_statistics:
-            st.stats = NormStats.from_list(old.stats_t.tolist()) if old.stats_t is not None else old.stats
-            st.mstats = NormStats.from_list(old.mstats_t.tolist()) if old.mstats_t is not None else old.mstats
-        states[idx] = st
-    guard._opt_states = states
-    guard.event_log.reset()
-    guard.num_rollbacks = 0
-    guard.last_grad_norm = None
-    guard._last_host = None
-    guard._skip_remaining = 0
-    guard._rolled_back_this_batch = False
-    guard._rollback_pending = False
-    guard._good_since_snapshot = 0
-    guard._snapshot_due = False
-    guard._last_warn_step = None
-    guard._warned_reasons = set()
-    guard._last_read.clear()

@@ -1,4 +1,4 @@
-"""``AdaptiveLossWeight``: the stable adaptive controller for the weight of one named loss term (DESIGN.md §1.1)."""
+"""``AdaptiveLossWeight``: the stable adaptive controller for the weight of one loss term (docs/design.md)."""
 
 from __future__ import annotations
 
@@ -19,12 +19,12 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_stability.callbacks._events import EventLog
-from lightning_stability.callbacks._guard_norm import collect_grads, grad_norms
 from lightning_stability.callbacks._logging import log_scalars
 from lightning_stability.callbacks._outputs import only_the_loss, only_the_loss_message
 from lightning_stability.callbacks._refit import begin_fit
 from lightning_stability.callbacks._sharding import ShardReducer
 from lightning_stability.callbacks._state_key import cached_state_key
+from lightning_stability.callbacks.guard._norm import collect_grads, grad_norms
 from lightning_stability.losses.weights import LossWeights, SpikeDamping
 
 __all__ = ["AdaptiveLossWeight", "Decision"]
@@ -106,7 +106,7 @@ class _Pending:
 
 
 class AdaptiveLossWeight(Callback):
-    r"""Adapt the weight of one named loss term with the stable controller of DESIGN.md §1.1.
+    r"""Adapt the weight of one named loss term with the stable controller of docs/design.md's post-mortem 1.
 
     The module follows the loss-dict protocol: it keeps ``self.loss_weights`` (a
     :class:`~lightning_stability.losses.LossWeights`), combines its terms with
@@ -134,9 +134,10 @@ class AdaptiveLossWeight(Callback):
 
     The variance gate uses the *relative* variance :math:`\operatorname{Var}(w)/\operatorname{mean}(w)^2` of the last
     ``variance_window`` accepted values :math:`w`: it does not depend on the scale of the loss, so the one
-    default (0.5, a coefficient of variation of 0.71) means the same for a mel L1 around 2 (the seed table of DESIGN.md
-    §1.1; there it equals a raw variance of 2) as for an STFT loss around 50, for which a raw limit of 0.5 would be a
-    1.4 % standard deviation and would keep the weight shut almost always (and a loss around 0.1 could never reach
+    default (0.5, a coefficient of variation of 0.71) means the same for a mel L1 around 2 (the seed table of
+    docs/design.md's post-mortem 1; there it equals a raw variance of 2) as for an STFT loss around 50, for which a
+    raw limit of 0.5 would be a 1.4 % standard deviation and would keep the weight shut almost always (and a loss
+    around 0.1 could never reach
     it). On the seed table's loss (about 2 with mild noise) the steady decline never trips the gate; a chaotic phase
     (the loss alternating between 0.5 and 4: relative variance 0.6) does.
 

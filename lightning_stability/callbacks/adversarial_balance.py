@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_stability._checks import check_choice, check_int, check_positive
 from lightning_stability.callbacks._events import EventLog
 from lightning_stability.callbacks._logging import log_scalars, logger_step
 from lightning_stability.callbacks._state_key import cached_state_key
@@ -135,28 +136,27 @@ class AdversarialBalanceMonitor(Callback):
         ):
             if key is not None and (not isinstance(key, str) or not key):
                 raise TypeError(f"`{name}` must be a non-empty string or None, got {key!r}")
-        if loss_type not in _CHANCE:
-            raise ValueError(f"`loss_type` must be one of {sorted(_CHANCE)}, got {loss_type!r}")
+        check_choice("loss_type", loss_type, sorted(_CHANCE))
         if chance_value is not None:
-            _check_number("chance_value", chance_value, positive=True)
+            check_positive("chance_value", chance_value)
         if disc_optimizer_index is not None:
-            _check_int("disc_optimizer_index", disc_optimizer_index, 0)
+            check_int("disc_optimizer_index", disc_optimizer_index, 0)
         for name, value, low in (
             ("every_n_steps", every_n_steps, 1),
             ("window", window, 1),
             ("drift_window", drift_window, 1),
             ("warmup_steps", warmup_steps, 0),
         ):
-            _check_int(name, value, low)
+            check_int(name, value, low)
         for name, value in (
             ("win_fraction", win_fraction),
             ("chance_tolerance", chance_tolerance),
             ("collapse_fraction", collapse_fraction),
         ):
-            _check_number(name, value, positive=True)
+            check_positive(name, value)
             if value >= 1:
                 raise ValueError(f"`{name}` must be in (0, 1), got {value!r}")
-        _check_number("drift_factor", drift_factor, positive=True)
+        check_positive("drift_factor", drift_factor)
         if drift_factor <= 1:
             raise ValueError(f"`drift_factor` must be > 1, got {drift_factor!r}")
         if not isinstance(prefix, str):
@@ -402,17 +402,3 @@ class AdversarialBalanceMonitor(Callback):
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"`{name}` must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {value!r}")
-
-
-def _check_number(name: str, value: Any, *, positive: bool) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"`{name}` must be a number, got {value!r}")
-    if not math.isfinite(value) or (positive and value <= 0):
-        raise ValueError(f"`{name}` must be a finite number{' > 0' if positive else ''}, got {value!r}")

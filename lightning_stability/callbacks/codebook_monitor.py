@@ -37,6 +37,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_stability._checks import check_bool, check_int, check_number
 from lightning_stability.callbacks._events import EventLog
 from lightning_stability.callbacks._logging import log_scalars, logger_step
 from lightning_stability.callbacks._state_key import cached_state_key
@@ -86,12 +87,7 @@ class QuantizerTap:
         if not callable(self.codes):
             raise TypeError(f"QuantizerTap: `codes` must be callable, got {self.codes!r}")
         for name in ("codebook_size", "levels"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"QuantizerTap: `{name}` must be an int, got {value!r}")
-            low = 2 if name == "codebook_size" else 1
-            if value < low:
-                raise ValueError(f"QuantizerTap: `{name}` must be >= {low}, got {value!r}")
+            check_int(name, getattr(self, name), 2 if name == "codebook_size" else 1)
         if self.codebooks is not None and not callable(self.codebooks):
             raise TypeError(f"QuantizerTap: `codebooks` must be callable or None, got {self.codebooks!r}")
 
@@ -318,28 +314,21 @@ class CodebookMonitor(Callback):
                     raise TypeError(f"`quantizers` keys must be module paths (str), got {path!r}")
                 if not isinstance(tap, QuantizerTap):
                     raise TypeError(f"`quantizers[{path!r}]` must be a QuantizerTap, got {tap!r}")
-        if not isinstance(auto_detect, bool):
-            raise TypeError(f"`auto_detect` must be a bool, got {auto_detect!r}")
+        check_bool("auto_detect", auto_detect)
         for name, value, low in (
             ("every_n_steps", every_n_steps, 1),
             ("window", window, 1),
             ("expiry_window", expiry_window, 1),
             ("image_every_n_checks", image_every_n_checks, 0),
         ):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"`{name}` must be an int, got {value!r}")
-            if value < low:
-                raise ValueError(f"`{name}` must be >= {low}, got {value!r}")
+            check_int(name, value, low)
         for name, value in (
             ("collapse_ratio", collapse_ratio),
             ("dead_usage_ratio", dead_usage_ratio),
             ("expiry_dead_fraction", expiry_dead_fraction),
             ("jump_tolerance", jump_tolerance),
         ):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"`{name}` must be a number, got {value!r}")
-            if not (0 < value <= 1 if name != "jump_tolerance" else 0 < value < math.inf):
-                raise ValueError(f"`{name}` must be in (0, 1] (jump_tolerance: > 0 and finite), got {value!r}")
+            check_number(name, value, minimum=0, exclusive=True, maximum=None if name == "jump_tolerance" else 1)
         if not isinstance(prefix, str):
             raise TypeError(f"`prefix` must be a string, got {prefix!r}")
         self.quantizers = dict(quantizers or {})

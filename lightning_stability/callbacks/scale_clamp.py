@@ -15,11 +15,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_stability._checks import check_positive
 from lightning_stability.callbacks._events import EventLog
 from lightning_stability.callbacks._logging import log_scalars
 from lightning_stability.callbacks._sharding import ShardLayout, ShardReducer, local_tensor, whole_extremes
 from lightning_stability.callbacks._state_key import cached_state_key
-from lightning_stability.nn.scale import ClampedRMSScale, _check_bounds
+from lightning_stability.nn.scale import ClampedRMSScale
 
 __all__ = ["ScaleFactorClamp"]
 
@@ -145,7 +146,7 @@ class _Tracked:
 class ScaleFactorClamp(Callback):
     r"""Keep every output scale factor of a model inside ``[min_scale, max_scale]``, log it, and warn when it sits high.
 
-    DESIGN.md §1.2-1.3: a learnable ``output_scale`` initialised at 3.0 amplified an untrained codec decoder, and the
+    docs/design.md: a learnable ``output_scale`` initialised at 3.0 amplified an untrained codec decoder, and the
     cascade transformer's RMS factor ``target_rms / out_rms`` climbed because its residual path collapsed (r = 0.1: RMS
     1.09 against a target of 5.69). The fix was a clamp to [0.7, 1.5] with a warning above 1.3. This callback applies
     it to any model, without editing it.
@@ -215,7 +216,13 @@ class ScaleFactorClamp(Callback):
         log_every_n_steps: int | None = None,
     ) -> None:
         super().__init__()
-        self.min_scale, self.max_scale = _check_bounds(min_scale, max_scale)
+        self.min_scale = check_positive("min_scale", min_scale, noun="a float")
+        self.max_scale = check_positive("max_scale", max_scale, noun="a float")
+        if min_scale > max_scale:
+            raise ValueError(
+                f"`min_scale` must be <= `max_scale`, got min_scale={min_scale!r} > max_scale={max_scale!r}"
+            )
+        # these four keep their 0.1 messages (a wrong type is a ValueError here; tests pin the wording)
         if warn_above is not None:
             if not _is_finite_number(warn_above):
                 raise ValueError(f"`warn_above` must be None or a finite number, got {warn_above!r}")
@@ -305,8 +312,8 @@ class ScaleFactorClamp(Callback):
                 shown = f"{hi:.4g}" if t.target.numel() == 1 else f"in [{lo:.4g}, {hi:.4g}]"
                 reason = (
                     f"learnable scale `{t.name}` starts at {shown}, more than {self.init_warn_ratio:g}x away from 1: "
-                    "an output scale far from 1 amplifies (or silences) an untrained network (DESIGN.md §1.2: 3.0 "
-                    f"gave loss 155, SNR -15 dB); it is projected into [{self.min_scale}, {self.max_scale}] now"
+                    "an output scale far from 1 amplifies (or silences) an untrained network (a decoder's scale "
+                    f"at 3.0 gave loss 155, SNR -15 dB); it is projected into [{self.min_scale}, {self.max_scale}] now"
                 )
                 rank_zero_warn(f"ScaleFactorClamp: {reason}")
                 self.event_log.add(trainer.global_step, "scale_init", reason, name=t.name, min=lo, max=hi)
@@ -471,13 +478,13 @@ class ScaleFactorClamp(Callback):
         if t.kind == "layer":
             why = (
                 "The output RMS is far below its target, so the layer amplifies it as far as it may: the path that "
-                "feeds it may be collapsing (DESIGN.md §1.3: a cascade stage with residual r = 0.1 left RMS 1.09 "
+                "feeds it may be collapsing (a cascade stage with residual r = 0.1 left RMS 1.09 "
                 "against a target of 5.69); consider a stronger residual or check the stage that feeds this output."
             )
         else:
             why = (
                 "The learnable scale keeps growing: the network under it produces too little amplitude and the scale "
-                "compensates (DESIGN.md §1.2); check the output level of the layers before it, or give amplitude its "
+                "compensates; check the output level of the layers before it, or give amplitude its "
                 "own loss term (an RMS or waveform term) instead of relying on the scale."
             )
         reason = (

@@ -15,6 +15,7 @@ from torchmetrics import Metric
 from torchmetrics.audio import ScaleInvariantSignalNoiseRatio, SignalNoiseRatio
 from typing_extensions import override
 
+from lightning_stability._checks import check_int
 from lightning_stability.callbacks._events import EventLog
 from lightning_stability.callbacks._logging import log_scalars
 from lightning_stability.callbacks._outputs import only_the_loss, only_the_loss_message
@@ -133,12 +134,12 @@ class SignalMonitor(Callback):
         target_key: str = "target",
         mask_key: str | None = "mask",
     ) -> None:
-        _check_int("train_every_n_steps", train_every_n_steps, minimum=0)
-        _check_int("num_media_examples", num_media_examples, minimum=0)
-        _check_int("media_every_n_epochs", media_every_n_epochs, minimum=1)
-        _check_int("n_mels", n_mels, minimum=1)
+        check_int("train_every_n_steps", train_every_n_steps, 0)
+        check_int("num_media_examples", num_media_examples, 0)
+        check_int("media_every_n_epochs", media_every_n_epochs, 1)
+        check_int("n_mels", n_mels, 1)
         if sample_rate is not None:
-            _check_int("sample_rate", sample_rate, minimum=1)
+            check_int("sample_rate", sample_rate, 1)
         if not isinstance(prefix, str):
             raise TypeError(f"`prefix` must be a string, got {prefix!r}")
         if isinstance(clip_level, bool) or not isinstance(clip_level, (int, float)):
@@ -409,7 +410,7 @@ class SignalMonitor(Callback):
         wanted = f"'{self.preds_key}' and '{self.target_key}'"
         if outputs is None:
             raise RuntimeError(
-                f"SignalMonitor needs `{hook}` to return a dict with {wanted} (DESIGN.md section 4), but it "
+                f"SignalMonitor needs `{hook}` to return a dict with {wanted} (the loss-dict protocol), but it "
                 "returned None"
             )
         if only_the_loss(outputs):
@@ -528,13 +529,6 @@ class SignalMonitor(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.event_log.load_state_dict(state_dict["event_log"])
         self._val_epochs = int(state_dict["val_epochs"])
-
-
-def _check_int(name: str, value: Any, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"`{name}` must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {value!r}")
 
 
 def _to_numpy_audio(signal: Tensor):

@@ -27,7 +27,7 @@ class SpectralNormInjection(Callback):
     r"""Apply ``torch.nn.utils.parametrizations.spectral_norm`` to selected layers, before the optimizer exists.
 
     Spectral norm divides a weight by its largest singular value ``sigma`` (estimated by power iteration, see
-    :mod:`lightning_stability.nn.spectral`), so the layer cannot amplify the norm of its input. DESIGN.md §1.3: the
+    :mod:`lightning_stability.nn.spectral`), so the layer cannot amplify the norm of its input. docs/design.md: the
     cascade transformer's last ``output_proj`` amplified gradients until they went NaN; spectral norm on it was the fix.
 
     **Selection.** Modules whose qualified name (relative to the LightningModule) matches any glob in ``modules``, or

@@ -35,14 +35,13 @@ __all__ = ["StabilityReport"]
 SCHEMA_VERSION = 1
 _SKIP_KINDS = ("skip",)
 _BOUND_ATTRIBUTES = ("min_scale", "max_scale", "min_weight", "max_weight")
-_NONFINITE = re.compile(r"non-?finite|\bnan\b|\binf\b|infinite")
 
 
 class StabilityReport(Callback):
     r"""Collect every stability callback's events and traces and write a report at the end of fit (or on a crash).
 
     Sources: every callback on the trainer with an ``event_log``
-    (:class:`~lightning_stability.callbacks._events.EventLog`): ``GradientGuard`` ("skip", "clip", "amp_overflow",
+    (:class:`~lightning_stability.callbacks.EventLog`): ``GradientGuard`` ("skip", "clip", "amp_overflow",
     "rollback", "stop" events, "grad_norm" trace), ``AdaptiveLossWeight`` (weight decisions, "weight" trace),
     ``ScaleFactorClamp`` (scale traces), ``SpectralNormInjection`` ("<module>/sigma" traces), ``SignalMonitor``
     ("train/snr", "val/rms_ratio", ... traces) or any user callback following the same protocol. Any subset works,
@@ -76,7 +75,7 @@ class StabilityReport(Callback):
           },
           "summary": {
             "skipped_steps": [{"step", "reason", "source"}, ...],
-            "skip_reasons": {reason: count},
+            "skip_reasons": {class: count},                 # by the events' data["cause"]: "non-finite", "spike"...
             "num_skipped": int, "num_amp_overflows": int, "num_rollbacks": int, "num_clipped": int,
             "weight_changes": {label: {"first": w0, "last": w1, "changes": n, "min": .., "max": ..}},
             "other_events": {label: {kind: count}},         # e.g. clip, stop, increase, scale_high
@@ -387,12 +386,14 @@ class StabilityReport(Callback):
     # ----------------------------------------------------------------------------------------------- analysis
     def _summarise(self, trainer: pl.Trainer, report: dict[str, Any]) -> dict[str, Any]:
         skipped, amp_steps, rollbacks, clipped = [], [], [], 0
+        causes: list[tuple[int, Any]] = []  # (step, data["cause"]) of every skip, read instead of the reason text
         for src in report["sources"].values():
             counts = src["num_events"]
             clipped += int(counts.get("clip", 0))
             for e in src["events"]:
                 if e["kind"] in _SKIP_KINDS:
                     skipped.append({"step": e["step"], "reason": e["reason"], "source": src["label"]})
+                    causes.append((e["step"], (e.get("data") or {}).get("cause")))
                 elif e["kind"] == "amp_overflow":
                     amp_steps.append(e["step"])
                 elif e["kind"] == "rollback":
@@ -430,7 +431,7 @@ class StabilityReport(Callback):
                 other_events[src["label"]] = others
         summary = {
             "skipped_steps": skipped,
-            "skip_reasons": dict(Counter(_reason_class(s["reason"]) for s in skipped)),
+            "skip_reasons": dict(Counter(_cause_class(c) for _, c in causes)),
             "num_skipped": num_skipped,
             "num_amp_overflows": num_amp,
             "num_rollbacks": num_rollbacks,
@@ -439,7 +440,7 @@ class StabilityReport(Callback):
             "other_events": other_events,
             "final_metrics": final_metrics,
         }
-        summary["recommendations"] = self._recommend(trainer, report, summary, amp_steps, rollbacks)
+        summary["recommendations"] = self._recommend(trainer, report, summary, amp_steps, rollbacks, causes)
         return summary
 
     def _recommend(
@@ -449,6 +450,7 @@ class StabilityReport(Callback):
         summary: dict[str, Any],
         amp_steps: list[int],
         rollbacks: list[int],
+        causes: list[tuple[int, Any]],
     ) -> list[str]:
         recs: list[str] = []
         steps = max(int(report["global_step"]), 1)
@@ -463,7 +465,7 @@ class StabilityReport(Callback):
                 "hardware has no bf16)."
             )
         early_nonfinite = [
-            s for s in summary["skipped_steps"] if s["step"] < warm and _reason_class(s["reason"]) == "non-finite"
+            step for step, cause in causes if step < warm and cause == "nonfinite"
         ]
         if len(early_nonfinite) >= 3:
             recs.append(
@@ -689,18 +691,22 @@ def _finite_values(points: list) -> list[float]:
     return [v for v in values if math.isfinite(v)]
 
 
-def _reason_class(reason: str) -> str:
-    """A short class for a skip reason, so the summary can count them ("non-finite: 3, spike: 1")."""
-    text = reason.lower()
-    if "rollback" in text:
-        return "after rollback"
-    if "spike" in text or "z-score" in text or "zscore" in text:
-        return "spike"
-    if "max_norm" in text or "above" in text or "exceeds" in text:
-        return "norm above bound"
-    if _NONFINITE.search(text):
-        return "non-finite"
-    return reason if len(reason) <= 60 else reason[:57] + "..."
+#: how the summary counts the guard's skips, by the structured cause of the event (``data["cause"]``, the
+#: guard's action name): "non-finite: 3, spike: 1"
+_CAUSE_CLASSES = {
+    "nonfinite": "non-finite",
+    "spike": "spike",
+    "moment_spike": "spike",
+    "over_max": "norm above bound",
+    "forced": "after rollback",
+}
+
+
+def _cause_class(cause: str | None) -> str:
+    """A short class for a skip's cause (an event of a user's callback may name its own cause, or none)."""
+    if cause is None:
+        return "unspecified"
+    return _CAUSE_CLASSES.get(str(cause), str(cause))
 
 
 def _fmt(value: Any) -> str:

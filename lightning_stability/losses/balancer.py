@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_stability._checks import check_bool
 from lightning_stability.losses._float32 import Float32Buffers
 from lightning_stability.losses.weights import LossWeights
 
@@ -58,6 +59,7 @@ class BalancedLoss:
 
 
 def _positive(name: str, value: object) -> float:
+    # the 0.2 wording ("finite and > 0"), pinned by tests; same contract as `lightning_stability._checks`
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"`{name}` must be a real number, got {value!r}")
     value = float(value)
@@ -145,10 +147,8 @@ class LossBalancer(Float32Buffers):
             self._live = LossWeights(weights)  # validates names and weights
         if not any(w > 0 for w in self._live.values()):
             raise ValueError(f"`weights` needs at least one weight > 0, got {self._live.as_dict()!r}")
-        if not isinstance(balance_grads, bool):
-            raise TypeError(f"`balance_grads` must be a bool, got {balance_grads!r}")
-        if not isinstance(per_batch_item, bool):
-            raise TypeError(f"`per_batch_item` must be a bool, got {per_batch_item!r}")
+        check_bool("balance_grads", balance_grads)
+        check_bool("per_batch_item", per_batch_item)
         self.total_norm = _positive("total_norm", total_norm)
         ema_decay_value = _positive("ema_decay", ema_decay)
         if ema_decay_value > 1:

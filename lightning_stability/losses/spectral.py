@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from lightning_stability._checks import check_number
 from lightning_stability.losses._float32 import Float32Buffers
 
 __all__ = [
@@ -58,12 +59,8 @@ def _check_pair(preds: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _check_real(name: str, value: object, *, positive: bool = False) -> float:
-    """``value`` as a float; TypeError unless it is a real number, ValueError unless finite and >= 0 (> 0)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"`{name}` must be a number, got {value!r}")
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        raise ValueError(f"`{name}` must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
-    return float(value)
+    """``value`` as a float: a finite number >= 0 (> 0 when ``positive``), see ``lightning_stability._checks``."""
+    return check_number(name, value, minimum=0, exclusive=positive)
 
 
 def _check_term_weights(**weights: object) -> tuple[float, ...]:

@@ -2,7 +2,7 @@
 left alone (up to the two steps where a x5 switch cannot be told from a x5 loss spike), non-finite steps are skipped;
 in one process and under DDP.
 
-The run: a regression MLP (Adam, 1024 samples, batch 64). The default rule (``_guard_policy``): a step whose gradient
+The run: a regression MLP (Adam, 1024 samples, batch 64). The default rule (``guard._policy``): a step whose gradient
 norm is above 3x its running mean *and* whose loss is 6 standard deviations off its own running mean is skipped; a
 norm above 10x the mean is clipped whatever the loss; three acted-upon outliers in a row are a level shift.
 """

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from lightning_stability.callbacks import GradientGuard
-from lightning_stability.callbacks._guard_manual import buffer_owners, plain_name
+from lightning_stability.callbacks.guard._manual import buffer_owners, plain_name
 from tests.helpers import FAULT_WARNINGS, make_trainer, regression_loader, scale_grad
 
 pytestmark = FAULT_WARNINGS

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lightning_stability.callbacks import GradientGuard
-from lightning_stability.callbacks._guard_moments import first_moment_norm
-from lightning_stability.callbacks._guard_policy import Action, Decision, combine
+from lightning_stability.callbacks.guard._moments import first_moment_norm
+from lightning_stability.callbacks.guard._policy import Action, Decision, combine
 from tests._helpers_guard import FusedFaultyModule, StepRecorder
 from tests.helpers import FAULT_WARNINGS, FaultyModule, assert_same, make_trainer
 

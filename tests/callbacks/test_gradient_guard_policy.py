@@ -1,4 +1,4 @@
-"""The pure decision rule of ``GradientGuard`` (``_guard_policy``): host and device versions, running statistics."""
+"""The pure decision rule of ``GradientGuard`` (``guard._policy``): host and device versions, running statistics."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from lightning_stability.callbacks._guard_norm import grad_norms, layer_norms
-from lightning_stability.callbacks._guard_policy import (
+from lightning_stability.callbacks.guard._norm import grad_norms, layer_norms
+from lightning_stability.callbacks.guard._policy import (
     Action,
     Decision,
     NormStats,

@@ -16,7 +16,8 @@ from tests.helpers import FaultyModule, make_trainer, manual_optimization
 
 
 class ScriptedSource(Callback):
-    """A stand-in for a stability callback: records scripted events and traces with an ``event_log``."""
+    """A stand-in for a stability callback: records scripted events and traces with an ``event_log``; ``skips`` maps
+    a step to ``(reason, cause)``: the report reads the cause, as it does the guard's ``data["cause"]``."""
 
     def __init__(self, name: str = "scripted", *, skips=(), grad_norms=None, weights=None, scales=None, **bounds):
         self.name = name
@@ -37,7 +38,8 @@ class ScriptedSource(Callback):
         if step in self.grad_norms:
             self.event_log.trace("grad_norm", step, self.grad_norms[step])
         if step in self.skips:
-            self.event_log.add(step, "skip", self.skips[step], norm=math.inf)
+            reason, cause = self.skips[step]
+            self.event_log.add(step, "skip", reason, cause=cause, norm=math.inf)
         if step in self.weights:
             self.event_log.trace("weight", step, self.weights[step])
         if step in self.scales:
@@ -65,7 +67,7 @@ def _assert_png(path: Path) -> tuple[int, int]:
 
 def test_report_lists_events_traces_and_the_loss_of_every_step(tmp_path):
     source = ScriptedSource(
-        skips={3: "non-finite gradient norm (inf)"},
+        skips={3: ("non-finite gradient norm (inf)", "nonfinite")},
         grad_norms={s: 1.0 + s for s in range(8)},
         weights={s: 2.5 - 0.05 * s for s in range(8)},
     )
@@ -133,7 +135,7 @@ def test_an_exception_still_writes_the_report(tmp_path):
                 raise RuntimeError("data loader produced garbage")
             return super().training_step(batch, batch_idx)
 
-    source = ScriptedSource(skips={2: "gradient norm 12.5 above max_norm 10"})
+    source = ScriptedSource(skips={2: ("gradient norm 12.5 above max_norm 10", "over_max")})
     trainer = make_trainer(tmp_path, [source, StabilityReport(dirpath=tmp_path / "reports")], max_steps=8)
     with pytest.raises(RuntimeError, match="garbage"):
         trainer.fit(Crashing())
@@ -168,7 +170,11 @@ def test_recommendations_follow_the_evidence(tmp_path):
     pinned = ScriptedSource("clamp", scales=dict.fromkeys(range(12), 1.5), min_scale=0.7, max_scale=1.5)
     skips = ScriptedSource(
         "guard",
-        skips={1: "non-finite gradient norm (nan)", 2: "inf gradient", 3: "NaN loss"},
+        skips={
+            1: ("non-finite gradient norm (nan)", "nonfinite"),
+            2: ("inf gradient", "nonfinite"),
+            3: ("NaN loss", "nonfinite"),
+        },
         grad_norms={s: 1.0 * 2**s for s in range(12)},
     )
     ceiling = ScriptedSource(
@@ -213,7 +219,9 @@ def test_fp16_overflow_advice_needs_many_late_overflows():
 
 def test_wandb_gets_the_figure_and_the_event_table(tmp_path):
     logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="report-test")
-    source = ScriptedSource(skips={2: "non-finite gradient norm (inf)"}, grad_norms=dict.fromkeys(range(4), 1.0))
+    source = ScriptedSource(
+        skips={2: ("non-finite gradient norm (inf)", "nonfinite")}, grad_norms=dict.fromkeys(range(4), 1.0)
+    )
     make_trainer(tmp_path, [source, StabilityReport()], max_steps=4, logger=logger).fit(FaultyModule())
     run_dir = Path(logger.experiment.dir).parent
     logger.experiment.finish()
@@ -358,3 +366,20 @@ def test_one_piece_of_loudness_advice_per_loader_naming_every_key(tmp_path, n_lo
     for i, text in enumerate(advice):
         suffix = f"/dataloader_idx_{i}" if n_loaders > 1 else ""
         assert text.startswith(f"final signal/val/rms_ratio{suffix} = 0.2, val/rms_ratio{suffix} = 0.2: ")
+
+
+def test_the_report_counts_skips_by_their_cause_never_by_the_reason_text(tmp_path):
+    from lightning_stability.callbacks import EventLog as PublicEventLog
+    from lightning_stability.callbacks import StabilityEvent
+
+    assert PublicEventLog is EventLog
+    # reasons reworded so that the old text rules would have said "spike" and "norm above bound"
+    source = ScriptedSource(
+        skips={1: ("a spike, reworded", "nonfinite"), 2: ("above everything", "nonfinite"), 3: ("odd", "my_cause")}
+    )
+    report = StabilityReport()
+    make_trainer(tmp_path, [source, report], max_steps=5).fit(FaultyModule())
+    summary = _load(tmp_path / "stability_report.json")["summary"]
+    assert summary["skip_reasons"] == {"non-finite": 2, "my_cause": 1}
+    assert isinstance(source.event_log.events[0], StabilityEvent)
+    assert source.event_log.events[0].data["cause"] == "nonfinite"

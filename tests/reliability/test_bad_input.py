@@ -17,7 +17,11 @@ import torch
 
 from lightning_stability.callbacks import (
     AdaptiveLossWeight,
+    AdversarialBalanceMonitor,
+    CodebookMonitor,
+    EventLog,
     GradientGuard,
+    QuantizerTap,
     ScaleFactorClamp,
     SignalMonitor,
     SpectralNormInjection,
@@ -62,6 +66,20 @@ CASES = [
     (GradientGuard, (), {"sync_free": "yes"}, "sync_free", None),
     (GradientGuard, (), {"protect_buffers": 3}, "protect_buffers", None),
     (GradientGuard, (), {"log_every_n_steps": 0}, "log_every_n_steps", None),
+    (GradientGuard, (), {"track_first_moment": 1}, "track_first_moment", None),
+    (GradientGuard, (), {"pause_schedulers_on_skip": "no"}, "pause_schedulers_on_skip", None),
+    (EventLog, ("mine",), {"max_events": 0}, "max_events", None),
+    (EventLog, ("mine",), {"max_trace_points": 2.0}, "max_trace_points", None),
+    (EventLog, (3,), {}, "source", None),
+    (AdversarialBalanceMonitor, (), {"loss_type": "wgan"}, "loss_type", None),
+    (AdversarialBalanceMonitor, (), {"window": 0}, "window", None),
+    (AdversarialBalanceMonitor, (), {"window": 2.0}, "window", None),
+    (AdversarialBalanceMonitor, (), {"drift_factor": NAN}, "drift_factor", None),
+    (AdversarialBalanceMonitor, (), {"win_fraction": 1.5}, "win_fraction", None),
+    (CodebookMonitor, (), {"auto_detect": "yes"}, "auto_detect", None),
+    (CodebookMonitor, (), {"expiry_dead_fraction": 0.0}, "expiry_dead_fraction", None),
+    (QuantizerTap, (), {"codes": len, "codebook_size": 16, "levels": 0}, "levels", None),
+    (QuantizerTap, (), {"codes": len, "codebook_size": 1.5}, "codebook_size", None),
     (AdaptiveLossWeight, ("",), {}, "loss", None),
     (AdaptiveLossWeight, ("mel",), {"base_weight": 9.0}, "base_weight", None),
     (AdaptiveLossWeight, ("mel",), {"base_weight": NAN}, "base_weight", None),
@@ -229,13 +247,15 @@ def test_the_table_covers_every_public_class():
     public = {getattr(pkg, n) for pkg in (callbacks, data, losses, metrics, modules) for n in pkg.__all__}
     public = {c for c in public if isinstance(c, type) and not issubclass(c, Exception)}
     covered = {(case.values[0] if hasattr(case, "values") else case)[0] for case in CASES}
+    from lightning_stability.callbacks import StabilityEvent
     from lightning_stability.losses import BalancedLoss, SpikeDamping
     from lightning_stability.reference.data import ResumableDataLoader
 
     # RMSRatio and DCOffset take no arguments of their own; SpikeDamping and BalancedLoss are records the library
     # builds (`register_damping`, `LossBalancer.__call__`, which validate their inputs); ResumableDataLoader takes
     # torch's DataLoader arguments, validated by torch.
-    not_user_built = {RMSRatio, DCOffset, SpikeDamping, BalancedLoss, ResumableDataLoader}
+    # StabilityEvent is the record EventLog.add builds.
+    not_user_built = {RMSRatio, DCOffset, SpikeDamping, BalancedLoss, ResumableDataLoader, StabilityEvent}
     assert public - covered <= not_user_built, public - covered
     with pytest.raises((ValueError, TypeError), match="dist_sync_on_step|unexpected|argument"):
         RMSRatio(no_such_argument=1)
@@ -355,3 +375,26 @@ def test_adaptive_weight_on_a_module_without_the_term_lists_the_terms(tmp_path):
 def test_config_dict_with_wrong_types_names_the_field():
     with pytest.raises(TypeError, match="`widths`"):
         CascadeTransformerModule({**CASCADE, "widths": 16})
+
+
+def test_the_shared_checks_keep_one_contract():
+    from lightning_stability._checks import check_bool, check_choice, check_int, check_number, check_positive
+
+    for call, exc, text in [
+        (lambda: check_int("n", 2.0, 1), TypeError, "`n` must be an int, got 2.0"),
+        (lambda: check_int("n", True, 1), TypeError, "`n` must be an int, got True"),
+        (lambda: check_int("n", 0, 1), ValueError, "`n` must be >= 1, got 0"),
+        (lambda: check_int("n", 9, 1, maximum=8), ValueError, "`n` must be <= 8, got 9"),
+        (lambda: check_number("x", "1"), TypeError, "`x` must be a number, got '1'"),
+        (lambda: check_number("x", NAN), ValueError, "`x` must be a finite number, got nan"),
+        (lambda: check_positive("x", 0), ValueError, "`x` must be a finite number > 0, got 0.0"),
+        (lambda: check_number("x", 2, minimum=0, maximum=1), ValueError, "`x` must be a finite number >= 0 and <= 1"),
+        (lambda: check_bool("b", 1), TypeError, "`b` must be a bool, got 1"),
+        (lambda: check_choice("c", "x", ("a", "b")), ValueError, "`c` must be one of ('a', 'b'), got 'x'"),
+    ]:
+        with pytest.raises(exc) as info:
+            call()
+        assert text in str(info.value)
+    assert check_int("n", None, 1, allow_none=True) is None
+    assert check_positive("x", 2) == 2.0
+    assert isinstance(check_positive("x", 2), float)

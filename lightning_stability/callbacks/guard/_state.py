@@ -14,8 +14,9 @@ Sharded state (``DTensor`` parameters, buffers and optimizer state under FSDP2 /
 and restores only its local shard (memory: 1/world of the above per rank); a snapshot's DTensor is rebuilt from its
 local copy on the shard's own device with the same mesh and placements, so a CPU snapshot of GPU shards restores.
 
-``OptimizerState`` is what the guard remembers about one optimizer: running statistics and counters, as host
-numbers, or as device tensors (built with ``filled``, no host-to-device copy) in sync-free mode.
+``OptimizerState`` is what the guard remembers about one optimizer: running statistics and :class:`Counters`, as host
+numbers, or as device tensors (built with ``filled``, no host-to-device copy) in sync-free mode. ``StepContext`` is
+what one step's decision works on.
 """
 
 from __future__ import annotations
@@ -23,13 +24,15 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
+import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_stability.callbacks._guard_policy import NormStats
 from lightning_stability.callbacks._sharding import is_dtensor, local_tensor
+from lightning_stability.callbacks.guard._norm import GradNorms
+from lightning_stability.callbacks.guard._policy import NormStats
 
 BufferSelector = bool | str | Sequence[str] | Callable[[str, Tensor], bool]
 
@@ -279,9 +282,24 @@ def _rebuilt(obj: Any) -> Any:
     return obj
 
 
-# counters kept per optimizer, in this order in the device vector of sync-free mode
-COUNTERS = ("num_skipped", "num_amp_overflows", "num_clipped", "consecutive", "consecutive_amp", "last_skip_step",
-            "num_rebased")  # fmt: skip
+class Counters(NamedTuple):
+    """The counters the guard keeps per optimizer; in this order in the device vector of sync-free mode."""
+
+    num_skipped: int = 0  # guard skips (AMP overflows excluded)
+    num_amp_overflows: int = 0
+    num_clipped: int = 0
+    consecutive: int = 0  # guard skips in a row that count as trouble
+    consecutive_amp: int = 0  # AMP overflows in a row
+    last_skip_step: int = -1
+    num_rebased: int = 0
+
+
+#: the counters' names, in the order of the device vector (and of ``state_dict()["optimizers"][i]["counters"]``)
+COUNTERS = Counters._fields
+#: the position of each counter in the device vector: ``counters_t[SLOT.num_skipped]``
+SLOT = Counters(*range(len(COUNTERS)))
+#: the slice of the two run-length counters (``consecutive``, ``consecutive_amp``) in the device vector
+_RUNS = slice(SLOT.consecutive, SLOT.consecutive_amp + 1)
 
 
 @dataclass
@@ -298,7 +316,7 @@ class OptimizerState:
     num_rebased: int = 0
     # sync-free mode only
     stats_t: Tensor | None = None  # float32, NormStats.as_list()
-    counters_t: Tensor | None = None  # int64, see COUNTERS
+    counters_t: Tensor | None = None  # int64, in `Counters` order (index with `SLOT`)
     last_code_t: Tensor | None = None
     last_skip_code_t: Tensor | None = None
     last_skip_norms_t: Tensor | None = None  # per-tensor norms of the last skipped step, for a deferred diagnosis
@@ -311,9 +329,15 @@ class OptimizerState:
     lstats: NormStats = field(default_factory=NormStats)
     lstats_t: Tensor | None = None
 
-    def host_counters(self) -> list[int]:
-        return [self.num_skipped, self.num_amp_overflows, self.num_clipped, self.consecutive, self.consecutive_amp,
-                self.last_skip_step, self.num_rebased]  # fmt: skip
+    def host_counters(self) -> Counters:
+        return Counters(*(getattr(self, name) for name in COUNTERS))
+
+    def reset_runs(self) -> None:
+        """Persistent trouble was acted upon: the runs of skips and of AMP overflows start again from zero."""
+        self.consecutive = 0
+        self.consecutive_amp = 0
+        if self.counters_t is not None:
+            self.counters_t[_RUNS] = 0
 
     def to_device(self, device: torch.device) -> bool:
         """Sync-free mode: hold the statistics and counters as tensors on ``device``, built from the host numbers
@@ -327,10 +351,10 @@ class OptimizerState:
         self.lstats_t = filled(self.lstats.as_list(), torch.float32, device)
         return True
 
-    def read_counters(self) -> list[int]:
-        """The counters in ``COUNTERS`` order (in sync-free mode read from the device: one host sync)."""
+    def read_counters(self) -> Counters:
+        """The counters (in sync-free mode read from the device: one host sync)."""
         if self.counters_t is not None:
-            return [int(v) for v in self.counters_t.tolist()]
+            return Counters(*(int(v) for v in self.counters_t.tolist()))
         return self.host_counters()
 
 
@@ -340,3 +364,25 @@ def filled(values: list[float] | list[int], dtype: torch.dtype, device: torch.de
     for i, v in enumerate(values):
         out[i].fill_(v)
     return out
+
+
+@dataclass
+class StepContext:
+    """Everything one optimizer step's decision works on (built in ``on_before_optimizer_step``)."""
+
+    trainer: pl.Trainer
+    pl_module: pl.LightningModule
+    optimizer: torch.optim.Optimizer
+    idx: int  # the optimizer's index in ``trainer.optimizers``
+    state: OptimizerState  # what the guard keeps about this optimizer
+    params: list[Tensor]  # the parameters that have a gradient
+    grads: list[Tensor]  # their gradients (local shards for DTensors)
+    norms: GradNorms
+    amp_found: Tensor | None  # fp16 AMP: whether GradScaler found an inf (None without a scaler)
+    loss_bad: Tensor | None  # fp16 AMP: whether the loss itself was non-finite
+    forced: bool  # inside the skip window after a rollback, or a rollback is pending
+    loss: Tensor | None  # the step's loss (``loss_zscore``), averaged over ranks
+
+    @property
+    def step(self) -> int:
+        return self.trainer.global_step

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_stability.callbacks._guard_state import BufferSnapshot
+from lightning_stability.callbacks.guard._state import BufferSnapshot
 
 
 def buffer_owners(
@@ -95,15 +95,17 @@ class DeferredRestore:
             buffers.restore_where(flag, indices)
 
 
-def restore_buffers(guard, optimizer_idx: int, flag: bool | Tensor) -> None:
+def restore_buffers(
+    buffers: BufferSnapshot | None, deferred: DeferredRestore | None, optimizer_idx: int, flag: bool | Tensor
+) -> None:
     """A step of optimizer ``optimizer_idx`` is not taken (``flag``: ``True``, or a device flag in sync-free mode):
-    restore the protected buffers now (automatic optimization, one optimizer, called after the backward) or those the
-    optimizer owns at the end of the batch (manual optimization)."""
-    buffers = guard._buffers
-    if buffers is None or not guard._buffers_armed:
+    restore the protected ``buffers`` now (automatic optimization, one optimizer, called after the backward) or those
+    the optimizer owns at the end of the batch (manual optimization: ``deferred``). ``buffers`` is ``None`` when
+    nothing is protected or no copy was taken for this step."""
+    if buffers is None:
         return
-    if guard._deferred is not None:
-        guard._deferred.add(optimizer_idx, flag)
+    if deferred is not None:
+        deferred.add(optimizer_idx, flag)
     elif flag is True:
         buffers.restore()
     else:

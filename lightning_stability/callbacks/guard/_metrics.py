@@ -18,9 +18,10 @@ import torch
 from torch import Tensor
 
 from lightning_stability.callbacks._logging import _scalar, log_scalars
+from lightning_stability.callbacks.guard._state import SLOT
 
 if TYPE_CHECKING:
-    from lightning_stability.callbacks.gradient_guard import GradientGuard
+    from lightning_stability.callbacks.guard.gradient_guard import GradientGuard
 
 
 def log_guard(guard: GradientGuard, trainer: pl.Trainer, norm: float, thr: float | None, moment: float | None) -> None:
@@ -28,13 +29,13 @@ def log_guard(guard: GradientGuard, trainer: pl.Trainer, norm: float, thr: float
     totals = [s.read_counters() for s in guard._opt_states.values()]
     metrics = {
         "guard/grad_norm": norm,
-        "guard/skipped": float(sum(c[0] for c in totals)),
-        "guard/consecutive_skips": float(max(c[3] for c in totals)),
+        "guard/skipped": float(sum(c.num_skipped for c in totals)),
+        "guard/consecutive_skips": float(max(c.consecutive for c in totals)),
         "guard/rollbacks": float(guard.num_rollbacks),
-        "guard/amp_overflows": float(sum(c[1] for c in totals)),
+        "guard/amp_overflows": float(sum(c.num_amp_overflows for c in totals)),
     }
     if guard._cfg.detects and guard.zscore_rebase_after is not None:
-        metrics["guard/rebases"] = float(sum(c[6] for c in totals))
+        metrics["guard/rebases"] = float(sum(c.num_rebased for c in totals))
     if moment is not None:
         metrics["guard/first_moment_norm"] = moment
     if guard._cfg.detects and thr is not None:
@@ -53,10 +54,10 @@ def publish_latest(guard: GradientGuard, trainer: pl.Trainer) -> None:
             return
         totals = [s.host_counters() for s in states]
         counters = {
-            "skipped": sum(c[0] for c in totals),
-            "consecutive_skips": max(c[3] for c in totals),
-            "amp_overflows": sum(c[1] for c in totals),
-            "rebases": sum(c[6] for c in totals),
+            "skipped": sum(c.num_skipped for c in totals),
+            "consecutive_skips": max(c.consecutive for c in totals),
+            "amp_overflows": sum(c.num_amp_overflows for c in totals),
+            "rebases": sum(c.num_rebased for c in totals),
         }
         values: dict[str, Tensor] = {f"guard/{k}": _scalar(float(v)) for k, v in counters.items()}
         norm, thr, moment = guard._last_host
@@ -67,10 +68,10 @@ def publish_latest(guard: GradientGuard, trainer: pl.Trainer) -> None:
         vectors = [s.counters_t if s.counters_t is not None else _host_vector(s, device) for s in states]
         stacked = torch.stack(vectors).to(torch.float32)
         values = {
-            "guard/skipped": stacked[:, 0].sum(),
-            "guard/consecutive_skips": stacked[:, 3].max(),
-            "guard/amp_overflows": stacked[:, 1].sum(),
-            "guard/rebases": stacked[:, 6].sum(),
+            "guard/skipped": stacked[:, SLOT.num_skipped].sum(),
+            "guard/consecutive_skips": stacked[:, SLOT.consecutive].max(),
+            "guard/amp_overflows": stacked[:, SLOT.num_amp_overflows].sum(),
+            "guard/rebases": stacked[:, SLOT.num_rebased].sum(),
         }
         values["guard/grad_norm"] = guard.last_grad_norm.detach().float()
         last = states[-1]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from lightning_stability.callbacks._guard_policy import NormStats
-from lightning_stability.callbacks._guard_state import COUNTERS, OptimizerState
+from lightning_stability.callbacks.guard._policy import NormStats
+from lightning_stability.callbacks.guard._state import COUNTERS, OptimizerState
 
 if TYPE_CHECKING:
-    from lightning_stability.callbacks.gradient_guard import GradientGuard
+    from lightning_stability.callbacks.guard.gradient_guard import GradientGuard
 
 #: ``state_dict()["version"]``: 1 in 0.1.0 (no streak statistics, no ``num_rebased``; still loads), 2 until the
 #: default spike rule (no loss statistics; still loads, the loss statistics warm up again), 3 since
@@ -34,9 +34,7 @@ def guard_state_dict(guard: GradientGuard) -> dict[str, Any]:
     return {
         "version": _STATE_VERSION,
         "optimizers": optimizers,
-        "num_rollbacks": guard.num_rollbacks,
-        "skip_remaining": guard._skip_remaining,
-        "good_since_snapshot": guard._good_since_snapshot,
+        **guard._rollback.state_dict(),  # num_rollbacks, skip_remaining, good_since_snapshot
         "last_warn_step": guard._last_warn_step,
         "event_log": guard.event_log.state_dict(),
     }
@@ -63,8 +61,6 @@ def load_guard_state(guard: GradientGuard, state_dict: dict[str, Any]) -> None:
         if "loss_stats" in saved:
             st.lstats = NormStats.from_list([saved["loss_stats"][k] for k in _STATS_KEYS])
         guard._opt_states[int(idx)] = st
-    guard.num_rollbacks = int(state_dict["num_rollbacks"])
-    guard._skip_remaining = int(state_dict["skip_remaining"])
-    guard._good_since_snapshot = int(state_dict["good_since_snapshot"])
+    guard._rollback.load_state_dict(state_dict)
     guard._last_warn_step = state_dict["last_warn_step"]
     guard.event_log.load_state_dict(state_dict["event_log"])
