@@ -160,7 +160,8 @@ def _vqp_residual(module: nn.Module) -> QuantizerTap:
 
 # (module of the class, class name) -> adapter; matched on the class's MRO so subclasses are found too
 _KNOWN: dict[tuple[str, str], Callable[[nn.Module], QuantizerTap]] = {
-    ("lightning_stability.nn.quantize", "ResidualVectorQuantizer"): _ours,
+    ("lightning_stability.reference.codec.quantize", "ResidualVectorQuantizer"): _ours,
+    ("lightning_stability.nn.quantize", "ResidualVectorQuantizer"): _ours,  # the path before the layout change
     ("encodec.quantization.vq", "ResidualVectorQuantizer"): _encodec,
     ("vector_quantize_pytorch.vector_quantize_pytorch", "VectorQuantize"): _vqp_single,
     ("vector_quantize_pytorch.residual_vq", "ResidualVQ"): _vqp_residual,

@@ -31,13 +31,16 @@ def guard_state_dict(guard: GradientGuard) -> dict[str, Any]:
         if guard._cfg.loss_zscore is not None:
             values = st.lstats_t.tolist() if st.lstats_t is not None else st.lstats.as_list()
             optimizers[idx]["loss_stats"] = dict(zip(_STATS_KEYS, values))
-    return {
+    state = {
         "version": _STATE_VERSION,
         "optimizers": optimizers,
         **guard._rollback.state_dict(),  # num_rollbacks, skip_remaining, good_since_snapshot
         "last_warn_step": guard._last_warn_step,
         "event_log": guard.event_log.state_dict(),
     }
+    if guard._warned_reasons:  # the kinds of skip announced so far: a resumed run announces only new ones
+        state["warned_kinds"] = sorted(guard._warned_reasons)
+    return state
 
 
 def load_guard_state(guard: GradientGuard, state_dict: dict[str, Any]) -> None:
@@ -63,4 +66,5 @@ def load_guard_state(guard: GradientGuard, state_dict: dict[str, Any]) -> None:
         guard._opt_states[int(idx)] = st
     guard._rollback.load_state_dict(state_dict)
     guard._last_warn_step = state_dict["last_warn_step"]
+    guard._warned_reasons = {int(k) for k in state_dict.get("warned_kinds", ())}
     guard.event_log.load_state_dict(state_dict["event_log"])

@@ -530,9 +530,3 @@ class ResidualVectorQuantizer(nn.Module):
             q = self.layers[i].decode(codes[:, i])
             out = q if out is None else out + q
         return out
-
-
-# CodebookMonitor (lightning_stability/callbacks/codebook_monitor.py) recognises quantizers by the module and name of
-# their class, and knows this one under its 0.1 path, which still imports it (a thin module re-exporting this one).
-# Until the monitor lists the new path, the class keeps reporting the old one.
-ResidualVectorQuantizer.__module__ = "lightning_stability.nn.quantize"
