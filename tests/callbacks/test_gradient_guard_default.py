@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -195,3 +196,47 @@ def test_ddp_default_acts_identically_on_both_ranks(tmp_path):
     assert ranks[0]["skip_steps"] == ranks[1]["skip_steps"]
     for name in ranks[0]["state"]:
         assert torch.equal(ranks[0]["state"][name], ranks[1]["state"][name]), name
+
+
+class _SyncWatch(pl.Callback):
+    """``torch.cuda.set_sync_debug_mode("error")`` around the guard's ``on_before_optimizer_step`` (this callback's
+    ``start`` goes before the guard in the callback list, ``end`` after it), except on the guard's own read steps."""
+
+    def __init__(self, log_every: int) -> None:
+        self.log_every = log_every
+        self.watched = 0
+
+        class _End(pl.Callback):
+            def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+                torch.cuda.set_sync_debug_mode("default")
+
+        self.end = _End()
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        quiet = (trainer.global_step + 1) % self.log_every != 0 and trainer.global_step > 0
+        if quiet:
+            self.watched += 1
+        torch.cuda.set_sync_debug_mode("error" if quiet else "default")
+
+
+class CudaFaulty(Faulty):
+    """A fused AdamW on the GPU: the default guard decides on the device."""
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, fused=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
+def test_default_guard_adds_no_host_sync_on_a_gpu_and_still_skips_the_spike(tmp_path, precision):
+    guard = GradientGuard(log_every_n_steps=10, on_persistent="raise")
+    watch = _SyncWatch(10)
+    torch.manual_seed(0)
+    trainer = make_trainer(
+        tmp_path, [watch, guard, watch.end], max_steps=80, accelerator="cuda", precision=precision, deterministic=False
+    )
+    trainer.fit(CudaFaulty(spike_steps={60}, spike_factor=100.0, lr=3e-3))  # a host sync would raise inside the fit
+    assert watch.watched > 50
+    assert guard.num_skipped == 1  # the spike (GradScaler's own overflows are counted apart, not as skips)
+    assert guard.num_clipped == 0
