@@ -14,7 +14,14 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from lightning_stability.callbacks import GradientGuard, StabilityReport
 from tests._helpers_guard import StepRecorder
-from tests.helpers import FAULT_WARNINGS, FaultyModule, assert_same, make_trainer, regression_data
+from tests.helpers import (
+    FAULT_WARNINGS,
+    FaultyModule,
+    assert_same,
+    make_trainer,
+    manual_optimization,
+    regression_data,
+)
 
 pytestmark = FAULT_WARNINGS  # these tests inject faults: the guard's notices are expected
 
@@ -62,7 +69,7 @@ def _events(guard, kind):
 
 def _full_run(tmp_path, guard, module=None):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=PER_EPOCH, save_top_k=-1)
-    module = module if module is not None else BadBatchModule()
+    module = module if module is not None else BadBatchModule(batchnorm=True)
     rec = StepRecorder()
     trainer = make_trainer(tmp_path / "full", [guard, rec, ckpt], max_steps=8, enable_checkpointing=True)
     trainer.fit(module)
@@ -83,7 +90,9 @@ def test_a_bad_batch_replays_as_data_is_quarantined_and_skipped_again_after_a_re
     assert math.isnan(replay.data["loss"])
     assert replay.data["batches"] == replay.data["quarantined"] == [[1, 1], [1, 2]]
     assert guard.quarantined == BAD
-    # the replay left no trace: the state after step 6 is the restored snapshot of step 4
+    # the replay left no trace: the state after step 6 is the restored snapshot of step 4, BatchNorm's running
+    # statistics included (the replayed NaN batch went through them in training mode)
+    assert "net.1.running_mean" in full.snaps[7]["module"]
     assert_same(full.snaps[7], full.snaps[4])
 
     # the checkpoint holds the quarantine (version 4), and a new guard reads it back
@@ -152,6 +161,16 @@ def test_sync_free_mode_quarantines_the_same_streak_at_its_host_read(tmp_path):
     assert replay.data["batches"] == [[1, 1], [1, 2]]
     assert guard.quarantined == BAD
     assert_same({"module": rec.snaps[7]["module"]}, {"module": rec.snaps[0]["module"]})  # the weights of step 0
+
+
+def test_manual_optimization_is_not_replayed_and_the_event_says_why(tmp_path):
+    guard = _guard()
+    make_trainer(tmp_path, [guard], max_steps=8).fit(manual_optimization(BadBatchModule)())
+    (replay,) = _events(guard, "replay")
+    assert replay.data["cause"] == "unavailable"
+    assert replay.data["why"].startswith("manual optimization")
+    assert "norm" not in replay.data
+    assert guard.quarantined == BAD  # without a verdict, the batches that led to the rollback are quarantined
 
 
 def test_load_quarantine_names_bad_arguments(tmp_path):
