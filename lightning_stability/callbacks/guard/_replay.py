@@ -9,11 +9,12 @@ non-finite norm or loss, or a step the rule would not simply accept), the batch 
 otherwise the state was (``"state"``: the learning rate, or the weights at that point).
 
 The replay leaves no trace in training: the gradients the optimizer had before it are put back (``None`` after a
-skip), every buffer of the module is restored (BatchNorm statistics the forward updated), the random number generators
-are restored (a dropout mask drawn in the replay does not shift later ones), and ``self.log`` calls in
-``training_step`` are dropped. Other side effects of ``training_step`` (a torchmetrics ``update``, a list it appends to)
-do happen. No replay with manual optimization (the step's backward passes and optimizer calls are the user's), with
-sharded parameters, or when ``training_step`` returns no loss tensor: the event says why.
+skip), every buffer of the module is restored (BatchNorm statistics the forward updated, non-persistent buffers too),
+the random number generators are restored (a dropout mask drawn in the replay does not shift later ones), and
+``self.log`` calls in ``training_step`` are dropped; the guard then restores its snapshot once more (a parameter that
+``training_step`` changed in place). Other side effects of ``training_step`` (a torchmetrics ``update``, a list it
+appends to) do happen. No replay with manual optimization (the step's backward passes and optimizer calls are the
+user's), with sharded parameters, or when ``training_step`` returns no loss tensor: the event says why.
 """
 
 from __future__ import annotations

@@ -85,10 +85,13 @@ class GradientGuard(Callback):
     fused optimizer is skipped through its ``found_inf``), the protected buffers are restored, step-interval
     learning-rate schedulers are held. fp16 AMP overflows are the scaler's calibration, counted apart. Persistent
     trouble (``max_consecutive_skips`` skips in a row, a collapsing loss scale, corrupted weights) rolls back to an
-    in-memory snapshot, stops or raises (``on_persistent``). Every decision that is not a plain accept is an event in
-    ``event_log`` (kind and ``data["cause"]``), read by ``StabilityReport``; ``guard/*`` metrics are logged every
-    ``log_every_n_steps`` steps. With ``sync_free`` (by default on a GPU with a fused optimizer) the decision stays
-    on the device and the host reads it every ``log_every_n_steps`` steps.
+    in-memory snapshot, stops or raises (``on_persistent``). After a rollback the batch of the triggering step is
+    replayed once from the restored state (a ``"replay"`` event: ``"data"`` or ``"state"``) and the batches that led
+    to it are quarantined, by ``(epoch, batch_idx)``, in the checkpoint too, and skipped when they come back
+    (``quarantine``, ``load_quarantine``; the guide's section "Recovery that remembers"). Every decision that is not
+    a plain accept is an event in ``event_log`` (kind and ``data["cause"]``), read by ``StabilityReport``;
+    ``guard/*`` metrics are logged every ``log_every_n_steps`` steps. With ``sync_free`` (by default on a GPU with a
+    fused optimizer) the decision stays on the device and the host reads it every ``log_every_n_steps`` steps.
 
     The full rule (the default spike rule and the earlier z-score rule, level shifts, buffers, rollback, corrupted
     weights, ranks, sync-free mode, the first moment) is in the guide, ``docs/guides/gradient-guard.md``, section
@@ -808,7 +811,12 @@ class GradientGuard(Callback):
         snap = self._rollback.snapshot
         step = trainer.global_step
         why = unavailable_reason(pl_module, q.batch, self._shards is not None)
-        result = why if why is not None else replay(trainer, pl_module, ctx.optimizer, q.batch, q.batch_idx)
+        result = why
+        if why is None:
+            result = replay(trainer, pl_module, ctx.optimizer, q.batch, q.batch_idx)
+            # the snapshot once more: whatever `training_step` changed in place (a parameter it normalises or clamps,
+            # a buffer outside the `state_dict`) is undone; the replay itself restored the gradients and buffers
+            self._rollback.finish(trainer, pl_module, self._opt_states)
         where = "" if q.current is None else f" (epoch {q.current[0]}, batch {q.current[1]})"
         data: dict[str, Any] = {
             "position": None if q.current is None else list(q.current),
