@@ -12,9 +12,10 @@ reworded). The kinds per source:
 
 - ``GradientGuard``: ``"skip"``, ``"clip"``, ``"rebase"``, ``"amp_overflow"`` (``cause``: the decision, one of
   ``"nonfinite"``, ``"over_max"``, ``"spike"``, ``"moment_spike"``, ``"forced"`` (inside the window after a rollback),
-  ``"clip"``, ``"rebase"``, ``"amp_overflow"``); ``"rollback"``, ``"stop"``, ``"raise"`` (``cause``:
-  ``"consecutive_skips"``, ``"consecutive_amp_overflows"``, ``"corrupted"``); ``"snapshot_refused"``
-  (``"nonfinite_state"``).
+  ``"quarantined"`` (a quarantined batch came back), ``"clip"``, ``"rebase"``, ``"amp_overflow"``); ``"rollback"``,
+  ``"stop"``, ``"raise"`` (``cause``: ``"consecutive_skips"``, ``"consecutive_amp_overflows"``, ``"corrupted"``);
+  ``"replay"`` after every rollback (``cause``: ``"data"``, the replayed batch brought the trouble back; ``"state"``,
+  it did not; ``"unavailable"``, no replay, ``data["why"]``); ``"snapshot_refused"`` (``"nonfinite_state"``).
 - the other callbacks write their own kinds (``AdaptiveLossWeight``'s weight changes, ``ScaleFactorClamp``'s
   ``"scale_high"``, ``CodebookMonitor``'s ``"codebook_collapse"``...); the report counts every kind it does not know
   under its source and shows the first such event's reason.

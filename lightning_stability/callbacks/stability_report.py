@@ -387,6 +387,7 @@ class StabilityReport(Callback):
     def _summarise(self, trainer: pl.Trainer, report: dict[str, Any]) -> dict[str, Any]:
         skipped, amp_steps, rollbacks, clipped = [], [], [], 0
         causes: list[tuple[int, Any]] = []  # (step, data["cause"]) of every skip, read instead of the reason text
+        replays: dict[str, int] = {}  # the guard's replays after a rollback, by data["cause"]: "data", "state"...
         for src in report["sources"].values():
             counts = src["num_events"]
             clipped += int(counts.get("clip", 0))
@@ -398,6 +399,9 @@ class StabilityReport(Callback):
                     amp_steps.append(e["step"])
                 elif e["kind"] == "rollback":
                     rollbacks.append(e["step"])
+                elif e["kind"] == "replay":
+                    cause = str((e.get("data") or {}).get("cause"))
+                    replays[cause] = replays.get(cause, 0) + 1
         num_skipped = sum(int(s["num_events"].get("skip", 0)) for s in report["sources"].values())
         num_amp = sum(int(s["num_events"].get("amp_overflow", 0)) for s in report["sources"].values())
         num_rollbacks = sum(int(s["num_events"].get("rollback", 0)) for s in report["sources"].values())
@@ -435,6 +439,7 @@ class StabilityReport(Callback):
             "num_skipped": num_skipped,
             "num_amp_overflows": num_amp,
             "num_rollbacks": num_rollbacks,
+            "replays": replays,
             "num_clipped": clipped,
             "weight_changes": weight_changes,
             "other_events": other_events,
@@ -482,6 +487,7 @@ class StabilityReport(Callback):
                 f"{len(rollbacks)} rollback(s) (first at step {min(rollbacks)}): training hit persistent trouble; "
                 "inspect the data and learning rate around that step."
             )
+        recs.extend(_replay_advice(report))
         for src in report["sources"].values():
             bounds = (src.get("min_scale"), src.get("max_scale"))
             for name, points in src["traces"].items():
@@ -559,8 +565,11 @@ class StabilityReport(Callback):
         lines.append(
             f"  skipped steps: {s['num_skipped']}" + (f" ({reasons}) at steps {skipped_at}{more}" if reasons else "")
         )
+        replays = ", ".join(f"{cause}: {n}" for cause, n in s.get("replays", {}).items())
         lines.append(
-            f"  rollbacks: {s['num_rollbacks']}; fp16 overflows: {s['num_amp_overflows']}; clipped: {s['num_clipped']}"
+            f"  rollbacks: {s['num_rollbacks']}"
+            + (f" (replayed: {replays})" if replays else "")
+            + f"; fp16 overflows: {s['num_amp_overflows']}; clipped: {s['num_clipped']}"
         )
         for label, info in s["weight_changes"].items():
             lines.append(
@@ -656,6 +665,43 @@ def _advice(report: dict[str, Any]) -> list[str]:
     return recs
 
 
+def _replay_advice(report: dict[str, Any]) -> list[str]:
+    """One recommendation per cause of the guard's replays after a rollback (``"data"``: the batch brought the trouble
+    back from the restored state; ``"state"``: it did not)."""
+    first: dict[str, dict[str, Any]] = {}
+    counts: dict[str, int] = {}
+    for src in report["sources"].values():
+        for e in src["events"]:
+            if e["kind"] != "replay":
+                continue
+            cause = (e.get("data") or {}).get("cause")
+            counts[cause] = counts.get(cause, 0) + 1
+            first.setdefault(cause, e)
+    recs = []
+    if "data" in first:
+        e = first["data"]
+        where = _position((e.get("data") or {}).get("position"))
+        recs.append(
+            f"{counts['data']} rollback(s) came back when the batch was replayed from the restored state (first: step "
+            f"{e['step']}{where}): a data problem. Those batches are quarantined (skipped when they come back, after a"
+            " resume too); inspect their samples (NaN or inf values, wrong scale, corrupt files) and fix or drop them."
+        )
+    if "state" in first:
+        e = first["state"]
+        recs.append(
+            f"{counts['state']} rollback(s) did not come back when the batch was replayed from the restored state "
+            f"(first: step {e['step']}): the state at that point was the problem, not the data; lower the learning "
+            "rate or lengthen its warm-up around that step, and look for weights or optimizer moments that grew."
+        )
+    return recs
+
+
+def _position(position: Any) -> str:
+    if isinstance(position, (list, tuple)) and len(position) == 2:
+        return f", epoch {position[0]} batch {position[1]}"
+    return ""
+
+
 def _label(cb: Callback) -> str:
     loss = getattr(cb, "loss", None)
     if isinstance(loss, str):
@@ -699,6 +745,7 @@ _CAUSE_CLASSES = {
     "moment_spike": "spike",
     "over_max": "norm above bound",
     "forced": "after rollback",
+    "quarantined": "quarantined batch",
 }
 
 

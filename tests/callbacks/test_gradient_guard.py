@@ -233,7 +233,7 @@ def test_state_dict_round_trip_and_state_key():
     assert guard.state_key == "GradientGuard{'max_norm': 10.0, 'zscore': 2.5, 'spike_action': 'skip'}"
     assert GradientGuard().state_key != guard.state_key
     state = {
-        "version": 3,
+        "version": 4,
         "optimizers": {
             0: {
                 "stats": {
@@ -258,6 +258,8 @@ def test_state_dict_round_trip_and_state_key():
         "num_rollbacks": 1,
         "skip_remaining": 2,
         "good_since_snapshot": 7,
+        "quarantine": [[0, 5], [1, 3]],
+        "quarantine_streak": [[2, 0]],
         "last_warn_step": 41,
         "event_log": guard.event_log.state_dict(),
     }
@@ -267,11 +269,12 @@ def test_state_dict_round_trip_and_state_key():
     assert guard.num_amp_overflows == 2
     assert guard.num_rollbacks == 1
     assert guard.num_rebased == 1
-    # a 0.2 checkpoint (version 2: no loss statistics) still loads, into the same state
-    GradientGuard(max_norm=10.0, zscore=2.5).load_state_dict({**state, "version": 2})
+    assert guard.quarantined == [(0, 5), (1, 3)]
+    # a 0.2 checkpoint (version 2: no loss statistics) still loads, into the same state (with no quarantine)
+    no_quarantine = {k: v for k, v in state.items() if not k.startswith("quarantine")}
     older = GradientGuard(max_norm=10.0, zscore=2.5)
-    older.load_state_dict({**state, "version": 2})
-    assert older.state_dict() == state
+    older.load_state_dict({**no_quarantine, "version": 2})
+    assert older.state_dict() == {**state, "quarantine": [], "quarantine_streak": []}
 
 
 def test_a_0_1_0_guard_state_still_loads_with_an_empty_streak():
@@ -299,14 +302,15 @@ def test_a_0_1_0_guard_state_still_loads_with_an_empty_streak():
     }
     guard.load_state_dict(old)
     new = guard.state_dict()
-    assert new["version"] == 3
+    assert new["version"] == 4
     assert new["optimizers"][0]["stats"] == {
         "mean": 1.5, "var": 0.25, "count": 25, "streak_mean": 0.0, "streak_var": 0.0, "streak_count": 0
     }  # fmt: skip
     assert new["optimizers"][0]["counters"]["num_rebased"] == 0
     assert guard.num_skipped == 3
-    with pytest.raises(ValueError, match="`GradientGuard` state has version 4"):
-        guard.load_state_dict({**old, "version": 4})
+    assert new["quarantine"] == []
+    with pytest.raises(ValueError, match="`GradientGuard` state has version 5"):
+        guard.load_state_dict({**old, "version": 5})
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -133,11 +133,13 @@ def test_persistent_fault_on_one_rank_rolls_back_every_shard_like_an_unsharded_r
     ranks = load_ranks(tmp_path)
     ref_state, ref_guard = _reference(tmp_path, GradientGuard(**kw), 10, optimizer="adamw", out_dim=1,
                                       inf_grad_steps={4, 5})  # fmt: skip
-    expected = [(4, "skip"), (5, "skip"), (5, "rollback")]
+    expected = [(4, "skip"), (5, "skip"), (5, "rollback"), (5, "replay")]
     assert [(e.step, e.kind) for e in ref_guard.event_log.events] == expected
+    assert ref_guard.event_log.events[3].data["cause"] == "data"  # one device: the replayed step's inf came back
     for r in ranks:
         assert [(e["step"], e["kind"]) for e in r["events"]] == expected
         assert r["events"][2]["data"]["to_step"] == 3
+        assert r["events"][3]["data"]["cause"] == "unavailable"  # sharded parameters: not replayed, said so
         assert set(r["steps"]) == {7.0}  # steps 0-2, then 6-9: the rollback undid step 3 on every shard
         for k, v in ref_state.items():
             torch.testing.assert_close(r["full"][k], v, rtol=1e-5, atol=1e-6)

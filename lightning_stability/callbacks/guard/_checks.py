@@ -72,6 +72,7 @@ def resolve_rule(
 _ON_PERSISTENT = ("rollback", "stop", "raise")
 _SPIKE_ACTIONS = ("skip", "clip")
 _SNAPSHOT_DEVICES = ("cpu", "same")
+_QUARANTINE = ("rollback", "skipped", "off")
 
 
 def check_arguments(
@@ -102,6 +103,7 @@ def check_arguments(
     diagnose_top_k: Any,
     agree_across_ranks: Any,
     pause_schedulers_on_skip: Any,
+    quarantine: Any = "rollback",
 ) -> tuple[float | None, float | None, float | None, int | None]:
     """Check every argument of ``GradientGuard``; returns the resolved rule (see :func:`resolve_rule`)."""
     check_positive("max_norm", max_norm, allow_none=True, noun="a positive number")
@@ -148,5 +150,6 @@ def check_arguments(
     check_int("diagnose_top_k", diagnose_top_k, 1)
     check_bool("agree_across_ranks", agree_across_ranks)
     check_bool("pause_schedulers_on_skip", pause_schedulers_on_skip)
+    check_choice("quarantine", quarantine, _QUARANTINE)
 
     return rule

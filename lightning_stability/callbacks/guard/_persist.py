@@ -11,8 +11,9 @@ if TYPE_CHECKING:
     from lightning_stability.callbacks.guard.gradient_guard import GradientGuard
 
 #: ``state_dict()["version"]``: 1 in 0.1.0 (no streak statistics, no ``num_rebased``; still loads), 2 until the
-#: default spike rule (no loss statistics; still loads, the loss statistics warm up again), 3 since
-_STATE_VERSION = 3
+#: default spike rule (no loss statistics; still loads, the loss statistics warm up again), 3 until the quarantine
+#: (still loads, with an empty quarantine), 4 since
+_STATE_VERSION = 4
 _STATS_KEYS = ("mean", "var", "count", "streak_mean", "streak_var", "streak_count")
 
 
@@ -35,6 +36,7 @@ def guard_state_dict(guard: GradientGuard) -> dict[str, Any]:
         "version": _STATE_VERSION,
         "optimizers": optimizers,
         **guard._rollback.state_dict(),  # num_rollbacks, skip_remaining, good_since_snapshot
+        **guard._quarantine.state_dict(),  # quarantine, quarantine_streak: [[epoch, batch_idx], ...]
         "last_warn_step": guard._last_warn_step,
         "event_log": guard.event_log.state_dict(),
     }
@@ -44,12 +46,14 @@ def guard_state_dict(guard: GradientGuard) -> dict[str, Any]:
 
 
 def load_guard_state(guard: GradientGuard, state_dict: dict[str, Any]) -> None:
-    """``GradientGuard.load_state_dict`` (versions 1, 2 and 3)."""
+    """``GradientGuard.load_state_dict`` (versions 1 to 4). The checkpoint's quarantined batches are added to those the
+    guard holds (see ``guard._quarantine``)."""
     version = state_dict.get("version")
-    if version not in (1, 2, _STATE_VERSION):
+    if version not in (1, 2, 3, _STATE_VERSION):
         raise ValueError(
             f"`GradientGuard` state has version {version!r}; this release reads versions 1 (0.1.0), 2 (no loss"
-            f" statistics) and {_STATE_VERSION}. Was the checkpoint written by a newer lightning_stability?"
+            f" statistics), 3 (no quarantine) and {_STATE_VERSION}. Was the checkpoint written by a newer"
+            " lightning_stability?"
         )
     guard._opt_states = {}
     for idx, saved in state_dict["optimizers"].items():
@@ -65,6 +69,7 @@ def load_guard_state(guard: GradientGuard, state_dict: dict[str, Any]) -> None:
             st.lstats = NormStats.from_list([saved["loss_stats"][k] for k in _STATS_KEYS])
         guard._opt_states[int(idx)] = st
     guard._rollback.load_state_dict(state_dict)
+    guard._quarantine.load_state_dict(state_dict)  # versions 1-3: no positions, an empty streak
     guard._last_warn_step = state_dict["last_warn_step"]
     guard._warned_reasons = {int(k) for k in state_dict.get("warned_kinds", ())}
     guard.event_log.load_state_dict(state_dict["event_log"])

@@ -380,7 +380,7 @@ class StepContext:
     norms: GradNorms
     amp_found: Tensor | None  # fp16 AMP: whether GradScaler found an inf (None without a scaler)
     loss_bad: Tensor | None  # fp16 AMP: whether the loss itself was non-finite
-    forced: bool  # inside the skip window after a rollback, or a rollback is pending
+    forced: bool  # inside the skip window after a rollback, a rollback is pending, or the batch is quarantined
     loss: Tensor | None  # the step's loss (``loss_zscore``), averaged over ranks
 
     @property

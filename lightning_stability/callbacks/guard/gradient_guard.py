@@ -9,6 +9,8 @@ optimizer, unscaled) and before Lightning's gradient clipping and the step, for 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from os import PathLike
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -58,6 +60,8 @@ from lightning_stability.callbacks.guard._policy import (
     update_stats,
     update_stats_on_device,
 )
+from lightning_stability.callbacks.guard._quarantine import Position, Quarantine
+from lightning_stability.callbacks.guard._replay import Replayed, replay, unavailable_reason
 from lightning_stability.callbacks.guard._rollback import Rollback, state_is_finite
 from lightning_stability.callbacks.guard._sched import SchedulerHold
 from lightning_stability.callbacks.guard._state import (
@@ -81,10 +85,13 @@ class GradientGuard(Callback):
     fused optimizer is skipped through its ``found_inf``), the protected buffers are restored, step-interval
     learning-rate schedulers are held. fp16 AMP overflows are the scaler's calibration, counted apart. Persistent
     trouble (``max_consecutive_skips`` skips in a row, a collapsing loss scale, corrupted weights) rolls back to an
-    in-memory snapshot, stops or raises (``on_persistent``). Every decision that is not a plain accept is an event in
-    ``event_log`` (kind and ``data["cause"]``), read by ``StabilityReport``; ``guard/*`` metrics are logged every
-    ``log_every_n_steps`` steps. With ``sync_free`` (by default on a GPU with a fused optimizer) the decision stays
-    on the device and the host reads it every ``log_every_n_steps`` steps.
+    in-memory snapshot, stops or raises (``on_persistent``). After a rollback the batch of the triggering step is
+    replayed once from the restored state (a ``"replay"`` event: ``"data"`` or ``"state"``) and the batches that led
+    to it are quarantined, by ``(epoch, batch_idx)``, in the checkpoint too, and skipped when they come back
+    (``quarantine``, ``load_quarantine``; the guide's section "Recovery that remembers"). Every decision that is not
+    a plain accept is an event in ``event_log`` (kind and ``data["cause"]``), read by ``StabilityReport``;
+    ``guard/*`` metrics are logged every ``log_every_n_steps`` steps. With ``sync_free`` (by default on a GPU with a
+    fused optimizer) the decision stays on the device and the host reads it every ``log_every_n_steps`` steps.
 
     The full rule (the default spike rule and the earlier z-score rule, level shifts, buffers, rollback, corrupted
     weights, ranks, sync-free mode, the first moment) is in the guide, ``docs/guides/gradient-guard.md``, section
@@ -126,6 +133,10 @@ class GradientGuard(Callback):
         agree_across_ranks: all-reduce the decision every step (only needed for exotic strategies).
         pause_schedulers_on_skip: a step not taken (guard skip or fp16 overflow) does not advance the optimizer's
             ``interval="step"`` learning-rate schedulers (automatic optimization; see ``guard._sched``).
+        quarantine: which batches, known by ``(epoch, batch_idx)``, are remembered (in the checkpoint too) and have
+            their steps skipped whenever they come back (a resume from an earlier checkpoint): ``"rollback"``, those
+            that led to a rollback (unless its replay blamed the state, see the guide); ``"skipped"``, also every
+            batch whose step the guard skipped as trouble; ``"off"``. See ``guard._quarantine``.
 
     Raises:
         ValueError: an argument out of range or not one of the accepted words.
@@ -163,6 +174,7 @@ class GradientGuard(Callback):
         diagnose_top_k: int = 5,
         agree_across_ranks: bool = False,
         pause_schedulers_on_skip: bool = True,
+        quarantine: Literal["rollback", "skipped", "off"] = "rollback",
     ) -> None:
         min_ratio, loss_zscore, clip_ratio, zscore_rebase_after = check_arguments(
             max_norm=max_norm, zscore=zscore, zscore_alpha=zscore_alpha, zscore_warmup=zscore_warmup,
@@ -175,6 +187,7 @@ class GradientGuard(Callback):
             protect_buffers=protect_buffers, log_every_n_steps=log_every_n_steps,
             warn_every_n_steps=warn_every_n_steps, diagnose_top_k=diagnose_top_k,
             agree_across_ranks=agree_across_ranks, pause_schedulers_on_skip=pause_schedulers_on_skip,
+            quarantine=quarantine,
         )  # fmt: skip
 
         self.max_norm = None if max_norm is None else float(max_norm)
@@ -203,6 +216,8 @@ class GradientGuard(Callback):
         self.diagnose_top_k = diagnose_top_k
         self.agree_across_ranks = agree_across_ranks
         self.pause_schedulers_on_skip = pause_schedulers_on_skip
+        self.quarantine = quarantine
+        self._quarantine = Quarantine(quarantine)  # see `guard._quarantine`
         self._sched_hold = SchedulerHold()  # see `guard._sched`
         self._cfg = PolicyConfig(
             self.max_norm,
@@ -286,6 +301,34 @@ class GradientGuard(Callback):
         return self._rollback.num_rollbacks
 
     @property
+    def quarantined(self) -> list[Position]:
+        """The quarantined batches, ``(epoch, batch_idx)`` in order: their steps are skipped when they come back."""
+        return self._quarantine.sorted()
+
+    def load_quarantine(self, source: str | PathLike | Iterable[Iterable[int]]) -> list[Position]:
+        """Add quarantined batches: from a checkpoint file that holds this guard's state (a later checkpoint of the
+        run, when resuming from an earlier one), or ``(epoch, batch_idx)`` pairs. Returns the positions that were new.
+        """
+        if isinstance(source, (str, PathLike)):
+            from lightning.fabric.utilities.cloud_io import _load as pl_load
+
+            checkpoint = pl_load(source, map_location="cpu", weights_only=False)
+            states = checkpoint.get("callbacks", {})
+            if self.state_key not in states:
+                raise ValueError(
+                    f"`source`: the checkpoint {str(source)!r} holds no state of this guard (`{self.state_key}`);"
+                    f" it holds {sorted(states)}"
+                )
+            return self._quarantine.add(states[self.state_key].get("quarantine", ()))
+        try:
+            pairs = [tuple(p) for p in source]
+        except TypeError:
+            raise TypeError(f"`source` must be a checkpoint path or (epoch, batch_idx) pairs, got {source!r}") from None
+        if not all(len(p) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in p) for p in pairs):
+            raise ValueError(f"`source` must hold (epoch, batch_idx) pairs of ints, got {source!r}")
+        return self._quarantine.add(pairs)
+
+    @property
     def consecutive_skips(self) -> int:
         return max((s.read_counters().consecutive for s in self._opt_states.values()), default=0)
 
@@ -307,6 +350,7 @@ class GradientGuard(Callback):
         self._opt_states = states
         self.event_log.reset()
         self._rollback.reset()
+        self._quarantine.reset()  # the quarantined batches stay: they describe the data, not the fit
         self.last_grad_norm = None
         self._last_host = None
         self._last_warn_step = None
@@ -364,6 +408,7 @@ class GradientGuard(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._batch_loss = None
+        self._quarantine.batch_start(trainer.current_epoch, batch_idx, batch)
         self._rollback.batch_start(trainer, pl_module, self._opt_states)
         if self._buffers is not None and not self._buffers_armed:
             self._buffers.capture()
@@ -382,6 +427,7 @@ class GradientGuard(Callback):
             self._stepped_this_batch = False
             self._buffers_armed = False
         self._rollback.batch_end(trainer, pl_module, self._opt_states)
+        self._quarantine.batch_end()
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -454,7 +500,7 @@ class GradientGuard(Callback):
                     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
                     loss_bad = flag > 0
         st.moment_t = self._moment_norm(optimizer, inv_scale) if self.track_first_moment else None
-        forced = self._rollback.forced
+        forced = self._rollback.forced or self._quarantine.hit
         # automatic (None): decide on the device where a host read would stall one (CUDA) and the optimizer can be
         # skipped there (fused); on a CPU the host read costs nothing
         sync_free = self.sync_free if self.sync_free is not None else norms.total.device.type != "cpu"
@@ -484,6 +530,7 @@ class GradientGuard(Callback):
         self._sched_hold.clear()
         self._no_moment.clear()
         self._rollback.teardown()
+        self._quarantine.batch_end()
         self._buffers = None
         self._shards = None
         self._loss_sum = self._batch_loss = None
@@ -584,6 +631,12 @@ class GradientGuard(Callback):
                 if moment_thr is not None:
                     data["first_moment_threshold"] = moment_thr
             reason = decision.reason
+            if forced and self._quarantine.hit:
+                data["quarantined"] = True
+                if action is Action.FORCED:
+                    epoch, batch_idx = self._quarantine.current
+                    data["cause"] = "quarantined"
+                    reason = f"skipping a quarantined batch (epoch {epoch}, batch {batch_idx})"
             if loss_value is not None:
                 data.update(loss_evidence(loss_value, loss_stats, self._cfg))
                 data["loss_confirmed"] = self._cfg.loss_zscore is not None and loss_confirms(
@@ -609,7 +662,11 @@ class GradientGuard(Callback):
         corrupted = action is Action.NONFINITE and not state_is_finite(trainer, pl_module)
         accepted = action in STEPPED
         self._last_host = (norm, decision.threshold, moment)
+        self._quarantine.note(action, forced)
+        rollbacks = self._rollback.num_rollbacks
         self._rollback.after_decision(trainer, pl_module, self._opt_states, st, accepted=accepted, corrupted=corrupted)
+        if self._rollback.num_rollbacks > rollbacks:
+            self._after_rollback(ctx)
         if (step + 1) % self._log_every == 0:
             thr = decision.threshold if decision.threshold is not None else None
             self._log(pl_module, norm, thr, moment)
@@ -672,6 +729,7 @@ class GradientGuard(Callback):
         )
         st.last_code_t = code
         st.last_thr_t = thr
+        self._quarantine.note_on_device(code, ctx.forced)
         st.last_skip_code_t = torch.where(not_stepped, code, st.last_skip_code_t)
         if st.last_skip_norms_t is not None and st.last_skip_norms_t.shape == norms.per_tensor.shape:
             st.last_skip_norms_t = torch.where(not_stepped, norms.per_tensor, st.last_skip_norms_t)
@@ -683,8 +741,10 @@ class GradientGuard(Callback):
     def _sync_point(self, ctx: StepContext) -> None:
         """Sync-free mode: the host reads the device state (once per ``log_every_n_steps`` steps) and acts on it."""
         trainer, pl_module, st, norms = ctx.trainer, ctx.pl_module, ctx.state, ctx.norms
+        codes = self._quarantine.pending_codes()  # the decisions since the last read, for the quarantine's streak
         values = torch.cat(
             [
+                torch.stack(codes).to(norms.total.device, torch.float64) if codes else st.counters_t[:0].double(),
                 st.counters_t.to(torch.float64),
                 st.stats_t.to(torch.float64),
                 torch.stack([norms.total, st.last_thr_t]).to(torch.float64),
@@ -693,6 +753,8 @@ class GradientGuard(Callback):
                 (st.moment_t if st.moment_t is not None else st.last_thr_t).reshape(1).to(torch.float64),
             ]
         ).tolist()
+        self._quarantine.settle(values[: len(codes)])
+        values = values[len(codes) :]
         moment = values[-1] if st.moment_t is not None else None
         nc, ns = len(COUNTERS), NormStats.SIZE
         counters = Counters(*(int(v) for v in values[:nc]))
@@ -730,10 +792,70 @@ class GradientGuard(Callback):
         if self._rollback.check_persistent(trainer, pl_module, self._opt_states, st):
             ones = torch.ones((), dtype=torch.float32, device=norms.total.device)
             self._skipper.set_found_inf(ctx.optimizer, ones)
+            self._after_rollback(ctx)
         elif accepted:
             # the steps since the last read that were neither skipped nor overflowed were accepted
             self._rollback.count_accepted(max(self._log_every - new_skips - new_amp, 0))
         self._log(pl_module, norm, thr if math.isfinite(thr) else None, moment)
+
+    # ------------------------------------------------------------------------------------------------------------------
+    # after a rollback: replay the batch, quarantine
+
+    def _after_rollback(self, ctx: StepContext) -> None:
+        """Replay the batch of the step that triggered the rollback from the restored state (``guard._replay``), say
+        in a ``"replay"`` event whether the trouble came back with it (``"data"``) or not (``"state"``), and
+        quarantine the batches of the streak unless the state was to blame (``guard._quarantine``)."""
+        trainer, pl_module = ctx.trainer, ctx.pl_module
+        q = self._quarantine
+        streak = q.take_streak()
+        snap = self._rollback.snapshot
+        step = trainer.global_step
+        why = unavailable_reason(pl_module, q.batch, self._shards is not None)
+        result = why
+        if why is None:
+            result = replay(trainer, pl_module, ctx.optimizer, q.batch, q.batch_idx)
+            # the snapshot once more: whatever `training_step` changed in place (a parameter it normalises or clamps,
+            # a buffer outside the `state_dict`) is undone; the replay itself restored the gradients and buffers
+            self._rollback.finish(trainer, pl_module, self._opt_states)
+        where = "" if q.current is None else f" (epoch {q.current[0]}, batch {q.current[1]})"
+        data: dict[str, Any] = {
+            "position": None if q.current is None else list(q.current),
+            "to_step": None if snap is None else snap.step,
+        }
+        if isinstance(result, Replayed):
+            st = self._opt_states.get(ctx.idx, ctx.state)  # the statistics restored with the snapshot
+            loss_stats = st.lstats if self._cfg.loss_zscore is not None else None
+            decision = evaluate(result.norm, st.stats, self._cfg, loss=result.loss, loss_stats=loss_stats)
+            came_back = not (math.isfinite(result.norm) and math.isfinite(result.loss))
+            came_back = came_back or decision.action is not Action.ACCEPT
+            cause = "data" if came_back else "state"
+            data.update(norm=result.norm, loss=result.loss, threshold=decision.threshold)
+            data["rule"] = decision.action.name.lower()  # what the guard's rule says of the replayed step
+            measured = f"gradient norm {result.norm:.4g}, loss {result.loss:.4g}"
+            if came_back:
+                reason = (
+                    f"the batch of step {step}{where} replayed from the restored state: {measured}"
+                    f" ({REASONS[decision.action]}): the trouble came back with the batch (a data problem)"
+                )
+            else:
+                reason = (
+                    f"the batch of step {step}{where} replayed from the restored state: {measured}, accepted by the"
+                    " rule: the trouble did not come back with it (the state at that point: the learning rate or the"
+                    " weights)"
+                )
+        else:
+            cause = "unavailable"
+            data["why"] = result
+            reason = f"the batch of step {step}{where} was not replayed: {result}"
+        quarantined = streak if q.enabled and cause != "state" else []
+        q.add(quarantined)
+        data["batches"] = [list(p) for p in streak]
+        data["quarantined"] = [list(p) for p in quarantined]
+        if quarantined:
+            listed = ", ".join(f"({e}, {b})" for e, b in quarantined)
+            reason += f"; quarantined (epoch, batch) {listed}"
+        self.event_log.add(step, "replay", reason, cause=cause, **data)
+        rank_zero_warn(f"GradientGuard: {reason}.")
 
     # ------------------------------------------------------------------------------------------------------------------
     # shared pieces
