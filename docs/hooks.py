@@ -233,6 +233,25 @@ def _met(r: Results, f: str) -> str:
     return fmt(s.get("target_met"))
 
 
+def _zoo_summary(r: Results) -> str:
+    methods = r.get(ZOO, "summary.methods")
+    g = methods["guard"]
+    peers = {m: v for m, v in methods.items() if not m.startswith("guard") and m != "plain"}
+    fmt_pct = lambda x: f"{100 * x:+.1f} %"  # noqa: E731
+    lost = ", ".join(f"{m} {v['failed_runs']}" for m, v in peers.items())
+    noisy = ", ".join(f"{m} {v['false_actions_per_1000']:.1f}" for m, v in peers.items()
+                      if v.get("false_actions_per_1000") is not None)
+    misses = {k: len(v["misses"]) for k, v in r.get(ZOO, "summary.guard_targets.guard").items()}
+    return (
+        f"`GradientGuard()` on {g['fault_runs']} fault runs: catch rate {100 * g['catch_rate']:.0f} %, "
+        f"{g['failed_runs']} runs lost (peers: {lost}), median damage {fmt_pct(g['median_damage'])}; healthy runs: "
+        f"{g['false_actions_per_1000']:.2f} false actions per 1000 steps (peers: {noisy}), at most "
+        f"{g['max_actions_near_change']} actions around a change, never `on_persistent`; lead time "
+        f"{g['median_lead_time']} steps; target misses: {misses.get('tuned', 0)} tuned, "
+        f"{misses.get('held_out', 0)} held out (see the fault zoo page)"
+    )
+
+
 @table
 def benchmark_summary(r: Results) -> str:
     """One row per benchmark: the command, the result, the target and whether it was met."""
@@ -244,6 +263,9 @@ def benchmark_summary(r: Results) -> str:
         ("peers", "peers.json", _peers_summary, "guard best or tied on every failure case, no skips on the clean run"),
         ("cascade_amplitude", "cascade_amplitude.json", _cascade_summary,
          "every stage: < 10 % of windows clamped, RMS ratio in [0.9, 1.1]; the output (stage 3): gain >= 15 %"),
+        ("fault_zoo", "fault_zoo.json", _zoo_summary,
+         "`GradientGuard()`: every fault finite, damage <= 10 % and within 2 points of the least-damaged peer; healthy "
+         "runs <= 3 actions around a change, <= 1 per 1000 steps elsewhere, <= 2 % above plain; tuned and held out"),
     ]
     rows = []
     for name, f, result, target in specs:
