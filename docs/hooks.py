@@ -629,15 +629,6 @@ def fault_zoo_targets(r: Results) -> str:
     return markdown_table(["configuration", "set", "runs", "targets met", "false actions / 1000", "misses"], rows)
 
 
-@table
-def fault_zoo_picture(r: Results) -> str:
-    """The zoo's picture (written by the full run to ``docs/images/fault_zoo.png``), once it exists."""
-    if not (ROOT / "docs" / "images" / "fault_zoo.png").is_file():
-        raise NotMeasured("`docs/images/fault_zoo.png` does not exist: the full run of `benchmarks/fault_zoo.py` "
-                          "writes it")  # fmt: skip
-    return "![Fault zoo: held-out loss per case and method, actions marked](images/fault_zoo.png)"
-
-
 def _peers_summary(r: Results) -> str:
     s = r.get("peers.json", "summary")
     rescued, skips = s["rescued_within_tolerance"], s["false_positive_skips"]

@@ -95,7 +95,11 @@ def test_metric_classes_accumulate_exactly_what_the_union_gives(batches, data):
         peak.update(p)
     preds, target = torch.cat(batches), torch.cat(targets)
     torch.testing.assert_close(ratio.compute(), rms_ratio(preds, target), rtol=1e-5, atol=0, equal_nan=True)
-    torch.testing.assert_close(dc.compute(), dc_offset(preds), rtol=1e-5, atol=1e-6, equal_nan=True)
+    # a mean of samples up to 1e18 beside samples of 1 cancels catastrophically in float32: batch sums and one sum of
+    # the union round differently (which one keeps the small samples depends on the summation order, and so on the
+    # thread count), so they agree up to float32 rounding of the largest sample, not exactly
+    atol = 1e-6 + 64 * torch.finfo(torch.float32).eps * float(preds.abs().max())
+    torch.testing.assert_close(dc.compute(), dc_offset(preds), rtol=1e-5, atol=atol, equal_nan=True)
     out = peak.compute()
     values = out if isinstance(out, dict) else {"peak": out}
     torch.testing.assert_close(values["peak"], peak_amplitude(preds), rtol=0, atol=0)
