@@ -31,4 +31,4 @@ assert got == tuple(Version(v) for v in sys.argv[1:3]), (lightning.__file__, tor
 print(f"[floor] testing with {lightning.__file__} and {torchmetrics.__file__}")
 PY
 PYTHONPATH="$target:$PWD${PYTHONPATH:+:$PYTHONPATH}" "$VENV/bin/python" -m pytest -q \
-    tests/callbacks tests/metrics tests/modules tests/reliability/test_resume.py "$@"
+    tests/callbacks tests/metrics tests/reference tests/reliability/test_resume.py "$@"
