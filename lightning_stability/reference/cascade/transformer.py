@@ -121,7 +121,7 @@ class CascadeConfig:
     warn_above: float = 1.3  # the module warns when a stage's mean factor sits above this (collapsing residual)
     spectral_norm_output: bool = True  # sigma_max(output projection) = 1: a stage cannot amplify without bound
     qk_layernorm: bool = True  # Wortsman et al. 2023: bounds attention-logit growth; without it this cascade
-    # diverges at high learning rates even with r_3 = 0.3 and spectral norm (tests/modules/test_cascade.py)
+    # diverges at high learning rates even with r_3 = 0.3 and spectral norm (tests/reference/cascade/test_module.py)
     attn_logit_softcap: float | None = None  # cap * tanh(logits / cap); None = plain logits (fast SDPA path)
     dropout: float = 0.0  # attention-probability and residual dropout; latents are small data, keep 0 by default
     bias: bool = True  # biases in the Linear layers

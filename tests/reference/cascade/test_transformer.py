@@ -42,7 +42,7 @@ def test_default_config_is_the_post_mortem_fix():
     assert (cfg.min_scale, cfg.max_scale, cfg.warn_above) == (0.7, 1.5, 1.3)
     assert cfg.spectral_norm_output
     assert cfg.rms_reference == "source"
-    assert cfg.qk_layernorm  # the fix the miniature post-mortem needs most (tests/modules/test_cascade.py)
+    assert cfg.qk_layernorm  # the fix the miniature post-mortem needs most (tests/reference/cascade/test_module.py)
     assert cfg.normalize_input
     assert cfg.predict_gain  # the amplitude fixes (docs/guides/cascade.md)
     assert cfg.calibrate_output
