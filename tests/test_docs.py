@@ -94,7 +94,9 @@ def test_result_values_and_formats():
 
 def test_the_syntax_shown_as_inline_code_is_left_alone():
     macro = '{{ result("rescue.json", "summary.target_met") }}'
-    assert hooks.expand(f"write `{macro}` to get {macro}") == f"write `{macro}` to get yes"
+    value = hooks.expand(macro)
+    assert value in ("yes", "**no**")  # whatever the committed measurement says
+    assert hooks.expand(f"write `{macro}` to get {macro}") == f"write `{macro}` to get {value}"
 
 
 def test_unknown_table_names_the_known_ones():
