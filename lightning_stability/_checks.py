@@ -88,3 +88,67 @@ def check_choice(name: str, value: T, choices: Collection[Any]) -> T:
 
 
 __all__ = ["check_bool", "check_choice", "check_int", "check_number", "check_positive"]
+
+
+# --- plugin helpers ---
+
+
+def check_str(name: str, value: Any, *, allow_none: bool = False) -> Any:
+    """A non-empty ``str`` (``None`` passes when ``allow_none``): a ``TypeError`` for another type, a ``ValueError``
+    for the empty string."""
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"`{name}` must be a non-empty string{_or_none(allow_none)}, got {value!r}")
+    if not value:
+        raise ValueError(f"`{name}` must be a non-empty string{_or_none(allow_none)}, got {value!r}")
+    return value
+
+
+def check_fraction(name: str, value: Any) -> float:
+    """A number in the open interval ``(0, 1)`` (a decay, a ratio below one), as a ``float``."""
+    number = check_number(name, value)
+    if not 0.0 < number < 1.0:
+        raise ValueError(f"`{name}` must be a number in (0, 1), got {value!r}")
+    return number
+
+
+def check_patterns(name: str, value: Any) -> tuple[str, ...]:
+    """One pattern (a ``str``) or an iterable of them, as a tuple of non-empty strings (possibly empty): a
+    ``TypeError`` for something else or a non-string entry, a ``ValueError`` for an empty entry."""
+    if isinstance(value, str):
+        value = (value,)
+    try:
+        patterns = tuple(value)
+    except TypeError:
+        raise TypeError(f"`{name}` must be a pattern string or an iterable of them, got {value!r}") from None
+    for p in patterns:
+        if not isinstance(p, str):
+            raise TypeError(f"`{name}` must contain pattern strings, got {p!r} in {patterns!r}")
+        if not p:
+            raise ValueError(f"`{name}` must contain non-empty pattern strings, got {p!r} in {patterns!r}")
+    return patterns
+
+
+def check_number_mapping(
+    name: str, value: Any, *, minimum: float | None = None, allow_empty: bool = False
+) -> dict[str, float]:
+    """A mapping of non-empty ``str`` keys to finite numbers ``>= minimum``, as a ``dict`` of ``float``s (the
+    mapping's order kept). An entry is named ``name[key]`` in the messages: ``"`weights['mel']` must be a finite
+    number >= 0, got -1.0"``. A ``ValueError`` for an empty mapping unless ``allow_empty``."""
+    from collections.abc import Mapping  # here, not at the top: the plugin helpers stay one block
+
+    if not isinstance(value, Mapping):
+        raise TypeError(f"`{name}` must be a mapping of names to numbers, got {value!r}")
+    if not value and not allow_empty:
+        raise ValueError(f"`{name}` must name at least one entry, got {dict(value)!r}")
+    checked: dict[str, float] = {}
+    for key, number in value.items():
+        if not isinstance(key, str) or not key:
+            error = ValueError if isinstance(key, str) else TypeError
+            raise error(f"`{name}` keys must be non-empty strings, got {key!r} in {dict(value)!r}")
+        checked[key] = check_number(f"{name}[{key!r}]", number, minimum=minimum)
+    return checked
+
+
+__all__ += ["check_fraction", "check_number_mapping", "check_patterns", "check_str"]

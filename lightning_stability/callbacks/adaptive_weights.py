@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_stability._checks import check_fraction, check_int, check_number, check_positive, check_str
 from lightning_stability.callbacks._events import EventLog
 from lightning_stability.callbacks._logging import log_scalars
 from lightning_stability.callbacks._outputs import only_the_loss, only_the_loss_message
@@ -43,20 +43,6 @@ class Decision(IntEnum):
     HIGH_VARIANCE = 6  #: relative variance of the recent window above ``variance_limit``
     FROZEN = 7  #: frozen by :meth:`AdaptiveLossWeight.freeze`
     INVALID = 8  #: the proposed weight failed validation (non-finite or outside the bounds) and was not applied
-
-
-def _real(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{name}` must be a real number, got {value!r}")
-    return float(value)
-
-
-def _integer(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"`{name}` must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def _scalar(t: Tensor) -> Tensor:
@@ -185,7 +171,8 @@ class AdaptiveLossWeight(Callback):
         min_weight, max_weight: bounds of the weight.
         warmup_steps: accepted steps before the first change.
         cooling_steps: steps without change after a change, spike, rollback or manual set.
-        variance_limit: no change while the relative variance of the window is above this.
+        variance_limit: no change while the relative variance of the window is above this (> 0; ``math.inf``
+            switches the gate off).
         variance_window: number of recent steps in the variance (and gradient-growth) window.
         increase_ratio, decrease_ratio: ratio thresholds.
         max_change: relative size of one change.
@@ -222,47 +209,31 @@ class AdaptiveLossWeight(Callback):
         max_history: int = 100,
         max_events: int = 1000,
     ) -> None:
-        if not isinstance(loss, str) or not loss:
-            raise TypeError(f"`loss` must be a non-empty string naming a loss term, got {loss!r}")
-        min_weight = _real("min_weight", min_weight)
-        max_weight = _real("max_weight", max_weight)
-        if not (math.isfinite(min_weight) and min_weight > 0):
-            raise ValueError(f"`min_weight` must be finite and > 0, got {min_weight!r}")
-        if not (math.isfinite(max_weight) and max_weight > min_weight):
+        loss = check_str("loss", loss)
+        min_weight = check_positive("min_weight", min_weight)
+        max_weight = check_number("max_weight", max_weight)
+        if not max_weight > min_weight:
             raise ValueError(f"`max_weight` must be finite and > `min_weight` ({min_weight!r}), got {max_weight!r}")
-        if base_weight is not None:
-            base_weight = _real("base_weight", base_weight)
-            if not (math.isfinite(base_weight) and min_weight <= base_weight <= max_weight):
-                raise ValueError(f"`base_weight` must be in [{min_weight!r}, {max_weight!r}], got {base_weight!r}")
-        self.warmup_steps = _integer("warmup_steps", warmup_steps, 0)
-        self.cooling_steps = _integer("cooling_steps", cooling_steps, 0)
-        self.variance_window = _integer("variance_window", variance_window, 2)
-        self.max_history = _integer("max_history", max_history, 1)
-        max_events = _integer("max_events", max_events, 1)
-        variance_limit = _real("variance_limit", variance_limit)
-        if not variance_limit > 0:  # inf switches the gate off
-            raise ValueError(f"`variance_limit` must be > 0, got {variance_limit!r}")
-        increase_ratio = _real("increase_ratio", increase_ratio)
-        if not (math.isfinite(increase_ratio) and increase_ratio > 1):
-            raise ValueError(f"`increase_ratio` must be finite and > 1, got {increase_ratio!r}")
-        decrease_ratio = _real("decrease_ratio", decrease_ratio)
-        if not 0 < decrease_ratio < 1:
-            raise ValueError(f"`decrease_ratio` must be in (0, 1), got {decrease_ratio!r}")
-        max_change = _real("max_change", max_change)
-        if not 0 < max_change < 1:
-            raise ValueError(f"`max_change` must be in (0, 1), got {max_change!r}")
-        spike_ratio = _real("spike_ratio", spike_ratio)
-        if not (math.isfinite(spike_ratio) and spike_ratio > increase_ratio):
+        base_weight = check_number("base_weight", base_weight, minimum=min_weight, maximum=max_weight, allow_none=True)
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, 0)
+        self.cooling_steps = check_int("cooling_steps", cooling_steps, 0)
+        self.variance_window = check_int("variance_window", variance_window, 2)
+        self.max_history = check_int("max_history", max_history, 1)
+        max_events = check_int("max_events", max_events, 1)
+        if isinstance(variance_limit, float) and variance_limit == math.inf:  # inf switches the gate off
+            variance_limit = math.inf
+        else:
+            variance_limit = check_positive("variance_limit", variance_limit)
+        increase_ratio = check_number("increase_ratio", increase_ratio, minimum=1, exclusive=True)
+        decrease_ratio = check_fraction("decrease_ratio", decrease_ratio)
+        max_change = check_fraction("max_change", max_change)
+        spike_ratio = check_number("spike_ratio", spike_ratio)
+        if not spike_ratio > increase_ratio:
             raise ValueError(
                 f"`spike_ratio` must be finite and > `increase_ratio` ({increase_ratio!r}), got {spike_ratio!r}"
             )
-        ema_decay = _real("ema_decay", ema_decay)
-        if not 0 < ema_decay < 1:
-            raise ValueError(f"`ema_decay` must be in (0, 1), got {ema_decay!r}")
-        if grad_growth is not None:
-            grad_growth = _real("grad_growth", grad_growth)
-            if not (math.isfinite(grad_growth) and grad_growth > 1):
-                raise ValueError(f"`grad_growth` must be finite and > 1 (or None), got {grad_growth!r}")
+        ema_decay = check_fraction("ema_decay", ema_decay)
+        grad_growth = check_number("grad_growth", grad_growth, minimum=1, exclusive=True, allow_none=True)
 
         self.loss = loss
         self.base_weight = base_weight
@@ -482,9 +453,7 @@ class AdaptiveLossWeight(Callback):
 
     def set_weight(self, weight: float, reason: str = "manual override") -> None:
         """Set the weight by hand (validated; it can be undone with :meth:`rollback`; starts a cooling period)."""
-        value = _real("weight", weight)
-        if not (math.isfinite(value) and self.min_weight <= value <= self.max_weight):
-            raise ValueError(f"`weight` must be in [{self.min_weight!r}, {self.max_weight!r}], got {weight!r}")
+        value = check_number("weight", weight, minimum=self.min_weight, maximum=self.max_weight)
         old = self.weight
         self._change_weight(self._now(), value, manual=True)
         self.event_log.add(self._now(), "set", f"{reason}: weight {old} -> {value}", weight=value, previous=old)
