@@ -113,20 +113,20 @@ def check_fraction(name: str, value: Any) -> float:
     return number
 
 
-def check_patterns(name: str, value: Any) -> tuple[str, ...]:
+def check_patterns(name: str, value: Any, *, noun: str = "pattern") -> tuple[str, ...]:
     """One pattern (a ``str``) or an iterable of them, as a tuple of non-empty strings (possibly empty): a
-    ``TypeError`` for something else or a non-string entry, a ``ValueError`` for an empty entry."""
+    ``TypeError`` for something else or a non-string entry, a ``ValueError`` for an empty entry. ``noun`` names the
+    kind of pattern in the messages (``"glob pattern"``)."""
     if isinstance(value, str):
         value = (value,)
     try:
         patterns = tuple(value)
     except TypeError:
-        raise TypeError(f"`{name}` must be a pattern string or an iterable of them, got {value!r}") from None
+        raise TypeError(f"`{name}` must be a {noun} or an iterable of them, got {value!r}") from None
     for p in patterns:
-        if not isinstance(p, str):
-            raise TypeError(f"`{name}` must contain pattern strings, got {p!r} in {patterns!r}")
-        if not p:
-            raise ValueError(f"`{name}` must contain non-empty pattern strings, got {p!r} in {patterns!r}")
+        if not isinstance(p, str) or not p:
+            error = ValueError if isinstance(p, str) else TypeError
+            raise error(f"`{name}` must contain non-empty {noun} strings, got {p!r} in {patterns!r}")
     return patterns
 
 

@@ -15,6 +15,7 @@ from torch import nn
 from typing_extensions import override
 
 import lightning_stability.nn.spectral as sn
+from lightning_stability._checks import check_bool, check_int
 from lightning_stability.callbacks._events import EventLog
 from lightning_stability.callbacks._logging import log_scalars
 from lightning_stability.callbacks._sharding import sharded_strategy
@@ -90,7 +91,8 @@ class SpectralNormInjection(Callback):
             above).
 
     Raises:
-        ValueError: bad arguments (in ``__init__``); a selection matching nothing or a selected module without a
+        TypeError: an argument of the wrong type (in ``__init__``).
+        ValueError: bad argument values (in ``__init__``); a selection matching nothing or a selected module without a
             usable ``weight`` (in ``setup`` / after ``configure_model``).
         RuntimeError: a matching layer without spectral norm at ``on_fit_start``.
     """
@@ -106,8 +108,7 @@ class SpectralNormInjection(Callback):
         replace_weight_norm: bool = False,
     ) -> None:
         super().__init__()
-        if not isinstance(replace_weight_norm, bool):
-            raise TypeError(f"`replace_weight_norm` must be a bool, got {replace_weight_norm!r}")
+        check_bool("replace_weight_norm", replace_weight_norm)
         self.replace_weight_norm = replace_weight_norm
         self.types = sn._as_types(types)
         if modules is None:
@@ -118,14 +119,8 @@ class SpectralNormInjection(Callback):
                 f"nothing to select: `modules`={modules!r} and `types`={types!r} are both empty; "
                 "give glob patterns in `modules` and/or module classes in `types`"
             )
-        sn._check_power_args(n_power_iterations, eps)
-        if log_every_n_steps is not None and (
-            isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 0
-        ):
-            raise ValueError(f"`log_every_n_steps` must be None or an int >= 0, got {log_every_n_steps!r}")
-        self.n_power_iterations = n_power_iterations
-        self.eps = float(eps)
-        self.log_every_n_steps = log_every_n_steps
+        self.n_power_iterations, self.eps = sn._check_power_args(n_power_iterations, eps)
+        self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, 0, allow_none=True)
         self.event_log = EventLog(source=self.state_key)
         self.selected: list[str] = []
         self.wrapped: list[str] = []

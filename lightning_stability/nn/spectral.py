@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
-import math
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -43,6 +42,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm, spectral_norm
+
+from lightning_stability._checks import check_bool, check_int, check_patterns, check_positive
 
 __all__ = [
     "InjectionResult",
@@ -80,20 +81,7 @@ class InjectionResult:
 
 
 def _as_patterns(modules: str | Iterable[str] | None) -> tuple[str, ...]:
-    if modules is None:
-        return ()
-    if isinstance(modules, str):
-        modules = (modules,)
-    try:
-        patterns = tuple(modules)
-    except TypeError:
-        raise TypeError(
-            f"`modules` must be a glob pattern or a sequence of them, got {type(modules).__name__}: {modules!r}"
-        ) from None
-    for p in patterns:
-        if not isinstance(p, str) or not p:
-            raise TypeError(f"`modules` must contain non-empty glob pattern strings, got {p!r} in {patterns!r}")
-    return patterns
+    return () if modules is None else check_patterns("modules", modules, noun="glob pattern")
 
 
 def _resolve_type(t: Any) -> type[nn.Module]:
@@ -120,11 +108,8 @@ def _as_types(types: type | str | Iterable[type | str] | None) -> tuple[type[nn.
     return tuple(_resolve_type(t) for t in items)
 
 
-def _check_power_args(n_power_iterations: int, eps: float) -> None:
-    if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, int) or n_power_iterations < 1:
-        raise ValueError(f"`n_power_iterations` must be an int >= 1, got {n_power_iterations!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
-        raise ValueError(f"`eps` must be a finite number > 0, got {eps!r}")
+def _check_power_args(n_power_iterations: Any, eps: Any) -> tuple[int, float]:
+    return check_int("n_power_iterations", n_power_iterations, 1), check_positive("eps", eps)
 
 
 def _describe(names: Sequence[str]) -> str:
@@ -382,9 +367,8 @@ def inject_spectral_norm(
         ValueError: a selector that matches nothing (listing existing module names), or a selected module without a
             suitable ``weight`` (naming it; the legacy weight norm without ``replace_weight_norm``).
     """
-    _check_power_args(n_power_iterations, eps)
-    if not isinstance(replace_weight_norm, bool):
-        raise TypeError(f"`replace_weight_norm` must be a bool, got {replace_weight_norm!r}")
+    n_power_iterations, eps = _check_power_args(n_power_iterations, eps)
+    check_bool("replace_weight_norm", replace_weight_norm)
     selected = select_modules(model, modules, types, strict=strict)
     to_wrap = {name: module for name, module in selected.items() if not has_spectral_norm(module)}
     replaced = [name for name, module in to_wrap.items() if replace_weight_norm and has_weight_norm(module)]
@@ -531,7 +515,8 @@ def load_with_spectral_norm(
         ValueError: the checkpoint has spectral norm on modules the selection does not cover, or the other way round.
         FileNotFoundError: ``checkpoint`` is a path that does not exist.
     """
-    _check_power_args(n_power_iterations, eps)
+    n_power_iterations, eps = _check_power_args(n_power_iterations, eps)
+    check_bool("replace_weight_norm", replace_weight_norm, allow_none=True)
     state = _read_state_dict(checkpoint, map_location, weights_only)
     configure_model = getattr(model, "configure_model", None)
     if callable(configure_model):
@@ -541,8 +526,6 @@ def load_with_spectral_norm(
         if not state:
             raise ValueError(f"`prefix` {prefix!r} matches no key of the checkpoint")
     in_ckpt = spectral_norm_modules_in(state)
-    if replace_weight_norm is not None and not isinstance(replace_weight_norm, bool):
-        raise TypeError(f"`replace_weight_norm` must be None or a bool, got {replace_weight_norm!r}")
     candidates = _candidate_modules(model)
     if modules is None and types is None:
         missing = [n for n in in_ckpt if n not in candidates]

@@ -183,16 +183,19 @@ def test_selection_errors_name_the_problem():
 @pytest.mark.parametrize(
     ("kwargs", "exc", "match"),
     [
-        ({"modules": 3}, TypeError, r"`modules` must be a glob pattern or a sequence of them, got int: 3"),
+        ({"modules": 3}, TypeError, r"`modules` must be a glob pattern or an iterable of them, got 3"),
         ({"modules": ("*.a", 1)}, TypeError, r"`modules` must contain non-empty glob pattern strings, got 1"),
-        ({"modules": ("",)}, TypeError, r"got '' in"),
+        ({"modules": ("",)}, ValueError, r"`modules` must contain non-empty glob pattern strings, got '' in"),
         ({"types": (int,)}, TypeError, r"`types` must contain subclasses of `torch.nn.Module`, got <class 'int'>"),
         ({"types": 5}, TypeError, r"`types` must be a module class or a sequence of them, got 5"),
         ({"types": "torch.nn.Nope"}, ValueError, r"`types` entry 'torch.nn.Nope' is not an importable class path"),
-        ({"n_power_iterations": 0}, ValueError, r"`n_power_iterations` must be an int >= 1, got 0"),
-        ({"n_power_iterations": 1.5}, ValueError, r"`n_power_iterations` must be an int >= 1, got 1.5"),
+        ({"n_power_iterations": 0}, ValueError, r"`n_power_iterations` must be >= 1, got 0"),
+        ({"n_power_iterations": 1.5}, TypeError, r"`n_power_iterations` must be an int, got 1.5"),
+        ({"n_power_iterations": True}, TypeError, r"`n_power_iterations` must be an int, got True"),
         ({"eps": 0.0}, ValueError, r"`eps` must be a finite number > 0, got 0.0"),
         ({"eps": float("nan")}, ValueError, r"`eps` must be a finite number > 0, got nan"),
+        ({"eps": "1e-12"}, TypeError, r"`eps` must be a number, got '1e-12'"),
+        ({"replace_weight_norm": 1}, TypeError, r"`replace_weight_norm` must be a bool, got 1"),
     ],
 )
 def test_argument_errors(kwargs, exc, match):
@@ -261,8 +264,12 @@ def test_load_with_spectral_norm_errors(tmp_path):
         load_with_spectral_norm(Net(), 42)
     with pytest.raises(TypeError, match=r"does not hold a state dict"):
         load_with_spectral_norm(Net(), {"state_dict": [1, 2]})
-    with pytest.raises(ValueError, match=r"`n_power_iterations` must be an int >= 1, got -1"):
+    with pytest.raises(ValueError, match=r"`n_power_iterations` must be >= 1, got -1"):
         load_with_spectral_norm(Net(), ckpt, n_power_iterations=-1)
+    with pytest.raises(TypeError, match=r"`n_power_iterations` must be an int, got 1.0"):
+        load_with_spectral_norm(Net(), ckpt, n_power_iterations=1.0)
+    with pytest.raises(TypeError, match=r"`replace_weight_norm` must be a bool or None, got 'auto'"):
+        load_with_spectral_norm(Net(), ckpt, replace_weight_norm="auto")
 
 
 # -- weight norm -------------------------------------------------------------------------------------------------------
