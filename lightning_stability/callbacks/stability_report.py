@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_stability._checks import check_bool, check_int, check_str
 from lightning_stability.callbacks._events import EventLog
 from lightning_stability.callbacks._refit import begin_fit
 from lightning_stability.callbacks._state_key import cached_state_key
@@ -121,7 +122,8 @@ class StabilityReport(Callback):
         warmup_steps: "early" for the recommendations (non-finite skips) and the grace period for fp16 overflows.
 
     Raises:
-        ValueError, TypeError: bad arguments.
+        TypeError: an argument of the wrong type.
+        ValueError: an argument's value is out of range (the message names it and shows the value).
     """
 
     def __init__(
@@ -136,25 +138,14 @@ class StabilityReport(Callback):
     ) -> None:
         if dirpath is not None and not isinstance(dirpath, (str, os.PathLike)):
             raise TypeError(f"`dirpath` must be a path or None, got {dirpath!r}")
-        if not isinstance(filename, str) or not filename or os.sep in filename or "/" in filename:
-            raise ValueError(f"`filename` must be a non-empty file stem without path separators, got {filename!r}")
-        for name, value in (("log_to_wandb", log_to_wandb), ("print_summary", print_summary)):
-            if not isinstance(value, bool):
-                raise TypeError(f"`{name}` must be a bool, got {value!r}")
-        for name, value, minimum in (
-            ("flush_every_n_steps", flush_every_n_steps, 1),
-            ("warmup_steps", warmup_steps, 0),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"`{name}` must be an int, got {value!r}")
-            if value < minimum:
-                raise ValueError(f"`{name}` must be >= {minimum}, got {value!r}")
+        if os.sep in check_str("filename", filename) or "/" in filename:
+            raise ValueError(f"`filename` must be a file stem without path separators, got {filename!r}")
+        self.log_to_wandb = check_bool("log_to_wandb", log_to_wandb)
+        self.print_summary = check_bool("print_summary", print_summary)
+        self.flush_every_n_steps = check_int("flush_every_n_steps", flush_every_n_steps, 1)
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, 0)
         self.dirpath = None if dirpath is None else Path(dirpath)
         self.filename = filename
-        self.log_to_wandb = log_to_wandb
-        self.print_summary = print_summary
-        self.flush_every_n_steps = flush_every_n_steps
-        self.warmup_steps = warmup_steps
 
         self.event_log = EventLog(source=self.state_key)
         self._run_dir: Path | None = None

@@ -240,11 +240,15 @@ def test_wandb_gets_the_figure_and_the_event_table(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"filename": "a/b"}, ValueError, r"`filename` .*'a/b'"),
-        ({"filename": ""}, ValueError, r"`filename`"),
+        ({"filename": "a/b"}, ValueError, r"`filename` must be a file stem without path separators, got 'a/b'"),
+        ({"filename": ""}, ValueError, r"`filename` must be a non-empty string, got ''"),
+        ({"filename": 3}, TypeError, r"`filename` must be a non-empty string, got 3"),
         ({"flush_every_n_steps": 0}, ValueError, r"`flush_every_n_steps` must be >= 1, got 0"),
+        ({"flush_every_n_steps": 5.0}, TypeError, r"`flush_every_n_steps` must be an int, got 5.0"),
         ({"warmup_steps": -1}, ValueError, r"`warmup_steps` must be >= 0, got -1"),
+        ({"warmup_steps": None}, TypeError, r"`warmup_steps` must be an int, got None"),
         ({"log_to_wandb": 1}, TypeError, r"`log_to_wandb` must be a bool, got 1"),
+        ({"print_summary": "no"}, TypeError, r"`print_summary` must be a bool, got 'no'"),
         ({"dirpath": 3}, TypeError, r"`dirpath` must be a path or None, got 3"),
     ],
 )
