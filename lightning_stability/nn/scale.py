@@ -24,6 +24,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from lightning_stability._checks import check_bool, check_positive
+
 __all__ = ["ClampedRMSScale", "denormalize", "normalize"]
 
 
@@ -42,14 +44,11 @@ def _rms(x: Tensor, dims: Sequence[int]) -> Tensor:
 
 
 def _check_bounds(min_scale: float, max_scale: float) -> tuple[float, float]:
-    for name, value in (("min_scale", min_scale), ("max_scale", max_scale)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"`{name}` must be a float, got {value!r} ({type(value).__name__})")
-        if not math.isfinite(value) or value <= 0:
-            raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}")
+    min_scale = check_positive("min_scale", min_scale, noun="a float")
+    max_scale = check_positive("max_scale", max_scale, noun="a float")
     if min_scale > max_scale:
         raise ValueError(f"`min_scale` must be <= `max_scale`, got min_scale={min_scale!r} > max_scale={max_scale!r}")
-    return float(min_scale), float(max_scale)
+    return min_scale, max_scale
 
 
 class ClampedRMSScale(nn.Module):
@@ -118,15 +117,9 @@ class ClampedRMSScale(nn.Module):
     ) -> None:
         super().__init__()
         self._min_scale, self._max_scale = _check_bounds(min_scale, max_scale)
-        if not isinstance(per_frame, bool):
-            raise TypeError(f"`per_frame` must be a bool, got {per_frame!r}")
-        if not isinstance(detach_scale, bool):
-            raise TypeError(f"`detach_scale` must be a bool, got {detach_scale!r}")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
-            raise ValueError(f"`eps` must be a finite number > 0, got {eps!r}")
-        self.per_frame = per_frame
-        self.detach_scale = detach_scale
-        self.eps = float(eps)
+        self.per_frame = check_bool("per_frame", per_frame)
+        self.detach_scale = check_bool("detach_scale", detach_scale)
+        self.eps = check_positive("eps", eps)
         self.register_buffer("last_scale", torch.empty(0), persistent=False)
         self.register_buffer("last_raw_scale", torch.empty(0), persistent=False)
         self.register_buffer("last_clamped_fraction", torch.zeros(()), persistent=False)
@@ -241,9 +234,7 @@ def normalize(x: Tensor, eps: float = 1e-8) -> tuple[Tensor, Tensor]:
         raise TypeError(f"`x` must be a floating-point tensor, got {type(x).__name__} {getattr(x, 'dtype', '')}")
     if x.ndim < 2:
         raise ValueError(f"`x` must have a batch dim and at least one more, got shape {tuple(x.shape)}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
-        raise ValueError(f"`eps` must be a finite number > 0, got {eps!r}")
-    scale = _rms(x, range(1, x.ndim)) + eps
+    scale = _rms(x, range(1, x.ndim)) + check_positive("eps", eps)
     with torch.autocast(device_type=x.device.type, enabled=False):
         return (x.float() / scale).to(x.dtype), scale
 

@@ -177,6 +177,8 @@ def test_bounds_can_be_changed_at_run_time():
         ({"detach_scale": "yes"}, TypeError, r"`detach_scale` must be a bool, got 'yes'"),
         ({"eps": 0}, ValueError, r"`eps` must be a finite number > 0, got 0"),
         ({"eps": -1e-5}, ValueError, r"`eps` .* got -1e-05"),
+        ({"eps": "1e-5"}, TypeError, r"`eps` must be a number, got '1e-5'"),
+        ({"eps": None}, TypeError, r"`eps` must be a number, got None"),
     ],
 )
 def test_constructor_argument_errors(kwargs, exc, match):
@@ -245,6 +247,8 @@ def test_normalize_and_denormalize_errors():
         normalize(torch.ones(2, 10, dtype=torch.int16))
     with pytest.raises(ValueError, match=r"`eps` must be a finite number > 0, got 0"):
         normalize(torch.randn(2, 10), eps=0)
+    with pytest.raises(TypeError, match=r"`eps` must be a number, got '1e-8'"):
+        normalize(torch.randn(2, 10), eps="1e-8")
     with pytest.raises(TypeError, match=r"`scale` must be a tensor"):
         denormalize(torch.randn(2, 1, 10), 2.0)
     with pytest.raises(TypeError, match=r"`y` must be a floating-point tensor"):
