@@ -28,14 +28,14 @@ the device to the same step's term, before backward.
 from __future__ import annotations
 
 import contextlib
-import math
-import numbers
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from lightning_stability._checks import check_number_mapping, check_positive
 
 __all__ = ["LossWeights", "SpikeDamping"]
 
@@ -72,22 +72,23 @@ class SpikeDamping:
         return torch.where(value > limit, limit / value, 1.0)
 
 
-def _check_name(name: Any) -> str:
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"loss names must be non-empty strings, got {name!r}")
-    return name
+def _no_tensors(weights: Any) -> Any:
+    """``weights`` unchanged; a ``TypeError`` (with the reason) for a tensor weight: a tensor would need a host
+    synchronisation to validate, so the weights are Python floats."""
+    if isinstance(weights, Mapping):
+        for name, value in weights.items():
+            if isinstance(value, Tensor):
+                raise TypeError(
+                    f"`weights[{name!r}]` must be a number (a Python float: a tensor would need a host synchronisation"
+                    f" to validate), got {value!r}"
+                )
+    return weights
 
 
-def _check_weight(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"the weight of loss `{name}` must be a real number, got {value!r} ({type(value).__name__});"
-            " pass a Python float (a tensor would need a host synchronisation to validate)"
-        )
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"the weight of loss `{name}` must be finite and >= 0, got {value!r}")
-    return value
+def _check_weights(weights: Any, *, allow_empty: bool = False) -> dict[str, float]:
+    """``weights`` as a ``dict`` of names (non-empty strings) to finite floats ``>= 0``; an entry is named
+    ``weights['mel']`` in the messages."""
+    return check_number_mapping("weights", _no_tensors(weights), minimum=0, allow_empty=allow_empty)
 
 
 class LossWeights(Mapping[str, float]):
@@ -121,20 +122,15 @@ class LossWeights(Mapping[str, float]):
             ``weighted_sum`` term must use one of them.
 
     Raises:
-        TypeError: a name is not a non-empty string or a weight is not a real number.
-        ValueError: ``weights`` is empty, or a weight is negative or not finite.
+        TypeError: ``weights`` is not a mapping, a name is not a string or a weight is not a real number (a tensor
+            included).
+        ValueError: ``weights`` is empty, a name is the empty string, or a weight is negative or not finite.
     """
 
     def __init__(self, weights: Mapping[str, float]) -> None:
         if isinstance(weights, LossWeights):
             weights = weights.as_dict()
-        if not isinstance(weights, Mapping):
-            raise TypeError(f"`weights` must be a mapping of loss name to weight, got {type(weights).__name__}")
-        if not weights:
-            raise ValueError(f"`weights` must name at least one loss, got {dict(weights)!r}")
-        self._weights: dict[str, float] = {}
-        for name, value in weights.items():
-            self._weights[_check_name(name)] = _check_weight(name, value)
+        self._weights: dict[str, float] = _check_weights(weights)
         self._damping: dict[str, SpikeDamping] = {}
 
     # --- mapping protocol ------------------------------------------------------------------------------------------
@@ -155,7 +151,7 @@ class LossWeights(Mapping[str, float]):
         return self._weights.get(name, default)
 
     def __setitem__(self, name: str, value: float) -> None:
-        self._weights[self._check_known(name)] = _check_weight(name, value)
+        self._weights[self._check_known(name)] = _check_weights({name: value})[name]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._weights)
@@ -176,7 +172,9 @@ class LossWeights(Mapping[str, float]):
 
     def update(self, weights: Mapping[str, float]) -> None:
         """Set several weights at once; all are validated before any is changed."""
-        checked = {self._check_known(name): _check_weight(name, value) for name, value in weights.items()}
+        checked = _check_weights(weights, allow_empty=True)
+        for name in checked:
+            self._check_known(name)
         self._weights.update(checked)
 
     # --- weight 0: computed and logged, not optimised ---------------------------------------------------------------
@@ -208,12 +206,10 @@ class LossWeights(Mapping[str, float]):
         """
         self._check_known(name)
         if not isinstance(reference, Tensor) or reference.numel() != 1:
-            raise ValueError(f"`reference` of the damping for `{name}` must be a one-element tensor, got {reference!r}")
-        if isinstance(max_ratio, bool) or not isinstance(max_ratio, numbers.Real) or not max_ratio > 0:
-            raise ValueError(f"`max_ratio` of the damping for `{name}` must be a number > 0, got {max_ratio!r}")
-        if not math.isfinite(max_ratio):
-            raise ValueError(f"`max_ratio` of the damping for `{name}` must be finite, got {max_ratio!r}")
-        damping = SpikeDamping(reference=reference, max_ratio=float(max_ratio))
+            error = ValueError if isinstance(reference, Tensor) else TypeError
+            raise error(f"`reference` of the damping for `{name}` must be a one-element tensor, got {reference!r}")
+        max_ratio = check_positive("max_ratio", max_ratio)
+        damping = SpikeDamping(reference=reference, max_ratio=max_ratio)
         self._damping[name] = damping
         return damping
 

@@ -52,13 +52,20 @@ def test_setitem_and_update_validate_and_leave_the_weights_unchanged_on_error():
     with pytest.raises(ValueError, match=r"unknown loss name 'x'.*\['mel', 'l1'\]"):
         lw["x"]  # noqa: B018
     for bad in (float("nan"), float("inf"), -0.1):
-        with pytest.raises(ValueError, match=rf"weight of loss `mel` must be finite and >= 0, got {bad!r}"):
+        with pytest.raises(ValueError, match=rf"`weights\['mel'\]` must be a finite number >= 0, got {bad!r}"):
             lw["mel"] = bad
     for bad in (True, "2", torch.tensor(2.0), None):
-        with pytest.raises(TypeError, match="weight of loss `mel` must be a real number"):
+        with pytest.raises(TypeError, match=r"`weights\['mel'\]` must be a number"):
             lw["mel"] = bad
-    with pytest.raises(ValueError, match="weight of loss `l1`"):
+    with pytest.raises(TypeError, match=r"a tensor would need a host synchronisation to validate\), got tensor\(2"):
+        lw["mel"] = torch.tensor(2.0)
+    with pytest.raises(ValueError, match=r"`weights\['l1'\]` must be a finite number >= 0, got -1.0"):
         lw.update({"mel": 4.0, "l1": -1.0})
+    with pytest.raises(ValueError, match=r"unknown loss name 'mle'"):
+        lw.update({"mel": 4.0, "mle": 1.0})
+    with pytest.raises(TypeError, match="`weights` must be a mapping of names to numbers, got 4.0"):
+        lw.update(4.0)
+    lw.update({})
     assert lw.as_dict() == {"mel": 3.0, "l1": 1.0}
     assert lw.get("nope") is None
     assert lw.get("mel") == 3.0
@@ -67,14 +74,15 @@ def test_setitem_and_update_validate_and_leave_the_weights_unchanged_on_error():
 @pytest.mark.parametrize(
     ("weights", "error", "match"),
     [
-        ({}, ValueError, r"`weights` must name at least one loss, got \{\}"),
-        ([("mel", 1.0)], TypeError, "`weights` must be a mapping"),
-        ({"": 1.0}, TypeError, "non-empty strings, got ''"),
-        ({3: 1.0}, TypeError, "non-empty strings, got 3"),
-        ({"mel": -1.0}, ValueError, "weight of loss `mel` must be finite and >= 0, got -1.0"),
-        ({"mel": float("nan")}, ValueError, "got nan"),
-        ({"mel": float("inf")}, ValueError, "got inf"),
-        ({"mel": False}, TypeError, "must be a real number"),
+        ({}, ValueError, r"`weights` must name at least one entry, got \{\}"),
+        ([("mel", 1.0)], TypeError, r"`weights` must be a mapping of names to numbers, got \[\('mel', 1.0\)\]"),
+        ({"": 1.0}, ValueError, "`weights` keys must be non-empty strings, got ''"),
+        ({3: 1.0}, TypeError, "`weights` keys must be non-empty strings, got 3"),
+        ({"mel": -1.0}, ValueError, r"`weights\['mel'\]` must be a finite number >= 0, got -1.0"),
+        ({"mel": float("nan")}, ValueError, r"`weights\['mel'\]` .* got nan"),
+        ({"mel": float("inf")}, ValueError, r"`weights\['mel'\]` .* got inf"),
+        ({"mel": False}, TypeError, r"`weights\['mel'\]` must be a number, got False"),
+        ({"mel": torch.tensor(1.0)}, TypeError, r"`weights\['mel'\]` must be a number \(a Python float"),
     ],
 )
 def test_constructor_argument_errors(weights, error, match):
@@ -143,11 +151,17 @@ def test_register_damping_argument_errors():
         lw.register_damping("x", torch.zeros(()), 2.0)
     with pytest.raises(ValueError, match="`reference` .* one-element tensor"):
         lw.register_damping("mel", torch.zeros(2), 2.0)
-    for bad in (0.0, -1.0, True, "2"):
-        with pytest.raises(ValueError, match=rf"`max_ratio` .* > 0, got {bad!r}"):
+    with pytest.raises(TypeError, match="`reference` .* one-element tensor, got 0.5"):
+        lw.register_damping("mel", 0.5, 2.0)
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match=rf"`max_ratio` must be a finite number > 0, got {bad!r}"):
             lw.register_damping("mel", torch.zeros(()), bad)
-    with pytest.raises(ValueError, match="`max_ratio` .* finite, got inf"):
+    for bad in (True, "2"):
+        with pytest.raises(TypeError, match=rf"`max_ratio` must be a number, got {bad!r}"):
+            lw.register_damping("mel", torch.zeros(()), bad)
+    with pytest.raises(ValueError, match="`max_ratio` must be a finite number > 0, got inf"):
         lw.register_damping("mel", torch.zeros(()), float("inf"))
+    assert lw.damping("mel") is None
 
 
 def test_pickle_deepcopy_and_state_round_trip():
