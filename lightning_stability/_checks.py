@@ -131,11 +131,12 @@ def check_patterns(name: str, value: Any, *, noun: str = "pattern") -> tuple[str
 
 
 def check_number_mapping(
-    name: str, value: Any, *, minimum: float | None = None, allow_empty: bool = False
+    name: str, value: Any, *, minimum: float | None = None, allow_empty: bool = False, entry: str = "{name}[{key!r}]"
 ) -> dict[str, float]:
     """A mapping of non-empty ``str`` keys to finite numbers ``>= minimum``, as a ``dict`` of ``float``s (the
-    mapping's order kept). An entry is named ``name[key]`` in the messages: ``"`weights['mel']` must be a finite
-    number >= 0, got -1.0"``. A ``ValueError`` for an empty mapping unless ``allow_empty``."""
+    mapping's order kept). ``entry`` (formatted with ``name`` and ``key``) names an entry in the messages: by default
+    ``"`weights['mel']` must be a finite number >= 0, got -1.0"``; ``entry="{key}"`` names it by its key alone, for
+    a mapping whose keys the user chose (loss names). A ``ValueError`` for an empty mapping unless ``allow_empty``."""
     from collections.abc import Mapping  # here, not at the top: the plugin helpers stay one block
 
     if not isinstance(value, Mapping):
@@ -147,7 +148,7 @@ def check_number_mapping(
         if not isinstance(key, str) or not key:
             error = ValueError if isinstance(key, str) else TypeError
             raise error(f"`{name}` keys must be non-empty strings, got {key!r} in {dict(value)!r}")
-        checked[key] = check_number(f"{name}[{key!r}]", number, minimum=minimum)
+        checked[key] = check_number(entry.format(name=name, key=key), number, minimum=minimum)
     return checked
 
 

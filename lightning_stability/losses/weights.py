@@ -79,16 +79,17 @@ def _no_tensors(weights: Any) -> Any:
         for name, value in weights.items():
             if isinstance(value, Tensor):
                 raise TypeError(
-                    f"`weights[{name!r}]` must be a number (a Python float: a tensor would need a host synchronisation"
-                    f" to validate), got {value!r}"
+                    f"`{name}` must be a number (a Python float: a tensor would need a host synchronisation to"
+                    f" validate), got {value!r}"
                 )
     return weights
 
 
 def _check_weights(weights: Any, *, allow_empty: bool = False) -> dict[str, float]:
-    """``weights`` as a ``dict`` of names (non-empty strings) to finite floats ``>= 0``; an entry is named
-    ``weights['mel']`` in the messages."""
-    return check_number_mapping("weights", _no_tensors(weights), minimum=0, allow_empty=allow_empty)
+    """``weights`` as a ``dict`` of names (non-empty strings) to finite floats ``>= 0``; an entry is named by its loss
+    name in the messages (``"`mel` must be a finite number >= 0, got -1.0"``), which is also what a module that
+    passes its own argument (``loss_weights``) on to ``LossWeights`` shows its user."""
+    return check_number_mapping("weights", _no_tensors(weights), minimum=0, allow_empty=allow_empty, entry="{key}")
 
 
 class LossWeights(Mapping[str, float]):

@@ -221,7 +221,7 @@ def test_weight_zero_terms_are_left_out_and_live_loss_weights_are_followed():
         ({"weights": {}}, ValueError, "`weights` must name at least one entry"),
         ({"weights": [("a", 1.0)]}, TypeError, "`weights` must be a mapping"),
         ({"weights": {"a": 0.0}}, ValueError, r"needs at least one weight > 0, got \{'a': 0.0\}"),
-        ({"weights": {"a": -1.0}}, ValueError, r"`weights\['a'\]` must be a finite number >= 0, got -1.0"),
+        ({"weights": {"a": -1.0}}, ValueError, r"`a` must be a finite number >= 0, got -1.0"),
         ({"total_norm": 0.0}, ValueError, "`total_norm` must be finite and > 0, got 0.0"),
         ({"total_norm": "1"}, TypeError, "`total_norm` must be a real number"),
         ({"ema_decay": 0.0}, ValueError, "`ema_decay` must be finite and > 0, got 0.0"),
