@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from lightning_stability._checks import check_int
 from lightning_stability.metrics.functional import codebook_histogram, codebook_perplexity, dead_code_fraction
 
 __all__ = ["CodebookUsage"]
@@ -48,13 +49,8 @@ class CodebookUsage(Metric):
 
     def __init__(self, num_codebooks: int, codebook_size: int, *, validate_args: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        for name, value in (("num_codebooks", num_codebooks), ("codebook_size", codebook_size)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"`{name}` must be an int, got {value!r}")
-            if value < 1:
-                raise ValueError(f"`{name}` must be >= 1, got {value!r}")
-        self.num_codebooks = num_codebooks
-        self.codebook_size = codebook_size
+        self.num_codebooks = num_codebooks = check_int("num_codebooks", num_codebooks, 1)
+        self.codebook_size = codebook_size = check_int("codebook_size", codebook_size, 1)
         self.validate_args = bool(validate_args)
         self.add_state(
             "histogram", default=torch.zeros(num_codebooks, codebook_size, dtype=torch.long), dist_reduce_fx="sum"

@@ -23,6 +23,8 @@ import math
 import torch
 from torch import Tensor
 
+from lightning_stability._checks import check_bool, check_int, check_positive
+
 __all__ = [
     "clip_fraction",
     "codebook_histogram",
@@ -65,7 +67,11 @@ def _check_pair(preds: Tensor, target: Tensor) -> None:
 
 
 def _reduce_dims(x: Tensor, dim: int | None) -> tuple[int, ...]:
-    return tuple(range(x.ndim)) if dim is None else (dim,)
+    if check_int("dim", dim, allow_none=True) is None:
+        return tuple(range(x.ndim))
+    if not -x.ndim <= dim < x.ndim:
+        raise ValueError(f"`dim` must be None or a dim of the input (shape {tuple(x.shape)}), got {dim!r}")
+    return (dim,)
 
 
 def _sqrt(x: Tensor) -> Tensor:
@@ -190,8 +196,7 @@ def clip_fraction(preds: Tensor, clip_level: float = 1.0, dim: int | None = None
         clip_level: ``c`` (> 0); 1.0 is digital full scale.
         dim: ``None`` or ``-1`` (one fraction per series).
     """
-    if not clip_level > 0:
-        raise ValueError(f"`clip_level` must be > 0, got {clip_level!r}")
+    clip_level = check_positive("clip_level", clip_level)
     _, clipped, count = _peak_update(preds, clip_level, dim)
     return clipped.to(_compute_dtype(preds)) / max(count, 1)
 
@@ -232,7 +237,9 @@ def codebook_histogram(
     Returns:
         ``[n_q, K]`` int64 counts.
     """
-    _check_codes(codes, num_codebooks, codebook_size, validate=validate)
+    codebook_size = check_int("codebook_size", codebook_size, 1)
+    num_codebooks = check_int("num_codebooks", num_codebooks, 1, allow_none=True)
+    _check_codes(codes, num_codebooks, codebook_size, validate=check_bool("validate", validate))
     n_q = codes.shape[1]
     flat = codes.transpose(0, 1).reshape(n_q, -1).long()  # [n_q, B*T]
     hist = torch.zeros(n_q, codebook_size, dtype=torch.long, device=codes.device)

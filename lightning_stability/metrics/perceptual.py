@@ -36,11 +36,13 @@ import math
 import warnings
 from collections.abc import Callable
 from functools import lru_cache
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from lightning_stability._checks import check_bool, check_choice, check_int
 
 __all__ = [
     "PESQ_SAMPLE_RATE",
@@ -72,23 +74,25 @@ class SpeechQualityError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
+def _check_signal(name: str, x: Any) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim == 0:
+        raise ValueError(f"`{name}` must have a time dimension (shape `(..., time)`), got a 0-dim tensor")
+    if not x.is_floating_point():
+        raise TypeError(f"`{name}` must hold float audio samples (e.g. float32 in [-1, 1]), got dtype {x.dtype}")
+
+
 def _check_inputs(preds: Tensor, target: Tensor, sample_rate: int, on_error: str) -> None:
-    for name, x in (("preds", preds), ("target", target)):
-        if not isinstance(x, Tensor):
-            raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
-        if x.ndim == 0:
-            raise ValueError(f"`{name}` must have a time dimension (shape `(..., time)`), got a 0-dim tensor")
-        if not x.is_floating_point():
-            raise TypeError(f"`{name}` must hold float audio samples (e.g. float32 in [-1, 1]), got dtype {x.dtype}")
+    _check_signal("preds", preds)
+    _check_signal("target", target)
     if preds.shape != target.shape:
         raise ValueError(
             f"`preds` and `target` must have the same shape, got preds {tuple(preds.shape)} and target "
             f"{tuple(target.shape)}"
         )
-    if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate < 1:
-        raise ValueError(f"`sample_rate` must be a positive int (Hz), got {sample_rate!r}")
-    if on_error not in ("raise", "nan"):
-        raise ValueError(f"`on_error` must be 'raise' or 'nan', got {on_error!r}")
+    check_int("sample_rate", sample_rate, 1)
+    check_choice("on_error", on_error, ("raise", "nan"))
 
 
 def _series(x: Tensor) -> Tensor:
@@ -241,6 +245,7 @@ def stoi(
         SpeechQualityError: a series has no score and ``on_error="raise"``.
     """
     _check_inputs(preds, target, sample_rate, on_error)
+    check_bool("extended", extended)
     _require("pystoi", "STOI")
     values = _scores("STOI", preds, target, lambda p, t: _stoi_one(p, t, sample_rate, extended))
     return _finish("STOI", values, preds.shape, on_error)
@@ -266,7 +271,8 @@ def integrated_loudness(x: Tensor, sample_rate: int) -> Tensor:
     Raises:
         ValueError: ``x`` is shorter than one 400 ms block, or has non-finite samples.
     """
-    _check_inputs(x, x, sample_rate, "raise")
+    _check_signal("x", x)
+    check_int("sample_rate", sample_rate, 1)
     _require("pyloudnorm", "loudness")
     s = _series(x)
     if s.shape[-1] <= LOUDNESS_BLOCK_SECONDS * sample_rate:
@@ -313,6 +319,7 @@ def loudness_error(
         SpeechQualityError: a series has no error defined and ``on_error="raise"``.
     """
     _check_inputs(preds, target, sample_rate, on_error)
+    check_bool("signed", signed)
     _require("pyloudnorm", "the loudness error")
     values = _scores("loudness error", preds, target, lambda p, t: _loudness_error_one(p, t, sample_rate, signed))
     return _finish("loudness error", values, preds.shape, on_error)

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from lightning_stability._checks import check_bool, check_int
 from lightning_stability.metrics.perceptual import (
     _check_inputs,
     _loudness_error_one,
@@ -55,9 +56,7 @@ class _MeanScore(Metric):
 
     def __init__(self, sample_rate: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate < 1:
-            raise ValueError(f"`sample_rate` must be a positive int (Hz), got {sample_rate!r}")
-        self.sample_rate = sample_rate
+        self.sample_rate = check_int("sample_rate", sample_rate, 1)
         self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("skipped", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
@@ -132,7 +131,7 @@ class STOI(_MeanScore):
     def __init__(self, sample_rate: int, *, extended: bool = False, **kwargs: Any) -> None:
         _require("pystoi", "STOI")
         super().__init__(sample_rate, **kwargs)
-        self.extended = bool(extended)
+        self.extended = check_bool("extended", extended)
 
     def _score(self, pred: Tensor, target: Tensor) -> float | str:
         return _stoi_one(pred, target, self.sample_rate, self.extended)
@@ -156,7 +155,8 @@ class LoudnessError(_MeanScore):
     def __init__(self, sample_rate: int, *, signed: bool = False, **kwargs: Any) -> None:
         _require("pyloudnorm", "LoudnessError")
         super().__init__(sample_rate, **kwargs)
-        self.signed = bool(signed)  # signed: best at 0, negative = quieter (``higher_is_better`` stays False)
+        # signed: best at 0, negative = quieter (``higher_is_better`` stays False)
+        self.signed = check_bool("signed", signed)
 
     def _score(self, pred: Tensor, target: Tensor) -> float | str:
         return _loudness_error_one(pred, target, self.sample_rate, self.signed)

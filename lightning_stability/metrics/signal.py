@@ -11,13 +11,13 @@ For SNR and SI-SNR use torchmetrics' own ``SignalNoiseRatio`` / ``ScaleInvariant
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from lightning_stability._checks import check_positive
 from lightning_stability.metrics.functional import (
     _dc_offset_compute,
     _dc_offset_update,
@@ -134,11 +134,7 @@ class PeakAmplitude(Metric):
 
     def __init__(self, clip_level: float = 1.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if isinstance(clip_level, bool) or not isinstance(clip_level, (int, float)):
-            raise TypeError(f"`clip_level` must be a number, got {clip_level!r}")
-        if not (clip_level > 0 and math.isfinite(clip_level)):
-            raise ValueError(f"`clip_level` must be a finite number > 0, got {clip_level!r}")
-        self.clip_level = float(clip_level)
+        self.clip_level = check_positive("clip_level", clip_level)
         self.add_state("peak", default=torch.tensor(0.0), dist_reduce_fx="max")
         self.add_state("clipped", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")

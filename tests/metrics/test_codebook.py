@@ -50,6 +50,8 @@ def test_collapsed_and_uniform_stages_hit_the_bounds():
     [
         ({"num_codebooks": 0, "codebook_size": 4}, ValueError, "`num_codebooks` must be >= 1, got 0"),
         ({"num_codebooks": 2, "codebook_size": 2.5}, TypeError, "`codebook_size` must be an int, got 2.5"),
+        ({"num_codebooks": "2", "codebook_size": 4}, TypeError, "`num_codebooks` must be an int, got '2'"),
+        ({"num_codebooks": 2, "codebook_size": -4}, ValueError, "`codebook_size` must be >= 1, got -4"),
     ],
 )
 def test_argument_errors(kwargs, error, match):

@@ -116,6 +116,63 @@ def test_bad_codes_are_clear_errors(codes, match):
         codebook_histogram(codes, codebook_size=8)
 
 
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: clip_fraction(torch.zeros(3), clip_level="1"), TypeError, "`clip_level` must be a number, got '1'"),
+        (
+            lambda: clip_fraction(torch.zeros(3), clip_level=-1.0),
+            ValueError,
+            "`clip_level` must be a finite number > 0",
+        ),
+        (lambda: clip_fraction(torch.zeros(3), clip_level=math.nan), ValueError, "`clip_level` .* got nan"),
+        (lambda: rms(torch.zeros(2, 3), dim=1.0), TypeError, "`dim` must be an int or None, got 1.0"),
+        (
+            lambda: rms(torch.zeros(2, 3), dim=2),
+            ValueError,
+            r"`dim` must be None or a dim of the input \(shape \(2, 3\)\)",
+        ),
+        (lambda: rms_ratio(torch.ones(2, 3), torch.ones(2, 3), dim=-3), ValueError, "`dim` .* got -3"),
+        (lambda: peak_amplitude(torch.ones(3), dim="time"), TypeError, "`dim` must be an int or None, got 'time'"),
+        (
+            lambda: codebook_histogram(torch.zeros(1, 2, 3, dtype=torch.long), 0),
+            ValueError,
+            "`codebook_size` must be >= 1",
+        ),
+        (
+            lambda: codebook_histogram(torch.zeros(1, 2, 3, dtype=torch.long), 4.0),
+            TypeError,
+            "`codebook_size` must be an int",
+        ),
+        (
+            lambda: codebook_histogram(torch.zeros(1, 2, 3, dtype=torch.long), 4, 2.0),
+            TypeError,
+            "`num_codebooks` must be",
+        ),
+        (
+            lambda: codebook_histogram(torch.zeros(1, 2, 3, dtype=torch.long), 4, 0),
+            ValueError,
+            "`num_codebooks` must be >=",
+        ),
+        (
+            lambda: codebook_histogram(torch.zeros(1, 2, 3, dtype=torch.long), 4, validate=1),
+            TypeError,
+            "`validate` must be",
+        ),
+    ],
+)
+def test_functions_name_the_bad_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_dim_minus_one_and_none_are_unchanged():
+    x = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
+    assert rms(x, dim=-1).tolist() == pytest.approx([math.sqrt(12.5), 0.0])
+    assert rms(x, dim=None).item() == pytest.approx(math.sqrt(25 / 4))
+    assert rms(x, dim=0).tolist() == pytest.approx([math.sqrt(4.5), math.sqrt(8.0)])
+
+
 def test_shape_mismatch_names_both_shapes():
     with pytest.raises(ValueError, match=r"preds \(2, 1, 10\) and target \(2, 1, 12\)"):
         rms_ratio(torch.zeros(2, 1, 10), torch.zeros(2, 1, 12))

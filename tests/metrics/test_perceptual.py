@@ -90,10 +90,30 @@ def test_pesq_rejects_bad_arguments():
     x = voiced(1.0, 16000)
     with pytest.raises(ValueError, match=r"preds \(16000,\) and target \(8000,\)"):
         wideband_pesq(x, x[:8000], 16000)
-    with pytest.raises(ValueError, match="`sample_rate` must be a positive int"):
+    with pytest.raises(ValueError, match="`sample_rate` must be >= 1, got 0"):
         wideband_pesq(x, x, 0)
-    with pytest.raises(ValueError, match="`on_error` must be 'raise' or 'nan'"):
+    with pytest.raises(TypeError, match="`sample_rate` must be an int, got 16000.0"):
+        wideband_pesq(x, x, 16000.0)
+    with pytest.raises(ValueError, match=r"`on_error` must be one of \('raise', 'nan'\), got 'skip'"):
         wideband_pesq(x, x, 16000, on_error="skip")
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda x: stoi(x, x, 16000, extended=1), TypeError, "`extended` must be a bool, got 1"),
+        (lambda x: stoi(x, x, "16000"), TypeError, "`sample_rate` must be an int, got '16000'"),
+        (lambda x: stoi(x, x, -1), ValueError, "`sample_rate` must be >= 1, got -1"),
+        (lambda x: loudness_error(x, x, 16000, signed="yes"), TypeError, "`signed` must be a bool, got 'yes'"),
+        (lambda x: loudness_error(x, x, 16000, on_error=None), ValueError, "`on_error` must be one of"),
+        (lambda x: integrated_loudness(x, 0), ValueError, "`sample_rate` must be >= 1, got 0"),
+        (lambda x: integrated_loudness(x.numpy(), 16000), TypeError, "`x` must be a torch.Tensor, got ndarray"),
+        (lambda x: integrated_loudness(x[0], 16000), ValueError, "`x` must have a time dimension"),
+    ],
+)
+def test_functions_name_the_bad_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call(voiced(1.0, 16000))
 
 
 # ------------------------------------------------------------------------------------------------------ STOI

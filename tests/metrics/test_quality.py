@@ -87,9 +87,21 @@ def test_resolve_quality_metrics():
     assert set(QUALITY_METRICS) == {"pesq", "stoi", "loudness"}
 
 
-def test_constructor_rejects_a_bad_sample_rate():
-    with pytest.raises(ValueError, match="`sample_rate` must be a positive int"):
-        STOI(16000.0)
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda: STOI(16000.0), TypeError, "`sample_rate` must be an int, got 16000.0"),
+        (lambda: STOI(0), ValueError, "`sample_rate` must be >= 1, got 0"),
+        (lambda: STOI(16000, extended="yes"), TypeError, "`extended` must be a bool, got 'yes'"),
+        (lambda: WidebandPESQ(-16000), ValueError, "`sample_rate` must be >= 1, got -16000"),
+        (lambda: WidebandPESQ(None), TypeError, "`sample_rate` must be an int, got None"),
+        (lambda: LoudnessError(16000, signed=1), TypeError, "`signed` must be a bool, got 1"),
+        (lambda: LoudnessError(True), TypeError, "`sample_rate` must be an int, got True"),
+    ],
+)
+def test_constructor_rejects_bad_arguments(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
 
 
 # ------------------------------------------------------------------------------------------------------- DDP

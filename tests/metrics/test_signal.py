@@ -96,7 +96,8 @@ def test_nan_output_makes_the_peak_nan_and_stays_visible():
     [
         ({"clip_level": 0.0}, ValueError, r"`clip_level`.*0\.0"),
         ({"clip_level": float("inf")}, ValueError, "`clip_level`"),
-        ({"clip_level": "1"}, TypeError, "`clip_level`.*'1'"),
+        ({"clip_level": "1"}, TypeError, "`clip_level` must be a number, got '1'"),
+        ({"clip_level": -1}, ValueError, "`clip_level` must be a finite number > 0, got -1.0"),
     ],
 )
 def test_peak_amplitude_argument_errors(kwargs, error, match):
