@@ -15,7 +15,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_stability._checks import check_positive
+from lightning_stability._checks import check_int, check_number, check_patterns, check_positive
 from lightning_stability.callbacks._events import EventLog
 from lightning_stability.callbacks._logging import log_scalars
 from lightning_stability.callbacks._sharding import ShardLayout, ShardReducer, local_tensor, whole_extremes
@@ -29,9 +29,6 @@ _MAX_LISTED = 20
 
 #: ``level_gate`` below this (the module's level loss terms act at less than half strength): no "stays high" warning
 _GATE_OPEN = 0.5
-
-def _is_finite_number(x: Any) -> bool:
-    return not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x)
 
 
 _FOLD_EVERY = 32  # per-step records kept before they are folded into the window sums (bounds their memory)
@@ -222,39 +219,20 @@ class ScaleFactorClamp(Callback):
             raise ValueError(
                 f"`min_scale` must be <= `max_scale`, got min_scale={min_scale!r} > max_scale={max_scale!r}"
             )
-        # these four keep their 0.1 messages (a wrong type is a ValueError here; tests pin the wording)
-        if warn_above is not None:
-            if not _is_finite_number(warn_above):
-                raise ValueError(f"`warn_above` must be None or a finite number, got {warn_above!r}")
-            if not self.min_scale <= warn_above < self.max_scale:
-                raise ValueError(
-                    f"`warn_above` must lie in [min_scale, max_scale) = [{self.min_scale}, {self.max_scale}) so a "
-                    f"factor can exceed it, got {warn_above!r}"
-                )
-            warn_above = float(warn_above)
-        if isinstance(warn_after_steps, bool) or not isinstance(warn_after_steps, int) or warn_after_steps < 1:
-            raise ValueError(f"`warn_after_steps` must be an int >= 1, got {warn_after_steps!r}")
-        if isinstance(param_patterns, str):
-            param_patterns = (param_patterns,)
-        try:
-            patterns = tuple(param_patterns)
-        except TypeError:
-            raise TypeError(
-                f"`param_patterns` must be a glob pattern or a sequence of them, got {param_patterns!r}"
-            ) from None
-        for p in patterns:
-            if not isinstance(p, str) or not p:
-                raise TypeError(f"`param_patterns` must contain non-empty strings, got {p!r} in {patterns!r}")
-        if init_warn_ratio is not None and (not _is_finite_number(init_warn_ratio) or init_warn_ratio <= 1):
-            raise ValueError(f"`init_warn_ratio` must be None or a finite number > 1, got {init_warn_ratio!r}")
-        if log_every_n_steps is not None and (
-            isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 0
-        ):
-            raise ValueError(f"`log_every_n_steps` must be None or an int >= 0, got {log_every_n_steps!r}")
+        warn_above = check_number("warn_above", warn_above, allow_none=True)
+        if warn_above is not None and not self.min_scale <= warn_above < self.max_scale:
+            raise ValueError(
+                f"`warn_above` must lie in [min_scale, max_scale) = [{self.min_scale}, {self.max_scale}) so a "
+                f"factor can exceed it, got {warn_above!r}"
+            )
+        warn_after_steps = check_int("warn_after_steps", warn_after_steps, 1)
+        patterns = check_patterns("param_patterns", param_patterns, noun="glob pattern")
+        init_warn_ratio = check_number("init_warn_ratio", init_warn_ratio, minimum=1, exclusive=True, allow_none=True)
+        log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, 0, allow_none=True)
         self.warn_above = warn_above
         self.warn_after_steps = warn_after_steps
         self.param_patterns = patterns
-        self.init_warn_ratio = None if init_warn_ratio is None else float(init_warn_ratio)
+        self.init_warn_ratio = init_warn_ratio
         self.log_every_n_steps = log_every_n_steps
         self.event_log = EventLog(source=self.state_key)
         self._tracked: dict[str, _Tracked] = {}
