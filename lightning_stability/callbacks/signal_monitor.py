@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -15,7 +14,7 @@ from torchmetrics import Metric
 from torchmetrics.audio import ScaleInvariantSignalNoiseRatio, SignalNoiseRatio
 from typing_extensions import override
 
-from lightning_stability._checks import check_int
+from lightning_stability._checks import check_bool, check_choice, check_int, check_positive, check_str
 from lightning_stability.callbacks._events import EventLog
 from lightning_stability.callbacks._logging import log_scalars
 from lightning_stability.callbacks._outputs import only_the_loss, only_the_loss_message
@@ -110,7 +109,8 @@ class SignalMonitor(Callback):
             items are measured one by one, so masked batches cost a Python loop over the batch). None ignores masks.
 
     Raises:
-        ValueError, TypeError: bad arguments (at construction).
+        TypeError: an argument of the wrong type (at construction).
+        ValueError: an argument's value is out of range (at construction).
         RuntimeError: at setup, when media are requested for audio with a media-capable logger but no sample rate is
             known, or the module's ``sample_rate``/``signal_type`` attribute is invalid; at the first step, when the
             step output lacks ``preds_key``/``target_key`` (listing the keys it had).
@@ -142,19 +142,12 @@ class SignalMonitor(Callback):
             check_int("sample_rate", sample_rate, 1)
         if not isinstance(prefix, str):
             raise TypeError(f"`prefix` must be a string, got {prefix!r}")
-        if isinstance(clip_level, bool) or not isinstance(clip_level, (int, float)):
-            raise TypeError(f"`clip_level` must be a number, got {clip_level!r}")
-        if not (clip_level > 0 and math.isfinite(clip_level)):
-            raise ValueError(f"`clip_level` must be a finite number > 0, got {clip_level!r}")
-        if not isinstance(log_media, bool):
-            raise TypeError(f"`log_media` must be a bool, got {log_media!r}")
-        if signal_type not in _SIGNAL_TYPES:
-            raise ValueError(f"`signal_type` must be one of {_SIGNAL_TYPES}, got {signal_type!r}")
-        for name, key in (("preds_key", preds_key), ("target_key", target_key)):
-            if not isinstance(key, str) or not key:
-                raise TypeError(f"`{name}` must be a non-empty string, got {key!r}")
-        if mask_key is not None and (not isinstance(mask_key, str) or not mask_key):
-            raise TypeError(f"`mask_key` must be a non-empty string or None, got {mask_key!r}")
+        clip_level = check_positive("clip_level", clip_level)
+        check_bool("log_media", log_media)
+        check_choice("signal_type", signal_type, _SIGNAL_TYPES)
+        check_str("preds_key", preds_key)
+        check_str("target_key", target_key)
+        check_str("mask_key", mask_key, allow_none=True)
         if preds_key == target_key:
             raise ValueError(f"`preds_key` and `target_key` must differ, got {preds_key!r} for both")
 
@@ -162,7 +155,7 @@ class SignalMonitor(Callback):
         self.prefix = prefix
         self.sample_rate = sample_rate
         self.num_media_examples = num_media_examples
-        self.clip_level = float(clip_level)
+        self.clip_level = clip_level
         self.log_media = log_media
         self.signal_type = signal_type
         self.media_every_n_epochs = media_every_n_epochs

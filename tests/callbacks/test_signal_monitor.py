@@ -347,6 +347,13 @@ def test_media_for_audio_without_sample_rate_is_a_setup_error(tmp_path):
         ({"media_every_n_epochs": 0}, ValueError, r"`media_every_n_epochs` must be >= 1, got 0"),
         ({"log_media": "yes"}, TypeError, r"`log_media` must be a bool, got 'yes'"),
         ({"preds_key": "x", "target_key": "x"}, ValueError, r"`preds_key` and `target_key` must differ"),
+        ({"clip_level": "1"}, TypeError, r"`clip_level` must be a number, got '1'"),
+        ({"sample_rate": 16000.0}, TypeError, r"`sample_rate` must be an int, got 16000.0"),
+        ({"prefix": None}, TypeError, r"`prefix` must be a string, got None"),
+        ({"preds_key": ""}, ValueError, r"`preds_key` must be a non-empty string, got ''"),
+        ({"target_key": 3}, TypeError, r"`target_key` must be a non-empty string, got 3"),
+        ({"mask_key": ""}, ValueError, r"`mask_key` must be a non-empty string or None, got ''"),
+        ({"mask_key": 0}, TypeError, r"`mask_key` must be a non-empty string or None, got 0"),
     ],
 )
 def test_argument_errors_name_the_argument_and_value(kwargs, error, match):
