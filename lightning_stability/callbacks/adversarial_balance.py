@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_stability._checks import check_choice, check_int, check_positive
+from lightning_stability._checks import check_choice, check_fraction, check_int, check_number, check_positive, check_str
 from lightning_stability.callbacks._events import EventLog
 from lightning_stability.callbacks._logging import log_scalars, logger_step
 from lightning_stability.callbacks._state_key import cached_state_key
@@ -134,8 +134,7 @@ class AdversarialBalanceMonitor(Callback):
             ("real_scores", real_scores),
             ("fake_scores", fake_scores),
         ):
-            if key is not None and (not isinstance(key, str) or not key):
-                raise TypeError(f"`{name}` must be a non-empty string or None, got {key!r}")
+            check_str(name, key, allow_none=True)
         check_choice("loss_type", loss_type, sorted(_CHANCE))
         if chance_value is not None:
             check_positive("chance_value", chance_value)
@@ -153,12 +152,8 @@ class AdversarialBalanceMonitor(Callback):
             ("chance_tolerance", chance_tolerance),
             ("collapse_fraction", collapse_fraction),
         ):
-            check_positive(name, value)
-            if value >= 1:
-                raise ValueError(f"`{name}` must be in (0, 1), got {value!r}")
-        check_positive("drift_factor", drift_factor)
-        if drift_factor <= 1:
-            raise ValueError(f"`drift_factor` must be > 1, got {drift_factor!r}")
+            check_fraction(name, value)
+        check_number("drift_factor", drift_factor, minimum=1, exclusive=True)
         if not isinstance(prefix, str):
             raise TypeError(f"`prefix` must be a string, got {prefix!r}")
         self.keys = {

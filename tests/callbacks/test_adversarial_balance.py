@@ -121,3 +121,23 @@ def test_checkpoint_round_trip_through_a_trainer_matches_an_uninterrupted_run(tm
     assert resumed_logged
     assert set(resumed_logged) == {s for s in full_logged if s >= 8}
     assert resumed_logged == {s: v for s, v in full_logged.items() if s >= 8}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"disc_loss": ""}, ValueError, "`disc_loss` must be a non-empty string or None, got ''"),
+        ({"real_scores": 1}, TypeError, "`real_scores` must be a non-empty string or None, got 1"),
+        ({"win_fraction": 1.0}, ValueError, r"`win_fraction` must be a number in \(0, 1\), got 1.0"),
+        ({"chance_tolerance": "0.1"}, TypeError, "`chance_tolerance` must be a number, got '0.1'"),
+        ({"collapse_fraction": 0.0}, ValueError, r"`collapse_fraction` must be a number in \(0, 1\), got 0.0"),
+        ({"drift_factor": 1.0}, ValueError, "`drift_factor` must be a finite number > 1, got 1.0"),
+        ({"drift_factor": None}, TypeError, "`drift_factor` must be a number, got None"),
+        ({"window": 0}, ValueError, "`window` must be >= 1, got 0"),
+        ({"window": 2.0}, TypeError, "`window` must be an int, got 2.0"),
+        ({"prefix": 3}, TypeError, "`prefix` must be a string, got 3"),
+    ],
+)
+def test_argument_errors_name_the_argument_and_value(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        AdversarialBalanceMonitor(**kwargs)
