@@ -62,6 +62,19 @@ class _AverageGradient:
             param.grad.div_(self.size)
 
 
+def _module_list(name: str, value: Any) -> list[nn.Module]:
+    """``value`` (an iterable of modules: a list, a ``ModuleList``, a generator) as a list; a ``TypeError`` naming
+    ``name`` for anything else."""
+    try:
+        modules = list(value)
+    except TypeError:
+        raise TypeError(f"`{name}` must be an iterable of modules, got {value!r}") from None
+    for m in modules:
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"`{name}` must contain `torch.nn.Module`s, got {type(m).__name__}: {m!r}")
+    return modules
+
+
 def shard_module(
     pl_module: Any,
     units: Iterable[nn.Module],
@@ -83,12 +96,19 @@ def shard_module(
             ``offload_policy``).
 
     Raises:
+        TypeError: ``pl_module`` is not a module, or ``units``/``replicate`` is not an iterable of modules.
         RuntimeError: the mesh has a tensor-parallel dimension larger than 1 (this helper only shards data-parallel;
             pass ``ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)``), or ``fully_shard`` is
             not available in this torch.
         ValueError: a unit holds parameters of a replicated module, or ``fsdp_kwargs`` sets ``mesh`` or
             ``ignored_params``.
     """
+    if not isinstance(pl_module, nn.Module):
+        raise TypeError(f"`pl_module` must be the LightningModule to shard, got {type(pl_module).__name__}")
+    units, replicate = _module_list("units", units), _module_list("replicate", replicate)
+    for reserved in ("mesh", "ignored_params"):
+        if reserved in fsdp_kwargs:
+            raise ValueError(f"`shard_module` sets `{reserved}` itself; got `{reserved}={fsdp_kwargs[reserved]!r}`")
     mesh = getattr(pl_module, "device_mesh", None)
     if mesh is None or _is_sharded(pl_module):
         return False
@@ -96,9 +116,6 @@ def shard_module(
         from torch.distributed.fsdp import fully_shard
     except ImportError as err:  # pragma: no cover - torch < 2.6
         raise RuntimeError(f"`shard_module` needs torch's FSDP2 `fully_shard` (torch >= 2.6): {err}") from err
-    for reserved in ("mesh", "ignored_params"):
-        if reserved in fsdp_kwargs:
-            raise ValueError(f"`shard_module` sets `{reserved}` itself; got `{reserved}={fsdp_kwargs[reserved]!r}`")
     names = mesh.mesh_dim_names or ()
     if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
         raise RuntimeError(
