@@ -88,3 +88,148 @@ def check_choice(name: str, value: T, choices: Collection[Any]) -> T:
 
 
 __all__ = ["check_bool", "check_choice", "check_int", "check_number", "check_positive"]
+
+
+# --- reference helpers ---
+# Shapes the reference models' constructors need: an interval, a sequence, a pair, a mapping, a string, a path.
+
+import os  # noqa: E402
+from collections.abc import Callable, Iterable, Mapping  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+
+def check_interval(
+    name: str,
+    value: Any,
+    low: float,
+    high: float,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    allow_none: bool = False,
+    noun: str = "a number",
+) -> Any:
+    """A finite real number (not a bool) in the interval from ``low`` to ``high``, as a ``float``: each end is
+    included unless ``low_open`` / ``high_open``; the message writes the interval in the usual notation
+    (``"`dropout` must be a number in [0, 1), got 1.0"``). ``None`` passes when ``allow_none``."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be {noun}{_or_none(allow_none)}, got {value!r}")
+    number = float(value)
+    above = number > low if low_open else number >= low
+    below = number < high if high_open else number <= high
+    if not (math.isfinite(number) and above and below):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"`{name}` must be a number in {interval}{_or_none(allow_none)}, got {value!r}")
+    return number
+
+
+def check_sequence(
+    name: str,
+    value: Any,
+    item_check: Callable[[str, Any], Any] | None = None,
+    *,
+    length: int | None = None,
+    min_length: int = 1,
+    allow_none: bool = False,
+    noun: str = "a sequence",
+) -> Any:
+    """A sequence (not a ``str``/``bytes``, not a mapping), as a ``tuple``: exactly ``length`` items when given,
+    else at least ``min_length``; ``item_check(f"{name}[{i}]", item)`` checks and normalises each item, so a bad item
+    is named by its index (``"`ratios[1]` must be >= 1, got 0"``). ``None`` passes when ``allow_none``.
+
+    ``item_check`` is any check of this module with its bounds bound, e.g.
+    ``functools.partial(check_int, minimum=1)``."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise TypeError(f"`{name}` must be {noun}{_or_none(allow_none)}, got {value!r}")
+    items = tuple(value)
+    if length is not None and len(items) != length:
+        raise ValueError(f"`{name}` must have {length} items, got {value!r}")
+    if len(items) < min_length:
+        raise ValueError(f"`{name}` must have at least {min_length} item{'s' if min_length > 1 else ''}, got {value!r}")
+    if item_check is None:
+        return items
+    return tuple(item_check(f"{name}[{i}]", item) for i, item in enumerate(items))
+
+
+def check_pair(
+    name: str,
+    value: Any,
+    item_check: Callable[[str, Any], Any] | None = None,
+    *,
+    ordered: bool = False,
+    allow_none: bool = False,
+) -> Any:
+    """Two numbers ``(low, high)``, as a ``tuple``: each checked by ``item_check`` (default: a finite number, as a
+    ``float``, :func:`check_number`); ``ordered`` requires ``low <= high``. ``None`` passes when ``allow_none``."""
+    pair = check_sequence(
+        name,
+        value,
+        item_check or check_number,
+        length=2,
+        allow_none=allow_none,
+        noun="a pair of numbers",
+    )
+    if pair is not None and ordered and pair[0] > pair[1]:
+        raise ValueError(f"`{name}` must be a pair (low, high) with low <= high, got {value!r}")
+    return pair
+
+
+def check_mapping(
+    name: str,
+    value: Any,
+    item_check: Callable[[str, Any], Any] | None = None,
+    *,
+    min_length: int = 1,
+    allow_none: bool = False,
+    noun: str = "a mapping",
+) -> Any:
+    """A mapping with non-empty ``str`` keys, as a ``dict`` in the mapping's order, holding at least ``min_length``
+    entries; ``item_check(f"{name}[{key!r}]", item)`` checks and normalises each value (``"`loss_weights['mel']`
+    must be a finite number >= 0, got -1.0"``). A non-``str`` key is a ``TypeError``. ``None`` passes when
+    ``allow_none``."""
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, Mapping):
+        raise TypeError(f"`{name}` must be {noun}{_or_none(allow_none)}, got {value!r}")
+    if len(value) < min_length:
+        raise ValueError(
+            f"`{name}` must have at least {min_length} entr{'ies' if min_length > 1 else 'y'}, got {value!r}"
+        )
+    out = {}
+    for key, item in value.items():
+        if not isinstance(key, str):
+            raise TypeError(f"`{name}` must have str keys, got the key {key!r}")
+        if not key:
+            raise ValueError(f"`{name}` must have non-empty keys, got {value!r}")
+        out[key] = item if item_check is None else item_check(f"{name}[{key!r}]", item)
+    return out
+
+
+def check_str(name: str, value: Any, *, allow_none: bool = False) -> Any:
+    """A ``str`` that is not empty nor only whitespace (``None`` passes when ``allow_none``)."""
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"`{name}` must be a str{_or_none(allow_none)}, got {value!r}")
+    if not value.strip():
+        raise ValueError(f"`{name}` must be a non-empty str, got {value!r}")
+    return value
+
+
+def check_path(name: str, value: Any, *, allow_none: bool = False) -> Any:
+    """A file or folder path: a non-empty ``str`` or an ``os.PathLike``, as a ``pathlib.Path`` (``None`` passes when
+    ``allow_none``). Whether the path exists is not checked (that is runtime data)."""
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"`{name}` must be a path (str or os.PathLike){_or_none(allow_none)}, got {value!r}")
+    if isinstance(value, str) and not value:
+        raise ValueError(f"`{name}` must be a non-empty path, got {value!r}")
+    return Path(value)
+
+
+__all__ += ["check_interval", "check_mapping", "check_pair", "check_path", "check_sequence", "check_str"]

@@ -62,7 +62,7 @@ def test_decoder_is_unbounded():
     ("kwargs", "match"),
     [
         ({"ratios": ()}, "`ratios`"),
-        ({"ratios": (4, 0)}, "`ratios`"),
+        ({"ratios": (4, 0)}, r"`ratios\[1\]` must be >= 1, got 0"),
         ({"dimension": 0}, "`dimension`"),
         ({"lstm": -1}, "`lstm`"),
         ({"pad_mode": "circular"}, "`pad_mode`"),
