@@ -200,7 +200,7 @@ def test_subclass_adds_a_loss_term_and_unknown_terms_are_named(tmp_path):
         ({"betas": 0.9}, TypeError, "`betas` must be a pair of numbers, got 0.9"),
         ({"adversarial_loss": "wgan"}, ValueError, r"`adversarial_loss` must be one of \('hinge', 'ls'\), got 'wgan'"),
         ({"loss_weights": {"mel": 1.0, "adv": 1.0}}, ValueError, "`adversarial`"),
-        ({"loss_weights": {"mel": -1.0}}, ValueError, r"`loss_weights\['mel'\]` must be a finite number >= 0, got -1.0"),
+        ({"loss_weights": {"mel": -1.0}}, ValueError, r"`loss_weights\['mel'\]` must be a finite number >= 0"),
         ({"loss_weights": {"mel": "1"}}, TypeError, r"`loss_weights\['mel'\]` must be a number, got '1'"),
         ({"loss_weights": [("mel", 1.0)]}, TypeError, "`loss_weights` must be a mapping of loss name to weight"),
         ({"loss_weights": {}}, ValueError, "`loss_weights` must have at least 1 entry, got {}"),
