@@ -209,13 +209,14 @@ def check_mapping(
     return out
 
 
-def check_str(name: str, value: Any, *, allow_none: bool = False) -> Any:
-    """A ``str`` that is not empty nor only whitespace (``None`` passes when ``allow_none``)."""
+def check_str(name: str, value: Any, *, allow_none: bool = False, allow_empty: bool = False) -> Any:
+    """A ``str`` that is not empty nor only whitespace (unless ``allow_empty``); ``None`` passes when
+    ``allow_none``."""
     if value is None and allow_none:
         return None
     if not isinstance(value, str):
         raise TypeError(f"`{name}` must be a str{_or_none(allow_none)}, got {value!r}")
-    if not value.strip():
+    if not allow_empty and not value.strip():
         raise ValueError(f"`{name}` must be a non-empty str, got {value!r}")
     return value
 
