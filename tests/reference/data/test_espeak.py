@@ -71,7 +71,7 @@ def test_lists_languages_and_variants():
         ({"text": "", "voice": "te"}, ValueError, "`text` must be a non-empty str, got ''"),
         ({"text": b"hi", "voice": "te"}, TypeError, "`text` must be a str, got b'hi'"),
         ({"text": "hi", "voice": 3}, TypeError, "`voice` must be a str, got 3"),
-        ({"text": "  \n", "voice": "en"}, ValueError, "`text` must be non-empty"),
+        ({"text": "  \n", "voice": "en"}, ValueError, "`text` must be a non-empty str"),
         ({"text": "hi", "voice": "xx"}, ValueError, r"`voice` 'xx': eSpeak NG has no language 'xx'; available include"),
         ({"text": "hi", "voice": "te+nosuch"}, ValueError, r"unknown variant 'nosuch'; available include \["),
         ({"text": "hi", "voice": "en", "rate": 10}, ValueError, "`rate` must be >= 80, got 10"),
