@@ -125,6 +125,14 @@ def check_interval(
     return number
 
 
+def _check_item(item_check: Callable[[str, Any], Any], item_name: str, item: Any, name: str, whole: Any) -> Any:
+    """``item_check(item_name, item)``; its error also shows the whole argument (``... (in `betas`=(0.9, 1.2))``)."""
+    try:
+        return item_check(item_name, item)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{err} (in `{name}`={whole!r})") from None
+
+
 def check_sequence(
     name: str,
     value: Any,
@@ -137,7 +145,8 @@ def check_sequence(
 ) -> Any:
     """A sequence (not a ``str``/``bytes``, not a mapping), as a ``tuple``: exactly ``length`` items when given,
     else at least ``min_length``; ``item_check(f"{name}[{i}]", item)`` checks and normalises each item, so a bad item
-    is named by its index (``"`ratios[1]` must be >= 1, got 0"``). ``None`` passes when ``allow_none``.
+    is named by its index and the whole argument is shown (``"`ratios[1]` must be >= 1, got 0 (in `ratios`=(8, 0))"``).
+    ``None`` passes when ``allow_none``.
 
     ``item_check`` is any check of this module with its bounds bound, e.g.
     ``functools.partial(check_int, minimum=1)``."""
@@ -152,7 +161,7 @@ def check_sequence(
         raise ValueError(f"`{name}` must have at least {min_length} item{'s' if min_length > 1 else ''}, got {value!r}")
     if item_check is None:
         return items
-    return tuple(item_check(f"{name}[{i}]", item) for i, item in enumerate(items))
+    return tuple(_check_item(item_check, f"{name}[{i}]", item, name, value) for i, item in enumerate(items))
 
 
 def check_pair(
@@ -205,7 +214,7 @@ def check_mapping(
             raise TypeError(f"`{name}` must have str keys, got the key {key!r}")
         if not key:
             raise ValueError(f"`{name}` must have non-empty keys, got {value!r}")
-        out[key] = item if item_check is None else item_check(f"{name}[{key!r}]", item)
+        out[key] = item if item_check is None else _check_item(item_check, f"{name}[{key!r}]", item, name, value)
     return out
 
 
