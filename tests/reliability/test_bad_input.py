@@ -135,9 +135,9 @@ CASES = [
     (CodecModule, (), {"l1_gain_gate": (0.5, 0.5)}, "l1_gain_gate", None),
     (CodecModule, (), {"loss_weights": [("mel", 1.0)]}, "loss_weights", None),
     (CodecModule, (), {"loss_weights": {"adv": 1.0}}, "loss_weights", None),
-    (CodecModule, (), {"loss_weights": {"mel": -1.0}}, "mel", None),
+    (CodecModule, (), {"loss_weights": {"mel": -1.0}}, "loss_weights", None),
     (CodecModule, (), {"loss_weights": {}}, "loss_weights", "{}"),  # used to be reported as LossWeights' `weights`
-    (CodecModule, (), {"loss_weights": {"adv": "x"}}, "adv", None),
+    (CodecModule, (), {"loss_weights": {"adv": "x"}}, "loss_weights", None),
     (CodecModule, (), {"n_q": 0}, "n_q", None),
     (CodecModule, (), {"codebook_size": 1}, "codebook_size", None),
     (CodecModule, (), {"ratios": ()}, "ratios", None),

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
@@ -47,6 +48,15 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_stability._checks import (
+    check_choice,
+    check_int,
+    check_interval,
+    check_number,
+    check_pair,
+    check_positive,
+    check_sequence,
+)
 from lightning_stability.reference.cascade.transformer import CascadeConfig, CascadeOutput, CascadeTransformer
 
 __all__ = ["CascadeTransformerModule", "masked_cosine_distance", "masked_distance"]
@@ -176,39 +186,24 @@ class CascadeTransformerModule(pl.LightningModule):
         super().__init__()
         self.config = CascadeConfig.from_any(config)
         n_stages = self.config.n_stages
-        if loss not in _LOSSES:
-            raise ValueError(f"`loss` must be one of {_LOSSES}, got {loss!r}")
+        check_choice("loss", loss, _LOSSES)
         if stage_weights is None:
             stage_weights = (1.0,) * n_stages
-        if isinstance(stage_weights, (str, bytes)) or not isinstance(stage_weights, Sequence):
-            raise TypeError(f"`stage_weights` must be a sequence of {n_stages} numbers, got {stage_weights!r}")
+        stage_weights = check_sequence(
+            "stage_weights", stage_weights, partial(check_number, minimum=0), min_length=0, noun="a sequence of numbers"
+        )
         if len(stage_weights) != n_stages:
             raise ValueError(f"`stage_weights` must have n_stages={n_stages} entries, got {list(stage_weights)!r}")
-        for name, value in [
-            *((f"stage_weights[{k}]", w) for k, w in enumerate(stage_weights)),
-            ("cosine_weight", cosine_weight),
-            ("rms_weight", rms_weight),
-            ("scale_weight", scale_weight),
-        ]:
-            _check_number(name, value, minimum=0.0)
-        _check_number("lr", lr, minimum=0.0, strict=True)
-        _check_number("gain_lr_scale", gain_lr_scale, minimum=0.0, strict=True)
-        _check_number("weight_decay", weight_decay, minimum=0.0)
-        if isinstance(betas, (str, bytes)) or not isinstance(betas, Sequence) or len(betas) != 2:
-            raise ValueError(f"`betas` must be a pair of numbers in [0, 1), got {betas!r}")
-        for k, b in enumerate(betas):
-            _check_number(f"betas[{k}]", b, minimum=0.0)
-            if b >= 1:
-                raise ValueError(f"`betas[{k}]` must be in [0, 1), got {b!r}")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"`warmup_steps` must be an int >= 0, got {warmup_steps!r}")
-        if total_steps is not None and (
-            isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
-        ):
-            raise ValueError(f"`total_steps` must be None or an int >= 1, got {total_steps!r}")
-        _check_number("min_lr_ratio", min_lr_ratio, minimum=0.0)
-        if min_lr_ratio > 1:
-            raise ValueError(f"`min_lr_ratio` must be in [0, 1], got {min_lr_ratio!r}")
+        check_number("cosine_weight", cosine_weight, minimum=0)
+        check_number("rms_weight", rms_weight, minimum=0)
+        check_number("scale_weight", scale_weight, minimum=0)
+        check_positive("lr", lr)
+        check_positive("gain_lr_scale", gain_lr_scale)
+        check_number("weight_decay", weight_decay, minimum=0)
+        check_pair("betas", betas, partial(check_interval, low=0, high=1, high_open=True))
+        check_int("warmup_steps", warmup_steps, 0)
+        check_int("total_steps", total_steps, 1, allow_none=True)
+        check_interval("min_lr_ratio", min_lr_ratio, 0, 1)
 
         self.loss = loss
         self.stage_weights = tuple(float(w) for w in stage_weights)
@@ -475,10 +470,3 @@ class CascadeTransformerModule(pl.LightningModule):
         schedule = _WarmupCosine(self.warmup_steps, total, self.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
-
-
-def _check_number(name: str, value: Any, *, minimum: float, strict: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"`{name}` must be a number, got {value!r} ({type(value).__name__})")
-    if not math.isfinite(value) or value < minimum or (strict and value == minimum):
-        raise ValueError(f"`{name}` must be a finite number {'>' if strict else '>='} {minimum:g}, got {value!r}")

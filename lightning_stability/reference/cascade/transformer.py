@@ -79,6 +79,15 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
 
+from lightning_stability._checks import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_interval,
+    check_number,
+    check_positive,
+    check_sequence,
+)
 from lightning_stability.nn.scale import ClampedRMSScale, _rms
 
 __all__ = [
@@ -148,74 +157,58 @@ class CascadeConfig:
     norm_eps: float = 1e-5  # LayerNorm epsilon
 
     def __post_init__(self) -> None:
-        for name in ("widths", "residual_weights"):
-            value = getattr(self, name)
-            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-                raise TypeError(f"`{name}` must be a sequence of {self.n_stages} numbers, got {value!r}")
-            setattr(self, name, tuple(value))
+        # sequences as tuples (YAML and JSON give lists); their lengths and items are checked in _validate
+        self.widths = check_sequence("widths", self.widths, min_length=0, noun="a sequence of ints")
+        self.residual_weights = check_sequence(
+            "residual_weights", self.residual_weights, min_length=0, noun="a sequence of numbers"
+        )
         if isinstance(self.n_layers, Sequence) and not isinstance(self.n_layers, (str, bytes)):
             self.n_layers = tuple(self.n_layers)
         self._validate()
 
     def _validate(self) -> None:
-        def positive_int(name: str, value: Any, minimum: int = 1) -> None:
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"`{name}` must be an int, got {value!r} ({type(value).__name__})")
-            if value < minimum:
-                raise ValueError(f"`{name}` must be >= {minimum}, got {value!r}")
-
-        def finite(name: str, value: Any, *, positive: bool = True, allow_zero: bool = False) -> None:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"`{name}` must be a number, got {value!r} ({type(value).__name__})")
-            if not math.isfinite(value) or (positive and (value < 0 or (value == 0 and not allow_zero))):
-                raise ValueError(f"`{name}` must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-
-        positive_int("latent_dim", self.latent_dim)
-        if self.cond_dim is not None:
-            positive_int("cond_dim", self.cond_dim, minimum=0)
-        positive_int("n_stages", self.n_stages)
-        positive_int("n_heads", self.n_heads)
+        check_int("latent_dim", self.latent_dim, 1)
+        check_int("cond_dim", self.cond_dim, 0, allow_none=True)
+        check_int("n_stages", self.n_stages, 1)
+        check_int("n_heads", self.n_heads, 1)
         if len(self.widths) != self.n_stages:
             raise ValueError(f"`widths` must have n_stages={self.n_stages} entries, got {self.widths!r}")
         for k, width in enumerate(self.widths):
-            positive_int(f"widths[{k}]", width)
+            check_int(f"widths[{k}]", width, 1)
             if width % self.n_heads or (width // self.n_heads) % 2:
                 raise ValueError(
                     f"`widths[{k}]`={width} must be a multiple of `n_heads`={self.n_heads} with an even head dim "
                     f"(rotary embeddings rotate pairs of channels), got head dim {width / self.n_heads:g}"
                 )
-        layers = self.layers_per_stage
-        if len(layers) != self.n_stages:
-            raise ValueError(
-                f"`n_layers` must be an int or have n_stages={self.n_stages} entries, got {self.n_layers!r}"
-            )
-        for k, n in enumerate(layers):
-            positive_int(f"n_layers[{k}]", n)
+        if isinstance(self.n_layers, tuple):
+            if len(self.n_layers) != self.n_stages:
+                raise ValueError(
+                    f"`n_layers` must be an int or have n_stages={self.n_stages} entries, got {self.n_layers!r}"
+                )
+            for k, n in enumerate(self.n_layers):
+                check_int(f"n_layers[{k}]", n, 1)
+        else:
+            check_int("n_layers", self.n_layers, 1)
         if len(self.residual_weights) != self.n_stages:
             raise ValueError(
                 f"`residual_weights` must have n_stages={self.n_stages} entries, got {self.residual_weights!r}"
             )
         for k, r in enumerate(self.residual_weights):
-            finite(f"residual_weights[{k}]", r, allow_zero=True)
-        finite("mlp_ratio", self.mlp_ratio)
-        finite("min_scale", self.min_scale)
-        finite("max_scale", self.max_scale)
+            check_number(f"residual_weights[{k}]", r, minimum=0)
+        check_positive("mlp_ratio", self.mlp_ratio)
+        check_positive("min_scale", self.min_scale)
+        check_positive("max_scale", self.max_scale)
         if self.min_scale > self.max_scale:
             raise ValueError(
                 f"`min_scale` must be <= `max_scale`, got min_scale={self.min_scale!r} > max_scale={self.max_scale!r}"
             )
-        finite("warn_above", self.warn_above)
-        if self.attn_logit_softcap is not None:
-            finite("attn_logit_softcap", self.attn_logit_softcap)
-        finite("dropout", self.dropout, allow_zero=True)
-        if self.dropout >= 1:
-            raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout!r}")
-        finite("rope_base", self.rope_base)
-        finite("init_std", self.init_std)
-        finite("norm_eps", self.norm_eps)
-        finite("gain_range", self.gain_range)
-        if self.gain_range <= 1:
-            raise ValueError(f"`gain_range` must be > 1, got {self.gain_range!r}")
+        check_positive("warn_above", self.warn_above)
+        check_positive("attn_logit_softcap", self.attn_logit_softcap, allow_none=True)
+        check_interval("dropout", self.dropout, 0, 1, high_open=True)
+        check_positive("rope_base", self.rope_base)
+        check_positive("init_std", self.init_std)
+        check_positive("norm_eps", self.norm_eps)
+        check_number("gain_range", self.gain_range, minimum=1, exclusive=True)
         for name in (
             "spectral_norm_output",
             "qk_layernorm",
@@ -227,12 +220,9 @@ class CascadeConfig:
             "calibrate_output",
             "calibrate_exact",
         ):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"`{name}` must be a bool, got {getattr(self, name)!r}")
-        if self.rms_reference not in _RMS_REFERENCES:
-            raise ValueError(f"`rms_reference` must be one of {_RMS_REFERENCES}, got {self.rms_reference!r}")
-        if self.init not in _INITS:
-            raise ValueError(f"`init` must be one of {_INITS}, got {self.init!r}")
+            check_bool(name, getattr(self, name))
+        check_choice("rms_reference", self.rms_reference, _RMS_REFERENCES)
+        check_choice("init", self.init, _INITS)
 
     @property
     def layers_per_stage(self) -> tuple[int, ...]:
@@ -315,15 +305,8 @@ def small_init_(module: nn.Module, *, std: float = 1e-3, conv_factor: float = 0.
     ``right_inverse``, so the effective weight is what is set. Note that spectral norm re-normalises the largest
     singular value to 1 whatever the scale of the stored weight, so "small" has no effect on such a layer.
     """
-    if isinstance(std, bool) or not isinstance(std, (int, float)) or not math.isfinite(std) or std <= 0:
-        raise ValueError(f"`std` must be a finite number > 0, got {std!r}")
-    if (
-        isinstance(conv_factor, bool)
-        or not isinstance(conv_factor, (int, float))
-        or not math.isfinite(conv_factor)
-        or conv_factor <= 0
-    ):
-        raise ValueError(f"`conv_factor` must be a finite number > 0, got {conv_factor!r}")
+    check_positive("std", std)
+    check_positive("conv_factor", conv_factor)
 
     def set_weight(m: nn.Module, value: Tensor) -> None:
         if parametrize.is_parametrized(m, "weight"):
@@ -435,7 +418,9 @@ class CascadeStage(nn.Module):
 
     def __init__(self, config: CascadeConfig, index: int) -> None:
         super().__init__()
-        self.index = index
+        if not isinstance(config, CascadeConfig):
+            raise TypeError(f"`config` must be a CascadeConfig, got {type(config).__name__}")
+        self.index = check_int("index", index, 0, maximum=config.n_stages - 1)
         width = config.widths[index]
         in_dim = config.latent_dim + config.conditioning_dim
         self.n_heads = config.n_heads

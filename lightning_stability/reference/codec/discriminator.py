@@ -16,12 +16,14 @@ Losses (``real``/``fake``: lists of logits, one per scale; averaged over scales)
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils.parametrizations import weight_norm
 
+from lightning_stability._checks import check_choice, check_int, check_pair, check_sequence
 from lightning_stability.reference.codec.seanet import PicklableParametrized
 
 __all__ = [
@@ -54,6 +56,19 @@ class DiscriminatorSTFT(PicklableParametrized):
         stride: tuple[int, int] = (1, 2),
     ) -> None:
         super().__init__()
+        for name, value in (
+            ("filters", filters),
+            ("in_channels", in_channels),
+            ("hop_length", hop_length),
+            ("max_filters", max_filters),
+            ("filters_scale", filters_scale),
+        ):
+            check_int(name, value, 1)
+        check_int("n_fft", n_fft, 8)
+        positive_int = partial(check_int, minimum=1)
+        check_pair("kernel_size", kernel_size, positive_int)
+        check_sequence("dilations", dilations, positive_int, noun="a sequence of ints")
+        check_pair("stride", stride, positive_int)
         self._init_kwargs = {
             "filters": filters, "in_channels": in_channels, "n_fft": n_fft, "hop_length": hop_length,
             "max_filters": max_filters, "filters_scale": filters_scale, "kernel_size": kernel_size,
@@ -115,11 +130,9 @@ class MultiScaleSTFTDiscriminator(nn.Module):
         self, *, filters: int = 32, in_channels: int = 1, n_ffts: Sequence[int] = (1024, 2048, 512), **kwargs
     ) -> None:
         super().__init__()
-        if not isinstance(filters, int) or filters < 1:
-            raise ValueError(f"`filters` must be a positive int, got {filters!r}")
-        n_ffts = tuple(n_ffts)
-        if not n_ffts or any(not isinstance(n, int) or n < 8 for n in n_ffts):
-            raise ValueError(f"`n_ffts` must be a non-empty sequence of ints >= 8, got {n_ffts!r}")
+        check_int("filters", filters, 1)
+        check_int("in_channels", in_channels, 1)
+        n_ffts = check_sequence("n_ffts", n_ffts, partial(check_int, minimum=8), noun="a sequence of ints")
         self.discriminators = nn.ModuleList(
             DiscriminatorSTFT(filters=filters, in_channels=in_channels, n_fft=n, hop_length=n // 4, **kwargs)
             for n in n_ffts
@@ -135,8 +148,7 @@ class MultiScaleSTFTDiscriminator(nn.Module):
 
 
 def _check_kind(kind: str) -> None:
-    if kind not in {"hinge", "ls"}:
-        raise ValueError(f"`kind` must be 'hinge' or 'ls', got {kind!r}")
+    check_choice("kind", kind, ("hinge", "ls"))
 
 
 def discriminator_loss(real: Sequence[Tensor], fake: Sequence[Tensor], kind: str = "hinge") -> Tensor:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from lightning_stability._checks import check_int, check_path
 from lightning_stability.nn.scale import normalize
 
 __all__ = ["CodecLatentEncoder", "load_codec_encoder"]
@@ -25,7 +26,10 @@ class CodecLatentEncoder(nn.Module):
         super().__init__()
         encoder = getattr(codec, "encoder", None)
         if not isinstance(encoder, nn.Module):
-            raise TypeError(f"{type(codec).__name__} has no `encoder` module to compute latents with")
+            raise TypeError(
+                f"`codec` must be a CodecModule (a module with an `encoder` nn.Module to compute latents with), "
+                f"got {type(codec).__name__}"
+            )
         self.encoder = encoder
         hparams = getattr(codec, "hparams", {})
         self.normalize_scale = bool(hparams.get("normalize_scale", False))
@@ -48,6 +52,8 @@ def load_codec_encoder(path: str | Path, *, sample_rate: int | None = None) -> C
     """
     from lightning_stability.reference.codec.module import CodecModule
 
+    check_path("path", path)
+    check_int("sample_rate", sample_rate, 1, allow_none=True)
     codec = CodecModule.load_from_checkpoint(str(path), map_location="cpu", weights_only=True)
     rate = getattr(codec, "sample_rate", None)
     if sample_rate is not None and rate is not None and int(rate) != sample_rate:

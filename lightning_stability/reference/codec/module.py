@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
@@ -15,6 +16,17 @@ from torch.nn import functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.audio import ScaleInvariantSignalNoiseRatio
 
+from lightning_stability._checks import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_interval,
+    check_mapping,
+    check_number,
+    check_pair,
+    check_positive,
+    check_sequence,
+)
 from lightning_stability.losses.spectral import (
     DAC_MEL_N_MELS,
     DAC_MEL_WINDOWS,
@@ -309,37 +321,43 @@ class CodecModule(pl.LightningModule):
         l1_gain_gate: tuple[float, float] | None = DEFAULT_CORRELATION_GATE,
     ) -> None:
         super().__init__()
-        if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate < 1:
-            raise ValueError(f"`sample_rate` must be a positive int (Hz), got {sample_rate!r}")
-        for name, value in (("lr", lr), ("lr_gamma", lr_gamma)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-                raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}")
-        if lr_gamma > 1:
-            raise ValueError(f"`lr_gamma` must be in (0, 1], got {lr_gamma!r}")
-        if disc_lr is not None and not 0 < disc_lr < math.inf:
-            raise ValueError(f"`disc_lr` must be None or a finite number > 0, got {disc_lr!r}")
-        if len(tuple(betas)) != 2 or not all(0 <= b < 1 for b in betas):
-            raise ValueError(f"`betas` must be two numbers in [0, 1), got {betas!r}")
-        if adversarial_loss not in ("hinge", "ls"):
-            raise ValueError(f"`adversarial_loss` must be 'hinge' or 'ls', got {adversarial_loss!r}")
-        if output_rms_clamp is not None:
-            if not normalize_scale:
-                raise ValueError("`output_rms_clamp` needs `normalize_scale=True` (its target is the unit RMS)")
-            if len(tuple(output_rms_clamp)) != 2:
-                raise ValueError(f"`output_rms_clamp` must be None or (min_scale, max_scale), got {output_rms_clamp!r}")
-        if not isinstance(remove_dc, bool):
-            raise TypeError(f"`remove_dc` must be a bool, got {remove_dc!r}")
-        if gradient_clip_val is not None and not gradient_clip_val > 0:
-            raise ValueError(f"`gradient_clip_val` must be None or > 0, got {gradient_clip_val!r}")
+        # the arguments passed on under another name are checked here, so an error names the argument given; the rest
+        # are checked by the blocks that take them (SEANet, the quantizer, the losses, the quality metrics)
+        check_int("sample_rate", sample_rate, 1)
+        check_bool("ema_codebook", ema_codebook)
+        check_interval("codebook_decay", codebook_decay, 0, 1, low_open=True, high_open=True)
+        check_number("codebook_weight", codebook_weight, minimum=0)
+        check_number("commitment_weight", commitment_weight, minimum=0)
+        windows = check_sequence(
+            "mel_window_lengths", mel_window_lengths, partial(check_int, minimum=4), noun="a sequence of ints"
+        )
+        check_sequence(
+            "mel_n_mels", mel_n_mels, partial(check_int, minimum=1), length=len(windows), noun="a sequence of ints"
+        )
+        check_number("mel_log_weight", mel_log_weight, minimum=0)
+        check_number("mel_mag_weight", mel_mag_weight, minimum=0)
+        check_number("weight_decay", weight_decay, minimum=0)
+        check_int("disc_filters", disc_filters, 1)
+        check_sequence("disc_n_ffts", disc_n_ffts, partial(check_int, minimum=8), noun="a sequence of ints")
+        check_positive("lr", lr)
+        check_interval("lr_gamma", lr_gamma, 0, 1, low_open=True)
+        check_positive("disc_lr", disc_lr, allow_none=True)
+        check_pair("betas", betas, partial(check_interval, low=0, high=1, high_open=True))
+        check_choice("adversarial_loss", adversarial_loss, ("hinge", "ls"))
+        check_bool("normalize_scale", normalize_scale)
+        check_pair("output_rms_clamp", output_rms_clamp, check_positive, ordered=True, allow_none=True)
+        if output_rms_clamp is not None and not normalize_scale:
+            raise ValueError("`output_rms_clamp` needs `normalize_scale=True` (its target is the unit RMS)")
+        check_bool("remove_dc", remove_dc)
+        check_bool("adversarial", adversarial)
+        check_positive("gradient_clip_val", gradient_clip_val, allow_none=True)
         if loss_weights is None:
             loss_weights = {**DEFAULT_LOSS_WEIGHTS, **(ADVERSARIAL_LOSS_WEIGHTS if adversarial else {})}
-        elif not isinstance(loss_weights, Mapping):
-            raise TypeError(f"`loss_weights` must be a mapping of loss name to weight, got {loss_weights!r}")
-        elif not loss_weights:
-            raise ValueError(f"`loss_weights` must name at least one loss term of {list(KNOWN_LOSSES)}, got {{}}")
-        weighted = {
-            k for k, v in loss_weights.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
-        }
+        # the weights keep the caller's values: LossWeights stores them as floats
+        check_mapping(
+            "loss_weights", loss_weights, partial(check_number, minimum=0), noun="a mapping of loss name to weight"
+        )
+        weighted = {k for k, v in loss_weights.items() if v > 0}
         if not adversarial and weighted & {"adv", "feat"}:
             raise ValueError(
                 f"`loss_weights` weights 'adv'/'feat' but `adversarial` is False, got {dict(loss_weights)!r}"

@@ -59,12 +59,14 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
+from lightning_stability._checks import check_bool, check_int, check_interval, check_number, check_positive
 from lightning_stability.reference.codec.seanet import _Conv1d
 
 __all__ = ["QuantizedResult", "ResidualVectorQuantizer", "VectorQuantizer"]
@@ -148,6 +150,35 @@ class QuantizedResult:
         return codebook_weight * self.codebook_loss + commitment_weight * self.commitment_loss
 
 
+def _check_codebook_args(
+    dim: Any,
+    codebook_size: Any,
+    codebook_dim: Any,
+    l2_normalize: Any,
+    ema: Any,
+    decay: Any,
+    epsilon: Any,
+    kmeans_init: Any,
+    kmeans_iters: Any,
+    threshold_ema_dead_code: Any,
+    dead_code_usage_ratio: Any,
+    dead_code_check_every: Any,
+) -> None:
+    """The arguments :class:`VectorQuantizer` and :class:`ResidualVectorQuantizer` share (one contract)."""
+    check_int("dim", dim, 1)
+    check_int("codebook_size", codebook_size, 2)
+    check_int("codebook_dim", codebook_dim, 1, allow_none=True)
+    check_bool("l2_normalize", l2_normalize)
+    check_bool("ema", ema)
+    check_interval("decay", decay, 0, 1, low_open=True, high_open=True)
+    check_positive("epsilon", epsilon)
+    check_bool("kmeans_init", kmeans_init)
+    check_int("kmeans_iters", kmeans_iters, 1)
+    check_number("threshold_ema_dead_code", threshold_ema_dead_code, minimum=0)
+    check_interval("dead_code_usage_ratio", dead_code_usage_ratio, 0, 1, high_open=True, allow_none=True)
+    check_int("dead_code_check_every", dead_code_check_every, 1)
+
+
 class VectorQuantizer(nn.Module):
     """One stage: nearest-neighbour lookup in a codebook of ``codebook_size`` vectors (see the module docstring).
 
@@ -172,6 +203,20 @@ class VectorQuantizer(nn.Module):
         dead_code_check_every: int = 5,
     ) -> None:
         super().__init__()
+        _check_codebook_args(
+            dim,
+            codebook_size,
+            codebook_dim,
+            l2_normalize,
+            ema,
+            decay,
+            epsilon,
+            kmeans_init,
+            kmeans_iters,
+            threshold_ema_dead_code,
+            dead_code_usage_ratio,
+            dead_code_check_every,
+        )
         self.dim = dim
         self.codebook_size = codebook_size
         self.codebook_dim = dim if codebook_dim is None else codebook_dim
@@ -395,38 +440,23 @@ class ResidualVectorQuantizer(nn.Module):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        for name, value in (("dim", dim), ("n_q", n_q), ("codebook_size", codebook_size)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {value!r}")
-        if codebook_size < 2:
-            raise ValueError(f"`codebook_size` must be >= 2, got {codebook_size!r}")
-        if codebook_dim is not None and (not isinstance(codebook_dim, int) or codebook_dim < 1):
-            raise ValueError(f"`codebook_dim` must be None or a positive int, got {codebook_dim!r}")
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"`decay` must be in (0, 1), got {decay!r}")
-        if not epsilon > 0:
-            raise ValueError(f"`epsilon` must be > 0, got {epsilon!r}")
-        if not isinstance(kmeans_iters, int) or kmeans_iters < 1:
-            raise ValueError(f"`kmeans_iters` must be a positive int, got {kmeans_iters!r}")
-        if not (threshold_ema_dead_code >= 0 and math.isfinite(threshold_ema_dead_code)):
-            raise ValueError(f"`threshold_ema_dead_code` must be a finite number >= 0, got {threshold_ema_dead_code!r}")
-        if dead_code_usage_ratio is not None and (
-            isinstance(dead_code_usage_ratio, bool)
-            or not isinstance(dead_code_usage_ratio, (int, float))
-            or not 0 <= dead_code_usage_ratio < 1
-        ):
-            raise ValueError(
-                f"`dead_code_usage_ratio` must be None or a fraction of uniform usage in [0, 1), "
-                f"got {dead_code_usage_ratio!r}"
-            )
-        if (
-            isinstance(dead_code_check_every, bool)
-            or not isinstance(dead_code_check_every, int)
-            or (dead_code_check_every < 1)
-        ):
-            raise ValueError(f"`dead_code_check_every` must be a positive int, got {dead_code_check_every!r}")
-        if not 0.0 <= quantizer_dropout <= 1.0:
-            raise ValueError(f"`quantizer_dropout` must be a probability in [0, 1], got {quantizer_dropout!r}")
+        check_int("n_q", n_q, 1)
+        _check_codebook_args(
+            dim,
+            codebook_size,
+            codebook_dim,
+            l2_normalize,
+            ema,
+            decay,
+            epsilon,
+            kmeans_init,
+            kmeans_iters,
+            threshold_ema_dead_code,
+            dead_code_usage_ratio,
+            dead_code_check_every,
+        )
+        check_interval("quantizer_dropout", quantizer_dropout, 0, 1)
+        check_int("seed", seed)
         self.dim = dim
         self.n_q = n_q
         self.codebook_size = codebook_size

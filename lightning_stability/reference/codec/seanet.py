@@ -27,13 +27,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.parametrizations import weight_norm
 
+from lightning_stability._checks import check_bool, check_choice, check_int, check_sequence
+
 __all__ = ["PicklableParametrized", "SEANetDecoder", "SEANetEncoder", "SEANetResnetBlock"]
+
+_PAD_MODES = ("reflect", "constant", "replicate")
 
 
 def _pad1d(x: torch.Tensor, left: int, right: int, mode: str) -> torch.Tensor:
@@ -171,6 +177,10 @@ class SEANetResnetBlock(nn.Module):
         pad_mode: str = "reflect",
     ) -> None:
         super().__init__()
+        for name, value in (("dim", dim), ("kernel_size", kernel_size), ("dilation", dilation), ("compress", compress)):
+            check_int(name, value, 1)
+        check_bool("causal", causal)
+        check_choice("pad_mode", pad_mode, _PAD_MODES)
         hidden = max(1, dim // compress)
         self.block = nn.Sequential(
             nn.ELU(),
@@ -183,19 +193,38 @@ class SEANetResnetBlock(nn.Module):
         return x + self.block(x)
 
 
-def _check_common(channels, dimension, n_filters, ratios, n_residual_layers, lstm, pad_mode) -> tuple[int, ...]:
-    for name, value in (("channels", channels), ("dimension", dimension), ("n_filters", n_filters)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"`{name}` must be a positive int, got {value!r}")
-    ratios = tuple(ratios)
-    if not ratios or any(not isinstance(r, int) or isinstance(r, bool) or r < 1 for r in ratios):
-        raise ValueError(f"`ratios` must be a non-empty sequence of positive ints, got {ratios!r}")
-    if not isinstance(n_residual_layers, int) or n_residual_layers < 0:
-        raise ValueError(f"`n_residual_layers` must be an int >= 0, got {n_residual_layers!r}")
-    if not isinstance(lstm, int) or lstm < 0:
-        raise ValueError(f"`lstm` must be an int >= 0 (number of LSTM layers), got {lstm!r}")
-    if pad_mode not in {"reflect", "constant", "replicate"}:
-        raise ValueError(f"`pad_mode` must be 'reflect', 'constant' or 'replicate', got {pad_mode!r}")
+def _check_common(
+    channels: Any,
+    dimension: Any,
+    n_filters: Any,
+    ratios: Any,
+    n_residual_layers: Any,
+    lstm: Any,
+    causal: Any,
+    kernel_size: Any,
+    last_kernel_size: Any,
+    residual_kernel_size: Any,
+    dilation_base: Any,
+    compress: Any,
+    pad_mode: Any,
+) -> tuple[int, ...]:
+    """The arguments the encoder and decoder share, checked with one contract; returns ``ratios`` as a tuple."""
+    for name, value in (
+        ("channels", channels),
+        ("dimension", dimension),
+        ("n_filters", n_filters),
+        ("kernel_size", kernel_size),
+        ("last_kernel_size", last_kernel_size),
+        ("residual_kernel_size", residual_kernel_size),
+        ("dilation_base", dilation_base),
+        ("compress", compress),
+    ):
+        check_int(name, value, 1)
+    ratios = check_sequence("ratios", ratios, partial(check_int, minimum=1), noun="a sequence of ints")
+    check_int("n_residual_layers", n_residual_layers, 0)
+    check_int("lstm", lstm, 0)
+    check_bool("causal", causal)
+    check_choice("pad_mode", pad_mode, _PAD_MODES)
     return ratios
 
 
@@ -235,7 +264,21 @@ class SEANetEncoder(nn.Module):
         pad_mode: str = "reflect",
     ) -> None:
         super().__init__()
-        ratios = _check_common(channels, dimension, n_filters, ratios, n_residual_layers, lstm, pad_mode)
+        ratios = _check_common(
+            channels,
+            dimension,
+            n_filters,
+            ratios,
+            n_residual_layers,
+            lstm,
+            causal,
+            kernel_size,
+            last_kernel_size,
+            residual_kernel_size,
+            dilation_base,
+            compress,
+            pad_mode,
+        )
         self.channels, self.dimension, self.ratios = channels, dimension, ratios
         self.hop_length = math.prod(ratios)
         kw = {"causal": causal, "pad_mode": pad_mode}
@@ -286,7 +329,21 @@ class SEANetDecoder(nn.Module):
         pad_mode: str = "reflect",
     ) -> None:
         super().__init__()
-        ratios = _check_common(channels, dimension, n_filters, ratios, n_residual_layers, lstm, pad_mode)
+        ratios = _check_common(
+            channels,
+            dimension,
+            n_filters,
+            ratios,
+            n_residual_layers,
+            lstm,
+            causal,
+            kernel_size,
+            last_kernel_size,
+            residual_kernel_size,
+            dilation_base,
+            compress,
+            pad_mode,
+        )
         self.channels, self.dimension, self.ratios = channels, dimension, ratios
         self.hop_length = math.prod(ratios)
         kw = {"causal": causal, "pad_mode": pad_mode}

@@ -14,6 +14,17 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
+from lightning_stability._checks import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_interval,
+    check_number,
+    check_path,
+    check_positive,
+    check_sequence,
+    check_str,
+)
 from lightning_stability.reference.data._audio import (
     AudioFileError,
     AudioSegmentDataset,
@@ -103,37 +114,28 @@ class AudioFolderDataModule(pl.LightningDataModule):
         drop_last: bool = False,
     ) -> None:
         super().__init__()
-        if not isinstance(root, (str, Path)) or (isinstance(root, str) and not root):
-            raise TypeError(f"`root` must be a folder path (str or Path), got {root!r}")
-        _check_int("sample_rate", sample_rate, 1)
-        _check_positive("segment_seconds", segment_seconds)
-        _check_int("batch_size", batch_size, 1)
-        _check_int("num_workers", num_workers, 0)
-        _check_int("seed", seed, None)
-        _check_real("val_fraction", val_fraction)
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"`val_fraction` must be in [0, 1), got {val_fraction!r}")
-        if loudness_lufs is not None:
-            _check_real("loudness_lufs", loudness_lufs)
-            if not -70.0 < loudness_lufs <= 0.0:
-                raise ValueError(
-                    f"`loudness_lufs` must be in (-70, 0] LUFS (e.g. -16.0) or None, got {loudness_lufs!r}"
-                )
-        if isinstance(extensions, str) or not extensions or not all(isinstance(e, str) and e for e in extensions):
-            raise TypeError(
-                f"`extensions` must be a non-empty sequence of extensions like ('wav', 'flac'), got {extensions!r}"
-            )
-        if on_error not in _ON_ERROR:
-            raise ValueError(f"`on_error` must be one of {_ON_ERROR}, got {on_error!r}")
-        if on_silent not in _ON_SILENT:
-            raise ValueError(f"`on_silent` must be one of {_ON_SILENT}, got {on_silent!r}")
-        _check_real("silence_threshold_db", silence_threshold_db)
-        _check_real("min_seconds", min_seconds)
-        if min_seconds < 0:
-            raise ValueError(f"`min_seconds` must be >= 0, got {min_seconds!r}")
-        if val_segment_seconds is not None:
-            _check_positive("val_segment_seconds", val_segment_seconds)
-        _check_real("max_gain_db", max_gain_db)
+        root = check_path("root", root)
+        check_int("sample_rate", sample_rate, 1)
+        check_positive("segment_seconds", segment_seconds)
+        check_int("batch_size", batch_size, 1)
+        check_int("num_workers", num_workers, 0)
+        check_int("seed", seed)
+        check_interval("val_fraction", val_fraction, 0, 1, high_open=True)
+        check_interval("loudness_lufs", loudness_lufs, -70, 0, low_open=True, allow_none=True)
+        check_sequence("extensions", extensions, check_str, noun="a sequence of extensions like ('wav', 'flac')")
+        check_choice("on_error", on_error, _ON_ERROR)
+        check_choice("on_silent", on_silent, _ON_SILENT)
+        check_number("silence_threshold_db", silence_threshold_db)
+        check_number("min_seconds", min_seconds, minimum=0)
+        check_positive("val_segment_seconds", val_segment_seconds, allow_none=True)
+        check_number("max_gain_db", max_gain_db)
+        for name, flag in (
+            ("cache_audio", cache_audio),
+            ("pin_memory", pin_memory),
+            ("persistent_workers", persistent_workers),
+            ("drop_last", drop_last),
+        ):
+            check_bool(name, flag)
         self.root = Path(root)
         self.sample_rate = int(sample_rate)
         self.segment_seconds = float(segment_seconds)
@@ -323,23 +325,3 @@ class AudioFolderDataModule(pl.LightningDataModule):
         if len(self.val_dataset) == 0:
             return []
         return self._loader(self.val_dataset, None, train=False)
-
-
-def _check_int(name: str, value: object, minimum: int | None) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"`{name}` must be an int, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {value!r}")
-
-
-def _check_real(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        raise TypeError(f"`{name}` must be a number, got {value!r}")
-    if not math.isfinite(float(value)):
-        raise ValueError(f"`{name}` must be finite, got {value!r}")
-
-
-def _check_positive(name: str, value: object) -> None:
-    _check_real(name, value)
-    if float(value) <= 0:  # type: ignore[arg-type]
-        raise ValueError(f"`{name}` must be > 0, got {value!r}")

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lightning_stability._checks import check_int, check_positive, check_str
+
 SAMPLE_RATE = 22050
 """eSpeak NG's output rate in Hz (int16 mono)."""
 
@@ -190,8 +192,7 @@ class ESpeakNG:
 
     def check_voice(self, voice: str) -> None:
         """Raise ``ValueError`` naming ``voice`` unless it is ``<language>`` or ``<language>+<variant>`` we have."""
-        if not isinstance(voice, str) or not voice.strip():
-            raise ValueError(f"`voice` must be a language code such as 'te' or 'te+f2', got {voice!r}")
+        check_str("voice", voice)
         language, _, variant = voice.partition("+")
         known = {v.language for v in self.voices()} | {v.identifier for v in self.voices()}
         known |= {v.identifier.rsplit("/", 1)[-1] for v in self.voices()}
@@ -230,14 +231,15 @@ class ESpeakNG:
             seed: seed of eSpeak's noise generator (``espeak_ng_SetRandSeed``).
 
         Raises:
+            TypeError: a parameter of the wrong type (the message names it).
             ValueError: empty text, unknown voice, or a parameter out of range (the message names it).
             ESpeakError: the library reported an error.
         """
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"`text` must be non-empty text to speak, got {text!r}")
-        _check_int("rate", rate, *RATE_LIMITS)
-        _check_int("pitch", pitch, *PITCH_LIMITS)
-        _check_int("pitch_range", pitch_range, *PITCH_LIMITS)
+        check_str("text", text)
+        check_int("rate", rate, RATE_LIMITS[0], maximum=RATE_LIMITS[1])
+        check_int("pitch", pitch, PITCH_LIMITS[0], maximum=PITCH_LIMITS[1])
+        check_int("pitch_range", pitch_range, PITCH_LIMITS[0], maximum=PITCH_LIMITS[1])
+        check_int("seed", seed)
         self.check_voice(voice)
         data = text.encode("utf-8") + b"\0"
         with _LOCK:
@@ -254,13 +256,6 @@ class ESpeakNG:
         if status != _EE_OK:
             raise ESpeakError(f"espeak_Synth failed with status {status} for voice {voice!r} and text {text[:60]!r}")
         return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int16)
-
-
-def _check_int(name: str, value: object, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"`{name}` must be an int in [{low}, {high}], got {value!r}")
-    if not low <= value <= high:
-        raise ValueError(f"`{name}` must be in [{low}, {high}], got {value!r}")
 
 
 def engine() -> ESpeakNG:
@@ -345,11 +340,12 @@ def synthesize_to_files(
         For every chunk, the number of samples of each of its utterances.
 
     Raises:
-        ValueError: ``workers`` < 1.
+        TypeError: ``workers`` is not an int, or ``timeout`` not a number.
+        ValueError: ``workers`` < 1, or ``timeout`` <= 0.
         ESpeakError: a subprocess failed (its error message is included).
     """
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"`workers` must be an int >= 1, got {workers!r}")
+    check_int("workers", workers, 1)
+    check_positive("timeout", timeout)
     package_root = str(Path(__file__).resolve().parents[3])  # the folder holding lightning_stability/
     env = dict(os.environ)
     env["PYTHONPATH"] = package_root + os.pathsep + env.get("PYTHONPATH", "")

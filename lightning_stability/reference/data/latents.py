@@ -69,6 +69,16 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_stability._checks import (
+    check_bool,
+    check_int,
+    check_interval,
+    check_mapping,
+    check_pair,
+    check_path,
+    check_positive,
+    check_str,
+)
 from lightning_stability.reference.data._audio import (
     EpochShuffleSampler,
     ResumableDataLoader,
@@ -323,51 +333,40 @@ class LatentPairDataModule(pl.LightningDataModule):
         max_seconds: float = 30.0,
     ) -> None:
         super().__init__()
-        if latents_dir is not None and not isinstance(latents_dir, (str, Path)):
-            raise TypeError(f"`latents_dir` must be a folder path or None, got {latents_dir!r}")
+        check_path("latents_dir", latents_dir, allow_none=True)
         if latents_dir is not None and (encoder is not None or audio is not None):
             raise ValueError(
                 "give either `latents_dir` (saved tensors) or `encoder`/`audio` (computed latents), not both"
             )
-        if encoder is not None and not isinstance(encoder, (str, Path)) and not callable(encoder):
+        if encoder is not None and not isinstance(encoder, (str, os.PathLike)) and not callable(encoder):
             raise TypeError(
                 f"`encoder` must be a checkpoint path, a callable audio -> latents, or None, got {encoder!r}"
             )
-        if corpus is not None and not isinstance(corpus, Mapping):
-            raise TypeError(f"`corpus` must be a dict of SpeechCorpusDataModule options, got {corpus!r}")
-        _check_int("latent_dim", latent_dim, 1)
-        if cond_dim is not None:
-            _check_int("cond_dim", cond_dim, 0)
-        if segment_frames is not None:
-            _check_int("segment_frames", segment_frames, 1)
-        _check_int("batch_size", batch_size, 1)
-        _check_int("num_workers", num_workers, 0)
-        _check_int("seed", seed, None)
-        _check_int("sample_rate", sample_rate, 1)
-        _check_int("degradations", degradations, 1)
-        if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
-            raise ValueError(f"`val_fraction` must be in [0, 1), got {val_fraction!r}")
-        for name, rng in (("snr_db", snr_db), ("gain_db", gain_db), ("cutoff_hz", cutoff_hz)):
-            if (
-                isinstance(rng, (str, bytes))
-                or not isinstance(rng, Sequence)
-                or len(rng) != 2
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in rng)
-                or rng[0] > rng[1]
-            ):
-                raise ValueError(f"`{name}` must be a (low, high) pair of finite numbers with low <= high, got {rng!r}")
-        if cutoff_hz[0] <= 0:
-            raise ValueError(f"`cutoff_hz` must be > 0 Hz, got {cutoff_hz!r}")
-        if isinstance(max_seconds, bool) or not isinstance(max_seconds, (int, float)) or not max_seconds > 0:
-            raise ValueError(f"`max_seconds` must be a number > 0, got {max_seconds!r}")
+        if isinstance(encoder, str):
+            check_path("encoder", encoder)
+        check_mapping("corpus", corpus, min_length=0, allow_none=True, noun="a dict of SpeechCorpusDataModule options")
+        check_path("cache_dir", cache_dir)
+        check_str("encoder_key", encoder_key, allow_none=True, allow_empty=True)
+        check_bool("fallback_to_random", fallback_to_random)
+        check_int("latent_dim", latent_dim, 1)
+        check_int("cond_dim", cond_dim, 0, allow_none=True)
+        check_int("segment_frames", segment_frames, 1, allow_none=True)
+        check_int("batch_size", batch_size, 1)
+        check_int("num_workers", num_workers, 0)
+        check_int("seed", seed)
+        check_int("sample_rate", sample_rate, 1)
+        check_int("degradations", degradations, 1)
+        check_interval("val_fraction", val_fraction, 0, 1, high_open=True)
+        check_pair("snr_db", snr_db, ordered=True)
+        check_pair("gain_db", gain_db, ordered=True)
+        check_pair("cutoff_hz", cutoff_hz, check_positive, ordered=True)
+        check_positive("max_seconds", max_seconds)
         self.latents_dir = None if latents_dir is None else Path(latents_dir)
         self.encoder = encoder
         self.audio = audio
         self.corpus_options = dict(corpus or {})
         self.cache_dir = Path(cache_dir)
         self.encoder_key = encoder_key
-        if not isinstance(fallback_to_random, bool):
-            raise TypeError(f"`fallback_to_random` must be a bool, got {fallback_to_random!r}")
         self.fallback_to_random = fallback_to_random
         self.latent_dim = latent_dim
         self.cond_dim = latent_dim if cond_dim is None else cond_dim
@@ -730,13 +729,6 @@ def _file_digest(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:16]
-
-
-def _check_int(name: str, value: object, minimum: int | None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"`{name}` must be an int, got {value!r} ({type(value).__name__})")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {value!r}")
 
 
 def __getattr__(name: str) -> Any:

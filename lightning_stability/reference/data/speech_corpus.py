@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from importlib import metadata, resources
 from pathlib import Path
 from typing import Any, Literal
@@ -19,8 +20,9 @@ from typing import Any, Literal
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_stability._checks import check_choice, check_int, check_pair, check_path, check_sequence, check_str
 from lightning_stability.reference.data._audio import ClipInfo, write_text_atomic
-from lightning_stability.reference.data.audio_folder import AudioFolderDataModule, _check_int
+from lightning_stability.reference.data.audio_folder import AudioFolderDataModule
 
 GENERATOR_VERSION = 1  # bump when the plan or the audio written for the same parameters changes
 CHUNK_SIZE = 32  # utterances per synthesis subprocess (part of the corpus key: output depends on chunking)
@@ -165,40 +167,30 @@ class SpeechCorpusDataModule(AudioFolderDataModule):
     ) -> None:
         if cache_dir is None:
             cache_dir = default_cache_dir()
-        if not isinstance(cache_dir, (str, Path)) or (isinstance(cache_dir, str) and not cache_dir):
-            raise TypeError(f"`cache_dir` must be a folder path (str or Path), got {cache_dir!r}")
-        if not isinstance(language, str) or not language or "+" in language or "/" in language:
+        cache_dir = check_path("cache_dir", cache_dir)
+        check_str("language", language)
+        if "+" in language or "/" in language:
             raise ValueError(f"`language` must be an eSpeak NG language code such as 'te' or 'en', got {language!r}")
-        _check_int("num_utterances", num_utterances, 1)
-        _check_int("num_voices", num_voices, 1)
-        _check_int("max_sentences", max_sentences, 1)
-        if (
-            not isinstance(rate_range, (tuple, list))
-            or len(rate_range) != 2
-            or not all(isinstance(r, int) and not isinstance(r, bool) for r in rate_range)
-            or not 80 <= rate_range[0] <= rate_range[1] <= 450
-        ):
-            raise ValueError(
-                f"`rate_range` must be (min, max) words/min with 80 <= min <= max <= 450, got {rate_range!r}"
-            )
-        if holdout not in ("utterance", "voice"):
-            raise ValueError(f"`holdout` must be 'utterance' or 'voice', got {holdout!r}")
+        check_int("num_utterances", num_utterances, 1)
+        check_int("num_voices", num_voices, 1)
+        check_int("max_sentences", max_sentences, 1)
+        # words per minute, within eSpeak NG's range
+        rate_range = check_pair("rate_range", rate_range, partial(check_int, minimum=80, maximum=450), ordered=True)
+        check_choice("holdout", holdout, ("utterance", "voice"))
         if sentences is not None:
-            if isinstance(sentences, str) or not all(isinstance(s, str) for s in sentences):
-                raise TypeError(f"`sentences` must be a sequence of strings, got {type(sentences).__name__}")
+            sentences = check_sequence(
+                "sentences", sentences, partial(check_str, allow_empty=True), min_length=0, noun="a sequence of str"
+            )
             sentences = [s.strip() for s in sentences if s.strip()]
             if not sentences:
-                raise ValueError("`sentences` contains no non-empty sentence")
+                raise ValueError("`sentences` must hold at least one non-empty sentence, got only empty ones")
         else:
             sentences = bundled_sentences(language)
         if variants is not None:
-            if isinstance(variants, str) or not variants or not all(isinstance(v, str) and v for v in variants):
-                raise TypeError(f"`variants` must be a non-empty sequence of eSpeak variant names, got {variants!r}")
-            variants = list(variants)
+            variants = list(check_sequence("variants", variants, check_str, noun="a sequence of eSpeak variant names"))
         else:
             variants = list(DEFAULT_VARIANTS)
-        if generation_workers is not None:
-            _check_int("generation_workers", generation_workers, 1)
+        check_int("generation_workers", generation_workers, 1, allow_none=True)
         self.cache_dir = Path(cache_dir)
         self.language = language
         self.num_utterances = num_utterances
@@ -209,7 +201,7 @@ class SpeechCorpusDataModule(AudioFolderDataModule):
         self.variants = variants
         self.holdout = holdout
         self.generation_workers = generation_workers or max(1, min(2, os.cpu_count() or 1))
-        _check_int("seed", seed, None)
+        check_int("seed", seed)
         self.seed = seed  # the parent sets it too; the corpus key below needs it first
         super().__init__(
             self.cache_dir / f"{language}-{self.corpus_key()[:12]}",

@@ -7,6 +7,7 @@ from torch.nn.utils import parametrize
 
 from lightning_stability.reference.cascade.transformer import (
     CascadeConfig,
+    CascadeStage,
     CascadeTransformer,
     _calibration,
     apply_rotary,
@@ -207,15 +208,49 @@ def test_rms_reference_target_uses_the_answer():
         ({"min_scale": 2.0}, "`min_scale` must be <= `max_scale`"),
         ({"rms_reference": "answer"}, "`rms_reference` must be one of"),
         ({"init": "xavier"}, "`init` must be one of"),
-        ({"dropout": 1.0}, r"`dropout` must be in \[0, 1\)"),
+        ({"dropout": 1.0}, r"`dropout` must be a number in \[0, 1\), got 1.0"),
         ({"attn_logit_softcap": -1.0}, "`attn_logit_softcap` must be a finite number > 0"),
         ({"residual_weights": (1.0, float("nan"), 0.3)}, r"`residual_weights\[1\]`"),
-        ({"gain_range": 1.0}, "`gain_range` must be > 1, got 1.0"),
+        ({"gain_range": 1.0}, "`gain_range` must be a finite number > 1, got 1.0"),
     ],
 )
 def test_config_errors_name_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CascadeConfig(**{**TINY, **kwargs})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"latent_dim": 8.0}, "`latent_dim` must be an int, got 8.0"),
+        ({"cond_dim": "8"}, "`cond_dim` must be an int or None, got '8'"),
+        ({"widths": 16}, "`widths` must be a sequence of ints, got 16"),
+        ({"widths": (16, 16.0, 16)}, r"`widths\[1\]` must be an int, got 16.0"),
+        ({"n_layers": 2.0}, "`n_layers` must be an int, got 2.0"),
+        ({"n_layers": (2, "2", 2)}, r"`n_layers\[1\]` must be an int, got '2'"),
+        ({"residual_weights": "1.0"}, "`residual_weights` must be a sequence of numbers, got '1.0'"),
+        ({"mlp_ratio": "4"}, "`mlp_ratio` must be a number, got '4'"),
+        ({"dropout": None}, "`dropout` must be a number, got None"),
+        ({"qk_layernorm": 1}, "`qk_layernorm` must be a bool, got 1"),
+    ],
+)
+def test_config_wrong_types_are_type_errors_naming_the_field(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        CascadeConfig(**{**TINY, **kwargs})
+
+
+def test_stage_and_small_init_arguments_are_checked():
+    config = CascadeConfig(**TINY)
+    with pytest.raises(ValueError, match="`index` must be <= 2, got 3"):
+        CascadeStage(config, 3)
+    with pytest.raises(TypeError, match="`index` must be an int, got 1.0"):
+        CascadeStage(config, 1.0)
+    with pytest.raises(TypeError, match="`config` must be a CascadeConfig, got dict"):
+        CascadeStage(dict(TINY), 0)
+    with pytest.raises(TypeError, match="`conv_factor` must be a number, got '0.5'"):
+        small_init_(nn.Linear(2, 2), conv_factor="0.5")
+    with pytest.raises(ValueError, match="`conv_factor` must be a finite number > 0, got -0.5"):
+        small_init_(nn.Linear(2, 2), conv_factor=-0.5)
 
 
 def test_config_from_dict_rejects_unknown_fields():

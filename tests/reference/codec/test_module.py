@@ -189,19 +189,46 @@ def test_subclass_adds_a_loss_term_and_unknown_terms_are_named(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    ("kwargs", "error", "match"),
     [
-        ({"sample_rate": 0}, "`sample_rate`"),
-        ({"lr": -1.0}, "`lr`"),
-        ({"betas": (0.9, 1.2)}, "`betas`"),
-        ({"adversarial_loss": "wgan"}, "`adversarial_loss`"),
-        ({"loss_weights": {"mel": 1.0, "adv": 1.0}}, "`adversarial`"),
-        ({"loss_weights": {"mel": -1.0}}, "mel"),
-        ({"lr_gamma": 1.5}, "`lr_gamma`"),
+        ({"sample_rate": 0}, ValueError, "`sample_rate` must be >= 1, got 0"),
+        ({"sample_rate": 16000.0}, TypeError, "`sample_rate` must be an int, got 16000.0"),
+        ({"lr": -1.0}, ValueError, "`lr` must be a finite number > 0, got -1.0"),
+        ({"lr": "1e-3"}, TypeError, "`lr` must be a number, got '1e-3'"),
+        ({"betas": (0.9, 1.2)}, ValueError, r"`betas\[1\]` must be a number in \[0, 1\), got 1.2"),
+        ({"betas": (0.9,)}, ValueError, r"`betas` must have 2 items, got \(0.9,\)"),
+        ({"betas": 0.9}, TypeError, "`betas` must be a pair of numbers, got 0.9"),
+        ({"adversarial_loss": "wgan"}, ValueError, r"`adversarial_loss` must be one of \('hinge', 'ls'\), got 'wgan'"),
+        ({"loss_weights": {"mel": 1.0, "adv": 1.0}}, ValueError, "`adversarial`"),
+        ({"loss_weights": {"mel": -1.0}}, ValueError, r"`loss_weights\['mel'\]` must be a finite number >= 0"),
+        ({"loss_weights": {"mel": "1"}}, TypeError, r"`loss_weights\['mel'\]` must be a number, got '1'"),
+        ({"loss_weights": [("mel", 1.0)]}, TypeError, "`loss_weights` must be a mapping of loss name to weight"),
+        ({"loss_weights": {}}, ValueError, "`loss_weights` must have at least 1 entry, got {}"),
+        ({"lr_gamma": 1.5}, ValueError, r"`lr_gamma` must be a number in \(0, 1\], got 1.5"),
+        ({"disc_lr": 0.0}, ValueError, "`disc_lr` must be a finite number > 0, got 0.0"),
+        ({"gradient_clip_val": -1.0}, ValueError, "`gradient_clip_val` must be a finite number > 0, got -1.0"),
+        ({"codebook_decay": 1.0}, ValueError, r"`codebook_decay` must be a number in \(0, 1\), got 1.0"),
+        ({"ema_codebook": 1}, TypeError, "`ema_codebook` must be a bool, got 1"),
+        ({"adversarial": "yes"}, TypeError, "`adversarial` must be a bool, got 'yes'"),
+        ({"normalize_scale": None}, TypeError, "`normalize_scale` must be a bool, got None"),
+        ({"output_rms_clamp": (1.5, 0.7)}, ValueError, r"`output_rms_clamp` must be a pair \(low, high\)"),
+        ({"output_rms_clamp": (0.7, "1.5")}, TypeError, r"`output_rms_clamp\[1\]` must be a number"),
+        ({"output_rms_clamp": (0.7, 1.5), "normalize_scale": False}, ValueError, "needs `normalize_scale=True`"),
+        ({"weight_decay": -0.1}, ValueError, "`weight_decay` must be a finite number >= 0, got -0.1"),
+        ({"commitment_weight": None}, TypeError, "`commitment_weight` must be a number, got None"),
+        ({"mel_window_lengths": (2048, 2)}, ValueError, r"`mel_window_lengths\[1\]` must be >= 4, got 2"),
+        ({"mel_n_mels": (80,)}, ValueError, r"`mel_n_mels` must have \d+ items, got \(80,\)"),
+        ({"mel_log_weight": -1.0}, ValueError, "`mel_log_weight` must be a finite number >= 0"),
+        ({"disc_filters": 0}, ValueError, "`disc_filters` must be >= 1, got 0"),
+        ({"disc_n_ffts": 1024}, TypeError, "`disc_n_ffts` must be a sequence of ints, got 1024"),
+        # checked by the blocks that take them, under the same name
+        ({"ratios": (8, 0)}, ValueError, r"`ratios\[1\]` must be >= 1, got 0"),
+        ({"n_q": 2.0}, TypeError, "`n_q` must be an int, got 2.0"),
+        ({"codebook_size": 1}, ValueError, "`codebook_size` must be >= 2, got 1"),
     ],
 )
-def test_bad_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
         _codec(**kwargs)
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_stability.reference.codec.quantize import ResidualVectorQuantizer
+from lightning_stability.reference.codec.quantize import ResidualVectorQuantizer, VectorQuantizer
 from tests._helpers_spectral_scale import NoHostReads
 
 VARIANTS = {
@@ -195,3 +195,48 @@ def test_relative_threshold_does_not_depend_on_batch_size():
     absolute = {"threshold_ema_dead_code": 2.0, "dead_code_usage_ratio": None}
     assert churn(16, **absolute) > 0.9  # 16 frames a step: every code averages 0.5 hits < 2
     assert churn(1024, **absolute) < 0.02
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"dim": 0}, ValueError, "`dim` must be >= 1, got 0"),
+        ({"dim": 8.0}, TypeError, "`dim` must be an int, got 8.0"),
+        ({"codebook_size": 1}, ValueError, "`codebook_size` must be >= 2, got 1"),
+        ({"codebook_size": "16"}, TypeError, "`codebook_size` must be an int, got '16'"),
+        ({"codebook_dim": 0}, ValueError, "`codebook_dim` must be >= 1, got 0"),
+        ({"codebook_dim": 4.0}, TypeError, "`codebook_dim` must be an int or None, got 4.0"),
+        ({"decay": 1.0}, ValueError, r"`decay` must be a number in \(0, 1\), got 1.0"),
+        ({"decay": "0.99"}, TypeError, "`decay` must be a number, got '0.99'"),
+        ({"epsilon": 0.0}, ValueError, "`epsilon` must be a finite number > 0, got 0.0"),
+        ({"ema": "no"}, TypeError, "`ema` must be a bool, got 'no'"),
+        ({"l2_normalize": 1}, TypeError, "`l2_normalize` must be a bool, got 1"),
+        ({"kmeans_init": None}, TypeError, "`kmeans_init` must be a bool, got None"),
+        ({"kmeans_iters": 0}, ValueError, "`kmeans_iters` must be >= 1, got 0"),
+        ({"kmeans_iters": 2.5}, TypeError, "`kmeans_iters` must be an int, got 2.5"),
+        ({"threshold_ema_dead_code": float("inf")}, ValueError, "`threshold_ema_dead_code` must be a finite number"),
+        ({"dead_code_usage_ratio": 1.0}, ValueError, r"`dead_code_usage_ratio` must be a number in \[0, 1\) or None"),
+        ({"dead_code_usage_ratio": True}, TypeError, "`dead_code_usage_ratio` must be a number or None, got True"),
+        ({"dead_code_check_every": 0}, ValueError, "`dead_code_check_every` must be >= 1, got 0"),
+    ],
+)
+@pytest.mark.parametrize("cls", [VectorQuantizer, ResidualVectorQuantizer])
+def test_bad_arguments_name_the_argument(cls, kwargs, error, match):
+    kwargs = {"dim": 8, "codebook_size": 16, **kwargs}
+    with pytest.raises(error, match=match):
+        cls(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"n_q": 0}, ValueError, "`n_q` must be >= 1, got 0"),
+        ({"n_q": 2.0}, TypeError, "`n_q` must be an int, got 2.0"),
+        ({"quantizer_dropout": 1.5}, ValueError, r"`quantizer_dropout` must be a number in \[0, 1\], got 1.5"),
+        ({"quantizer_dropout": "0.5"}, TypeError, "`quantizer_dropout` must be a number, got '0.5'"),
+        ({"seed": 0.5}, TypeError, "`seed` must be an int, got 0.5"),
+    ],
+)
+def test_residual_quantizer_bad_arguments_name_the_argument(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ResidualVectorQuantizer(8, **{"codebook_size": 16, **kwargs})

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from lightning_stability.reference.codec.seanet import SEANetDecoder, SEANetEncoder
+from lightning_stability.reference.codec.seanet import SEANetDecoder, SEANetEncoder, SEANetResnetBlock
 
 
 def _pair(ratios, causal=False, lstm=0):
@@ -62,7 +62,7 @@ def test_decoder_is_unbounded():
     ("kwargs", "match"),
     [
         ({"ratios": ()}, "`ratios`"),
-        ({"ratios": (4, 0)}, "`ratios`"),
+        ({"ratios": (4, 0)}, r"`ratios\[1\]` must be >= 1, got 0"),
         ({"dimension": 0}, "`dimension`"),
         ({"lstm": -1}, "`lstm`"),
         ({"pad_mode": "circular"}, "`pad_mode`"),
@@ -93,3 +93,38 @@ def test_weight_normed_layers_pickle_and_deepcopy():
     for clone in (pickle.loads(pickle.dumps(enc)), copy.deepcopy(enc)):
         assert torch.equal(clone(x), enc(x))
         assert clone.state_dict().keys() == enc.state_dict().keys()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"channels": 1.0}, TypeError, "`channels` must be an int, got 1.0"),
+        ({"n_filters": 0}, ValueError, "`n_filters` must be >= 1, got 0"),
+        ({"ratios": 4}, TypeError, "`ratios` must be a sequence of ints, got 4"),
+        ({"ratios": (4, 2.0)}, TypeError, r"`ratios\[1\]` must be an int, got 2.0"),
+        ({"n_residual_layers": -1}, ValueError, "`n_residual_layers` must be >= 0, got -1"),
+        ({"lstm": 1.5}, TypeError, "`lstm` must be an int, got 1.5"),
+        ({"causal": "yes"}, TypeError, "`causal` must be a bool, got 'yes'"),
+        ({"kernel_size": 0}, ValueError, "`kernel_size` must be >= 1, got 0"),
+        ({"dilation_base": 2.0}, TypeError, "`dilation_base` must be an int, got 2.0"),
+        ({"compress": 0}, ValueError, "`compress` must be >= 1, got 0"),
+    ],
+)
+@pytest.mark.parametrize("cls", [SEANetEncoder, SEANetDecoder])
+def test_wrong_types_and_values_name_the_argument(cls, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        cls(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"dim": 0}, ValueError, "`dim` must be >= 1, got 0"),
+        ({"dilation": 1.0}, TypeError, "`dilation` must be an int, got 1.0"),
+        ({"causal": 0}, TypeError, "`causal` must be a bool, got 0"),
+        ({"pad_mode": "circular"}, ValueError, "`pad_mode` must be one of"),
+    ],
+)
+def test_resnet_block_bad_arguments_name_the_argument(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        SEANetResnetBlock(**{"dim": 8, **kwargs})

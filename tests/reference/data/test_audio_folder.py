@@ -344,22 +344,33 @@ def test_too_few_files_to_split(tmp_path: Path):
     [
         ({"sample_rate": 0}, ValueError, "`sample_rate` must be >= 1, got 0"),
         ({"sample_rate": 24000.0}, TypeError, "`sample_rate` must be an int, got 24000.0"),
-        ({"segment_seconds": -1.0}, ValueError, "`segment_seconds` must be > 0, got -1.0"),
+        ({"segment_seconds": -1.0}, ValueError, "`segment_seconds` must be a finite number > 0, got -1.0"),
         ({"batch_size": 0}, ValueError, "`batch_size` must be >= 1, got 0"),
-        ({"val_fraction": 1.0}, ValueError, r"`val_fraction` must be in \[0, 1\), got 1.0"),
-        ({"loudness_lufs": 3.0}, ValueError, "`loudness_lufs` must be in .*got 3.0"),
-        ({"loudness_lufs": float("nan")}, ValueError, "`loudness_lufs` must be finite, got nan"),
-        ({"extensions": "wav"}, TypeError, "`extensions` must be a non-empty sequence.*got 'wav'"),
+        ({"val_fraction": 1.0}, ValueError, r"`val_fraction` must be a number in \[0, 1\), got 1.0"),
+        ({"loudness_lufs": 3.0}, ValueError, r"`loudness_lufs` must be a number in \(-70, 0\] or None, got 3.0"),
+        ({"loudness_lufs": float("nan")}, ValueError, "`loudness_lufs` must be a number in .*got nan"),
+        ({"extensions": "wav"}, TypeError, "`extensions` must be a sequence of extensions.*got 'wav'"),
+        ({"extensions": ()}, ValueError, r"`extensions` must have at least 1 item, got \(\)"),
+        ({"extensions": ("wav", 3)}, TypeError, r"`extensions\[1\]` must be a non-empty string, got 3"),
+        ({"extensions": ("wav", "")}, ValueError, r"`extensions\[1\]` must be a non-empty string, got ''"),
+        ({"seed": "0"}, TypeError, "`seed` must be an int, got '0'"),
+        ({"val_fraction": "0.1"}, TypeError, "`val_fraction` must be a number, got '0.1'"),
+        ({"max_gain_db": float("inf")}, ValueError, "`max_gain_db` must be a finite number, got inf"),
+        ({"val_segment_seconds": 0}, ValueError, "`val_segment_seconds` must be a finite number > 0, got 0"),
+        ({"cache_audio": "yes"}, TypeError, "`cache_audio` must be a bool, got 'yes'"),
+        ({"drop_last": 1}, TypeError, "`drop_last` must be a bool, got 1"),
         ({"on_error": "ignore"}, ValueError, "`on_error` must be one of .*got 'ignore'"),
         ({"on_silent": "drop"}, ValueError, "`on_silent` must be one of .*got 'drop'"),
-        ({"min_seconds": -0.5}, ValueError, "`min_seconds` must be >= 0, got -0.5"),
+        ({"min_seconds": -0.5}, ValueError, "`min_seconds` must be a finite number >= 0, got -0.5"),
     ],
 )
 def test_argument_validation(tmp_path: Path, kwargs: dict, error: type, match: str):
     with pytest.raises(error, match=match):
         AudioFolderDataModule(tmp_path, **kwargs)
-    with pytest.raises(TypeError, match="`root` must be a folder path"):
+    with pytest.raises(TypeError, match=r"`root` must be a path \(str or os.PathLike\), got None"):
         AudioFolderDataModule(None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`root` must be a non-empty path, got ''"):
+        AudioFolderDataModule("")
 
 
 def test_load_runs_the_whole_clip_through_the_pipeline(folder: Path):

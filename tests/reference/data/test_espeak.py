@@ -68,13 +68,16 @@ def test_lists_languages_and_variants():
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"text": "", "voice": "te"}, ValueError, "`text` must be non-empty text to speak, got ''"),
-        ({"text": "  \n", "voice": "en"}, ValueError, "`text` must be non-empty"),
+        ({"text": "", "voice": "te"}, ValueError, "`text` must be a non-empty string, got ''"),
+        ({"text": b"hi", "voice": "te"}, TypeError, "`text` must be a non-empty string, got b'hi'"),
+        ({"text": "hi", "voice": 3}, TypeError, "`voice` must be a non-empty string, got 3"),
+        ({"text": "  \n", "voice": "en"}, ValueError, "`text` must be a non-empty str"),
         ({"text": "hi", "voice": "xx"}, ValueError, r"`voice` 'xx': eSpeak NG has no language 'xx'; available include"),
         ({"text": "hi", "voice": "te+nosuch"}, ValueError, r"unknown variant 'nosuch'; available include \["),
-        ({"text": "hi", "voice": "en", "rate": 10}, ValueError, r"`rate` must be in \[80, 450\], got 10"),
-        ({"text": "hi", "voice": "en", "pitch": 1.5}, TypeError, "`pitch` must be an int"),
-        ({"text": "hi", "voice": "en", "pitch_range": 100}, ValueError, r"`pitch_range` must be in \[0, 99\]"),
+        ({"text": "hi", "voice": "en", "rate": 10}, ValueError, "`rate` must be >= 80, got 10"),
+        ({"text": "hi", "voice": "en", "pitch": 1.5}, TypeError, "`pitch` must be an int, got 1.5"),
+        ({"text": "hi", "voice": "en", "seed": "0"}, TypeError, "`seed` must be an int, got '0'"),
+        ({"text": "hi", "voice": "en", "pitch_range": 100}, ValueError, "`pitch_range` must be <= 99, got 100"),
     ],
 )
 def test_clear_errors(kwargs: dict, error: type, match: str):
@@ -113,8 +116,12 @@ def test_subprocess_failure_is_reported(tmp_path: Path):
     job = espeak.SynthesisJob(text="hello", voice="en+nosuch", path=str(tmp_path / "x.wav"))
     with pytest.raises(espeak.ESpeakError, match=r"chunk 0 failed.*unknown variant 'nosuch'"):
         espeak.synthesize_to_files([[job]])
-    with pytest.raises(ValueError, match="`workers` must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match="`workers` must be >= 1, got 0"):
         espeak.synthesize_to_files([[job]], workers=0)
+    with pytest.raises(TypeError, match="`workers` must be an int, got 2.0"):
+        espeak.synthesize_to_files([[job]], workers=2.0)
+    with pytest.raises(ValueError, match="`timeout` must be a finite number > 0, got 0"):
+        espeak.synthesize_to_files([[job]], timeout=0)
 
 
 def test_missing_package_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):

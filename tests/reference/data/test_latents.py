@@ -169,18 +169,30 @@ def test_folder_errors(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    ("kwargs", "error", "match"),
     [
-        ({"segment_frames": 0}, "`segment_frames` must be >= 1, got 0"),
-        ({"val_fraction": 1.0}, r"`val_fraction` must be in \[0, 1\), got 1.0"),
-        ({"snr_db": (10.0, 0.0)}, "`snr_db` must be a \\(low, high\\) pair"),
-        ({"cutoff_hz": (0.0, 10.0)}, "`cutoff_hz` must be > 0 Hz"),
-        ({"latent_dim": 0}, "`latent_dim` must be >= 1, got 0"),
-        ({"encoder": 3}, "`encoder` must be a checkpoint path, a callable"),
+        ({"segment_frames": 0}, ValueError, "`segment_frames` must be >= 1, got 0"),
+        ({"segment_frames": 150.0}, TypeError, "`segment_frames` must be an int or None, got 150.0"),
+        ({"val_fraction": 1.0}, ValueError, r"`val_fraction` must be a number in \[0, 1\), got 1.0"),
+        ({"val_fraction": None}, TypeError, "`val_fraction` must be a number, got None"),
+        ({"snr_db": (10.0, 0.0)}, ValueError, r"`snr_db` must be a pair \(low, high\) with low <= high"),
+        ({"snr_db": 10.0}, TypeError, "`snr_db` must be a pair of numbers, got 10.0"),
+        ({"gain_db": (0.0, float("inf"))}, ValueError, r"`gain_db\[1\]` must be a finite number, got inf"),
+        ({"cutoff_hz": (0.0, 10.0)}, ValueError, r"`cutoff_hz\[0\]` must be a finite number > 0, got 0.0"),
+        ({"latent_dim": 0}, ValueError, "`latent_dim` must be >= 1, got 0"),
+        ({"latent_dim": "128"}, TypeError, "`latent_dim` must be an int, got '128'"),
+        ({"encoder": 3}, TypeError, "`encoder` must be a checkpoint path, a callable"),
+        ({"latents_dir": 3}, TypeError, r"`latents_dir` must be a path \(str or os.PathLike\) or None, got 3"),
+        ({"corpus": ["te"]}, TypeError, "`corpus` must be a dict of SpeechCorpusDataModule options"),
+        ({"cache_dir": None}, TypeError, "`cache_dir` must be a path"),
+        ({"encoder_key": 3}, TypeError, "`encoder_key` must be a non-empty string or None, got 3"),
+        ({"fallback_to_random": "yes"}, TypeError, "`fallback_to_random` must be a bool, got 'yes'"),
+        ({"max_seconds": 0}, ValueError, "`max_seconds` must be a finite number > 0, got 0"),
+        ({"degradations": 0}, ValueError, "`degradations` must be >= 1, got 0"),
     ],
 )
-def test_argument_errors(tmp_path, kwargs, match):
-    with pytest.raises((ValueError, TypeError), match=match):
+def test_argument_errors(tmp_path, kwargs, error, match):
+    with pytest.raises(error, match=match):
         LatentPairDataModule(**kwargs)
     with pytest.raises(ValueError, match="either `latents_dir`"):
         LatentPairDataModule(tmp_path, encoder=lambda a: a)

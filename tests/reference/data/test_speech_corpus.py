@@ -220,11 +220,19 @@ def test_trains_from_the_corpus_at_the_model_rate(tmp_path: Path):
         ({"language": "xx"}, ValueError, "`language` 'xx' has no bundled sentence list"),
         ({"num_utterances": 0}, ValueError, "`num_utterances` must be >= 1, got 0"),
         ({"num_voices": 2.0}, TypeError, "`num_voices` must be an int, got 2.0"),
-        ({"rate_range": (300, 100)}, ValueError, r"`rate_range` must be \(min, max\).*\(300, 100\)"),
-        ({"holdout": "speaker"}, ValueError, "`holdout` must be 'utterance' or 'voice', got 'speaker'"),
-        ({"sentences": "one sentence"}, TypeError, "`sentences` must be a sequence of strings"),
-        ({"sentences": ["  "]}, ValueError, "`sentences` contains no non-empty sentence"),
-        ({"variants": []}, TypeError, "`variants` must be a non-empty sequence"),
+        ({"rate_range": (300, 100)}, ValueError, r"`rate_range` must be a pair \(low, high\).*\(300, 100\)"),
+        ({"rate_range": (50, 100)}, ValueError, r"`rate_range\[0\]` must be >= 80, got 50"),
+        ({"rate_range": (140, 200.0)}, TypeError, r"`rate_range\[1\]` must be an int, got 200.0"),
+        ({"language": 3}, TypeError, "`language` must be a non-empty string, got 3"),
+        ({"language": "te+f2"}, ValueError, "`language` must be an eSpeak NG language code"),
+        ({"generation_workers": 0}, ValueError, "`generation_workers` must be >= 1, got 0"),
+        ({"seed": 0.5}, TypeError, "`seed` must be an int, got 0.5"),
+        ({"holdout": "speaker"}, ValueError, r"`holdout` must be one of \('utterance', 'voice'\), got 'speaker'"),
+        ({"sentences": "one sentence"}, TypeError, "`sentences` must be a sequence of str, got 'one sentence'"),
+        ({"sentences": ["  "]}, ValueError, "`sentences` must hold at least one non-empty sentence"),
+        ({"sentences": ["ab cd.", 3]}, TypeError, r"`sentences\[1\]` must be a non-empty string, got 3"),
+        ({"variants": []}, ValueError, r"`variants` must have at least 1 item, got \[\]"),
+        ({"variants": "f2"}, TypeError, "`variants` must be a sequence of eSpeak variant names, got 'f2'"),
         ({"holdout": "voice", "num_voices": 1}, ValueError, "holds out every one of the 1 voices"),
         ({"batch_size": 0}, ValueError, "`batch_size` must be >= 1, got 0"),
     ],
@@ -232,6 +240,8 @@ def test_trains_from_the_corpus_at_the_model_rate(tmp_path: Path):
 def test_argument_validation(tmp_path: Path, kwargs: dict, error: type, match: str):
     with pytest.raises(error, match=match):
         corpus(tmp_path, **kwargs)
+    with pytest.raises(TypeError, match=r"`cache_dir` must be a path \(str or os.PathLike\), got 3"):
+        SpeechCorpusDataModule(3)  # type: ignore[arg-type]
 
 
 def test_unknown_language_or_variant_named_at_generation(tmp_path: Path):
