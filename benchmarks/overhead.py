@@ -9,8 +9,12 @@ Trainer and a freshly seeded model, and a tiny timing callback records the wall 
 
 The ``stack`` configuration is the full kit a user adds to a codec run: ``GradientGuard()``,
 ``AdaptiveLossWeight("l1")``, ``ScaleFactorClamp()`` (on the model's ``ClampedRMSScale`` output layer),
-``SignalMonitor()`` at its default interval (every 50 training steps) and ``StabilityReport()`` (its JSON/PNG are
-written at fit end, outside the timed steps).
+``SignalMonitor()``, ``CodebookMonitor()`` and ``AdversarialBalanceMonitor()`` at their default interval (every 50
+training steps) and ``StabilityReport()`` (its JSON/PNG are written at fit end, outside the timed steps). The monitors'
+own share is broken out in ``summary.monitor_costs``: their mean time per step over a run long enough to include two of
+their periodic checks, with the forward hooks they register (``CodebookMonitor`` counts codes in the quantizer's
+forward); ``--model codec_gan`` trains the demo codec against its discriminator so that ``AdversarialBalanceMonitor``
+has a game to read.
 
 Peak memory: every configuration also runs ``--mem-reps`` times in a fresh child process (the same steps, one
 process per run, so one run's allocator state cannot leak into another's) that reports its peak resident set size
@@ -130,6 +134,14 @@ def demo_codec() -> pl.LightningModule:
     return recipe.demo_codec()
 
 
+def demo_codec_gan() -> pl.LightningModule:
+    """The demo's ``CodecModule`` trained against its multi-scale STFT discriminator (``adversarial=True``: manual
+    optimization, two optimizers), so that ``AdversarialBalanceMonitor`` has a game to watch."""
+    from lightning_stability.reference.codec import recipe
+
+    return recipe.demo_codec(adversarial=True)
+
+
 def codec_loader(n_batches: int) -> DataLoader:
     """Batches of the demo's shape (8 x 0.5 s at 24 kHz): tones plus noise, so no speech synthesis is needed."""
     from lightning_stability.reference.codec.demo import DemoConfig
@@ -148,6 +160,7 @@ def codec_loader(n_batches: int) -> DataLoader:
 MODELS: dict[str, tuple[Callable[[], pl.LightningModule], Callable[[int], DataLoader], str, list[int], str]] = {
     "conv": (ConvAudioModel, audio_loader, "l1", [4, 1, 2048], "ConvAudioModel: 25k-parameter conv autoencoder"),
     "codec": (demo_codec, codec_loader, "mel", [8, 1, 12000], "the demo CodecModule (lightning-stability demo)"),
+    "codec_gan": (demo_codec_gan, codec_loader, "mel", [8, 1, 12000], "the demo CodecModule with its discriminator"),
 }
 MODEL = "conv"  # set by main() from --model (and passed on to the memory child processes)
 
@@ -185,11 +198,13 @@ CONFIGS: dict[str, Callable[[], list[pl.Callback]]] = {
 
 
 def _fit(device: str, steps: int, callbacks: list[pl.Callback], model: pl.LightningModule, loader: DataLoader) -> None:
-    """One quiet training run: no logger, checkpointing, progress bar, summary, sanity check or validation."""
+    """One quiet training run of ``steps`` batches: no logger, checkpointing, progress bar, summary, sanity check or
+    validation (batches, not optimizer steps: a GAN steps two optimizers per batch)."""
     trainer = pl.Trainer(
         accelerator=device,
         devices=1,
-        max_steps=steps,
+        max_epochs=1,
+        limit_train_batches=steps,
         callbacks=callbacks,
         logger=False,
         enable_checkpointing=False,
@@ -296,14 +311,15 @@ class HookTimedGuard(GradientGuard):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.hook_seconds: dict[int, float] = {}
+        self._batch = 0
 
     def _timed(self, trainer, fn, *args) -> None:
         t0 = time.perf_counter()
         fn(*args)
-        step = trainer.global_step
-        self.hook_seconds[step] = self.hook_seconds.get(step, 0.0) + time.perf_counter() - t0
+        self.hook_seconds[self._batch] = self.hook_seconds.get(self._batch, 0.0) + time.perf_counter() - t0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._batch = batch_idx
         self._timed(trainer, super().on_train_batch_start, trainer, pl_module, batch, batch_idx)
 
     def on_before_backward(self, trainer, pl_module, loss):
@@ -335,41 +351,116 @@ _HOOKS = (
 )
 
 
-def stack_hook_times(steps: int, warmup: int, device: str) -> dict:
-    """Median time per step spent inside each callback's per-step hooks, for the ``stack`` configuration.
+#: The monitors of the stack; ``monitor_costs`` in the summary breaks their share out.
+MONITORS = ("SignalMonitor", "CodebookMonitor", "AdversarialBalanceMonitor")
+#: Their periodic work (a check, a logged point) comes every this many training steps at their defaults.
+MONITOR_INTERVAL = 50
+#: The monitors together may take at most this fraction of a bare step (a third of the stack's 3 % time budget).
+TARGET_MONITOR_FRACTION = 0.01
+_ONCE_HOOKS = ("setup", "on_fit_start", "on_train_start")
 
-    Each callback's hook methods are wrapped on the instance (Lightning looks hooks up with ``getattr``), so the
-    callbacks run unchanged; a counter callback, first in the list, numbers the steps.
+
+def _timed(fn: Callable, sink: dict[int, float], step: list[int]) -> Callable:
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            sink[step[0]] = sink.get(step[0], 0.0) + time.perf_counter() - t0
+
+    return timed
+
+
+def _capturing(fn: Callable, sink: dict[int, float], step: list[int]) -> Callable:
+    """``fn`` (a once-per-fit hook) with every module forward hook and optimizer step hook it registers timed into
+    ``sink``: a callback's work inside the model's forward or the optimizer's step is its cost too."""
+    patched = [
+        (nn.Module, "register_forward_hook"),
+        (nn.Module, "register_forward_pre_hook"),
+        (torch.optim.Optimizer, "register_step_pre_hook"),
+        (torch.optim.Optimizer, "register_step_post_hook"),
+    ]
+
+    def capturing(*args, **kwargs):
+        originals = [(cls, attr, getattr(cls, attr)) for cls, attr in patched]
+        for cls, attr, original in originals:
+
+            def register(obj, hook, *a, _original=original, **k):
+                return _original(obj, _timed(hook, sink, step), *a, **k)
+
+            setattr(cls, attr, register)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for cls, attr, original in originals:
+                setattr(cls, attr, original)
+
+    return capturing
+
+
+def stack_hook_times(steps: int, warmup: int, device: str) -> tuple[dict, dict]:
+    """Time per step spent in each callback of the ``stack`` configuration: ``(all work, forward/step hooks only)``.
+
+    Each callback's per-step hook methods are wrapped on the instance (Lightning looks hooks up with ``getattr``), and
+    the module forward hooks and optimizer step hooks a callback registers in ``setup`` / ``on_fit_start`` /
+    ``on_train_start`` are wrapped as they are registered (``CodebookMonitor`` counts codes in the quantizer's
+    forward, ``GradientGuard`` may act in the optimizer's step), so the callbacks run unchanged; a counter callback,
+    first in the list, numbers the steps. The run is at least ``warmup + 2 * MONITOR_INTERVAL`` steps long, so the
+    mean per step includes two of every monitor's periodic checks (the median shows a typical step without one).
     """
+    steps = max(steps, warmup + 2 * MONITOR_INTERVAL + 1)
     torch.manual_seed(0)
     callbacks = full_stack()
     per_step: dict[str, dict[int, float]] = {type(cb).__name__: {} for cb in callbacks}
+    inside: dict[str, dict[int, float]] = {type(cb).__name__: {} for cb in callbacks}
     step = [0]
 
     class Counter(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            step[0] = trainer.global_step
+            step[0] = batch_idx
 
     for cb in callbacks:
         name = type(cb).__name__
         for hook in _HOOKS:
-            fn = getattr(cb, hook)
-
-            def timed(*args, _fn=fn, _name=name, **kwargs):
-                t0 = time.perf_counter()
-                try:
-                    return _fn(*args, **kwargs)
-                finally:
-                    d = per_step[_name]
-                    d[step[0]] = d.get(step[0], 0.0) + time.perf_counter() - t0
-
-            setattr(cb, hook, timed)
+            setattr(cb, hook, _timed(getattr(cb, hook), per_step[name], step))
+        for hook in _ONCE_HOOKS:
+            setattr(cb, hook, _capturing(getattr(cb, hook), inside[name], step))
     _fit(device, steps, [Counter(), *callbacks], make_model(), make_loader(steps))
-    out = {}
+    out, hooks_only = {}, {}
     for name, d in per_step.items():
-        values = [d.get(s, 0.0) for s in range(warmup, steps)]
-        out[name] = {"median_us": 1e6 * statistics.median(values), "mean_us": 1e6 * statistics.fmean(values)}
-    return out
+        values = [d.get(s, 0.0) + inside[name].get(s, 0.0) for s in range(warmup, steps)]
+        out[name] = {
+            "median_us": 1e6 * statistics.median(values),
+            "mean_us": 1e6 * statistics.fmean(values),
+            "max_us": 1e6 * max(values),
+            "steps": len(values),
+        }
+        hooks_only[name] = 1e6 * statistics.fmean(inside[name].get(s, 0.0) for s in range(warmup, steps))
+    return out, hooks_only
+
+
+def monitor_costs(stack_hooks: dict, inside_us: dict, bare_s: float) -> dict:
+    """The monitors' share of a step: their mean time per step (periodic checks and forward hooks included) against
+    the bare step, with the target ``TARGET_MONITOR_FRACTION``."""
+    per = {
+        name: {
+            "mean_us": stack_hooks[name]["mean_us"],
+            "forward_hook_mean_us": inside_us.get(name, 0.0),
+            "max_step_us": stack_hooks[name]["max_us"],
+            "fraction_of_bare_step": stack_hooks[name]["mean_us"] / (1e6 * bare_s),
+        }
+        for name in MONITORS
+        if name in stack_hooks
+    }
+    total = sum(v["fraction_of_bare_step"] for v in per.values())
+    return {
+        "target": f"the monitors' mean time per step (checks every {MONITOR_INTERVAL} steps and forward hooks "
+        f"included) <= {TARGET_MONITOR_FRACTION:.0%} of a bare step",
+        "target_met": bool(per) and total <= TARGET_MONITOR_FRACTION,
+        "fraction_of_bare_step": total,
+        "monitors": per,
+        "steps": next(iter(stack_hooks.values()))["steps"] if stack_hooks else 0,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -440,7 +531,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="benchmarks/overhead.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="few short repetitions (CI smoke run)")
     parser.add_argument(
-        "--model", default="conv", choices=list(MODELS), help="conv: the 25k-parameter model; codec: the demo codec"
+        "--model",
+        default="conv",
+        choices=list(MODELS),
+        help="conv: the 25k-parameter model; codec: the demo codec; codec_gan: the demo codec with its discriminator",
     )
     parser.add_argument("--reps", type=int, default=None, help="repetitions per configuration")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per run")
@@ -495,7 +589,8 @@ def main(argv: list[str] | None = None) -> dict:
             }
         )
     hooks = guard_hook_time(steps, warmup, device)
-    stack_hooks = stack_hook_times(steps, warmup, device) if "stack" in args.configs else {}
+    stack_hooks, inside_us = stack_hook_times(steps, warmup, device) if "stack" in args.configs else ({}, {})
+    monitors = monitor_costs(stack_hooks, inside_us, bare) if stack_hooks else {"checked": False}
     if device == "cuda":
         sync = count_guard_syncs(steps=40, log_every=10)
     else:
@@ -547,6 +642,7 @@ def main(argv: list[str] | None = None) -> dict:
             "guard_host_syncs": sync,
             "stack_hook_time_us": stack_hooks,
             "stack_hook_fraction_of_bare_step": sum(v["mean_us"] for v in stack_hooks.values()) / (1e6 * bare),
+            "monitor_costs": monitors,
         },
     }
     doc["wall_time_s"] = round(time.perf_counter() - started, 2)
@@ -563,6 +659,8 @@ def main(argv: list[str] | None = None) -> dict:
         f" (<= {TARGET_MEMORY_RATIO}: {'met' if doc['summary']['memory_target_met'] else 'NOT met'});"
         f" per-rep median ratio {rep_line}; guard hooks {hooks['median_us']:.0f} us/step"
         f" ({100 * hooks['median_us'] / (1e6 * bare):.1f}% of a bare step);"
+        f" monitors {100 * monitors.get('fraction_of_bare_step', float('nan')):.2f}% of a bare step"
+        f" (<= {TARGET_MONITOR_FRACTION:.0%}: {'met' if monitors.get('target_met') else 'NOT met'});"
         f" guard host syncs: {'checked' if sync['checked'] else 'skipped (no GPU)'} -> {out}"
     )
     return doc

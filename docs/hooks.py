@@ -118,8 +118,9 @@ def _finite(x: Any) -> bool:
 
 # ------------------------------------------------------------------------------------------------------- tables
 
-BENCHMARKS = ("rescue.json", "lr_sensitivity.json", "codec_quality.json", "overhead.json", "overhead_codec.json",
-              "peers.json", "lead_time.json", "cascade_amplitude.json", "fault_zoo.json")
+OVERHEAD_FILES = ("overhead_codec.json", "overhead_codec_gan.json", "overhead.json")
+BENCHMARKS = ("rescue.json", "lr_sensitivity.json", "codec_quality.json", *OVERHEAD_FILES, "peers.json",
+              "lead_time.json", "cascade_amplitude.json", "fault_zoo.json")
 
 
 @table
@@ -200,6 +201,13 @@ def _overhead_summary(r: Results) -> str:
         hooks = sum(v["median_us"] for v in s["stack_hook_time_us"].values()) / 1000
         parts.append(f"{label}: full stack {hooks:.2f} ms of a {bare:.1f} ms step in its hooks, step time ratio "
                      f"{s['ratio_vs_bare']['stack']:.3f}, peak RSS {s['memory_ratio_vs_bare']['stack']:.3f}x")
+    monitors = [(label, r.get(f, "summary.monitor_costs", {})) for f, label in
+                (("overhead_codec.json", "codec"), ("overhead_codec_gan.json", "codec with discriminator"))
+                if r.has(f)]
+    if any("fraction_of_bare_step" in m for _, m in monitors):
+        parts.append("the three monitors " + ", ".join(f"{100 * m['fraction_of_bare_step']:.2f} % ({label})"
+                                                       for label, m in monitors if "fraction_of_bare_step" in m)
+                     + " of a bare step")
     return "; ".join(parts)
 
 
@@ -412,7 +420,7 @@ def codec_quality(r: Results) -> str:
 def overhead(r: Results) -> str:
     """Median step time and peak memory of each callback configuration against a bare Trainer."""
     rows = []
-    for f in ("overhead_codec.json", "overhead.json"):
+    for f in OVERHEAD_FILES:
         if not r.has(f):
             rows.append([f"`{f}`", NOT_MEASURED, "", "", "", ""])
             continue
@@ -434,7 +442,7 @@ def overhead(r: Results) -> str:
 @table
 def overhead_hooks(r: Results) -> str:
     """Median time each callback of the full stack spends in its hooks per step."""
-    files = [f for f in ("overhead_codec.json", "overhead.json") if r.has(f)]
+    files = [f for f in OVERHEAD_FILES if r.has(f)]
     if not files:
         return not_measured("no `overhead*.json`")
     names: list[str] = []
@@ -445,9 +453,31 @@ def overhead_hooks(r: Results) -> str:
         hooks = r.get(f, "summary.stack_hook_time_us", {})
         bare = next(c["median_step_ms"] for c in r.get(f, "cases") if c["name"] == "bare")
         total = sum(v["median_us"] for v in hooks.values())
-        rows.append([r.get(f, "config.model.name", f), *(fmt(hooks.get(n, {}).get("median_us"), ".0f") for n in names),
+        rows.append([r.get(f, "config.model.description", f), *(fmt(hooks.get(n, {}).get("median_us"), ".0f")
+                                                                 for n in names),
                      f"{total:.0f}", f"{100 * total / 1000 / bare:.1f} %"])
     return markdown_table(["model", *(f"{n} (us)" for n in names), "all (us)", "of a bare step"], rows)
+
+
+@table
+def overhead_monitors(r: Results) -> str:
+    """The monitors' mean time per step, their periodic checks and forward hooks included, against a bare step."""
+    rows = []
+    for f in OVERHEAD_FILES:
+        m = r.get(f, "summary.monitor_costs", {}) if r.has(f) else {}
+        if "monitors" not in m:
+            continue
+        bare = next(c["median_step_ms"] for c in r.get(f, "cases") if c["name"] == "bare")
+        for name, v in m["monitors"].items():
+            rows.append([r.get(f, "config.model.description", f), name, f"{v['mean_us']:.0f}",
+                         f"{v['forward_hook_mean_us']:.0f}", f"{v['max_step_us'] / 1000:.1f}",
+                         f"{100 * v['fraction_of_bare_step']:.3f} %"])
+        rows.append([r.get(f, "config.model.description", f), "**all three**", "", "", f"{bare:.0f} (bare step)",
+                     f"**{100 * m['fraction_of_bare_step']:.2f} %** (met: {fmt(m['target_met'])})"])
+    if not rows:
+        return not_measured("no `overhead*.json` with `summary.monitor_costs`")
+    return markdown_table(["model", "monitor", "mean per step (us)", "of which in forward hooks (us)",
+                           "slowest step (ms)", "of a bare step (target: all three <= 1 %)"], rows)
 
 
 @table
