@@ -305,42 +305,6 @@ def run_once(name: str, steps: int, device: str) -> list[float]:
 CUDA_PEAK_MB: dict[str, list[float]] = {}
 
 
-class HookTimedGuard(GradientGuard):
-    """``GradientGuard`` that records the wall time spent inside its own per-step hooks."""
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.hook_seconds: dict[int, float] = {}
-        self._batch = 0
-
-    def _timed(self, trainer, fn, *args) -> None:
-        t0 = time.perf_counter()
-        fn(*args)
-        self.hook_seconds[self._batch] = self.hook_seconds.get(self._batch, 0.0) + time.perf_counter() - t0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._batch = batch_idx
-        self._timed(trainer, super().on_train_batch_start, trainer, pl_module, batch, batch_idx)
-
-    def on_before_backward(self, trainer, pl_module, loss):
-        self._timed(trainer, super().on_before_backward, trainer, pl_module, loss)
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self._timed(trainer, super().on_before_optimizer_step, trainer, pl_module, optimizer)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self._timed(trainer, super().on_train_batch_end, trainer, pl_module, outputs, batch, batch_idx)
-
-
-def guard_hook_time(steps: int, warmup: int, device: str) -> dict:
-    """Median time per step spent inside ``GradientGuard``'s hooks (less sensitive to machine load than the ratio)."""
-    torch.manual_seed(0)
-    guard = HookTimedGuard()
-    _fit(device, steps, [guard], make_model(), make_loader(steps))
-    per_step = [guard.hook_seconds[s] for s in sorted(guard.hook_seconds) if s >= warmup]
-    return {"median_us": 1e6 * statistics.median(per_step), "n": len(per_step)}
-
-
 _HOOKS = (
     "on_train_batch_start",
     "on_before_backward",
@@ -398,19 +362,17 @@ def _capturing(fn: Callable, sink: dict[int, float], step: list[int]) -> Callabl
     return capturing
 
 
-def stack_hook_times(steps: int, warmup: int, device: str) -> tuple[dict, dict]:
-    """Time per step spent in each callback of the ``stack`` configuration: ``(all work, forward/step hooks only)``.
+def hook_times(callbacks: list[pl.Callback], steps: int, warmup: int, device: str) -> tuple[dict, dict]:
+    """Time per step spent in each callback: ``({name: {"median_us", "mean_us", "max_us", "steps"}}, {name: mean us
+    in the forward/step hooks it registered})``.
 
     Each callback's per-step hook methods are wrapped on the instance (Lightning looks hooks up with ``getattr``), and
     the module forward hooks and optimizer step hooks a callback registers in ``setup`` / ``on_fit_start`` /
     ``on_train_start`` are wrapped as they are registered (``CodebookMonitor`` counts codes in the quantizer's
     forward, ``GradientGuard`` may act in the optimizer's step), so the callbacks run unchanged; a counter callback,
-    first in the list, numbers the steps. The run is at least ``warmup + 2 * MONITOR_INTERVAL`` steps long, so the
-    mean per step includes two of every monitor's periodic checks (the median shows a typical step without one).
+    first in the list, numbers the steps.
     """
-    steps = max(steps, warmup + 2 * MONITOR_INTERVAL + 1)
     torch.manual_seed(0)
-    callbacks = full_stack()
     per_step: dict[str, dict[int, float]] = {type(cb).__name__: {} for cb in callbacks}
     inside: dict[str, dict[int, float]] = {type(cb).__name__: {} for cb in callbacks}
     step = [0]
@@ -437,6 +399,20 @@ def stack_hook_times(steps: int, warmup: int, device: str) -> tuple[dict, dict]:
         }
         hooks_only[name] = 1e6 * statistics.fmean(inside[name].get(s, 0.0) for s in range(warmup, steps))
     return out, hooks_only
+
+
+def guard_hook_time(steps: int, warmup: int, device: str) -> dict:
+    """Median time per step spent inside ``GradientGuard()``'s hooks, alone in the Trainer (less sensitive to machine
+    load than the ratio)."""
+    times = hook_times([GradientGuard()], steps, warmup, device)[0]["GradientGuard"]
+    return {"median_us": times["median_us"], "n": times["steps"]}
+
+
+def stack_hook_times(steps: int, warmup: int, device: str) -> tuple[dict, dict]:
+    """:func:`hook_times` of the ``stack`` configuration, over at least ``warmup + 2 * MONITOR_INTERVAL + 1`` steps,
+    so the mean per step includes two of every monitor's periodic checks (the median shows a typical step without
+    one)."""
+    return hook_times(full_stack(), max(steps, warmup + 2 * MONITOR_INTERVAL + 1), warmup, device)
 
 
 def monitor_costs(stack_hooks: dict, inside_us: dict, bare_s: float) -> dict:
