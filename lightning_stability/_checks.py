@@ -237,11 +237,8 @@ def check_path(name: str, value: Any, *, allow_none: bool = False) -> Any:
 
 
 def check_fraction(name: str, value: Any) -> float:
-    """A number in the open interval ``(0, 1)`` (a decay, a ratio below one), as a ``float``."""
-    number = check_number(name, value)
-    if not 0.0 < number < 1.0:
-        raise ValueError(f"`{name}` must be a number in (0, 1), got {value!r}")
-    return number
+    """A finite number in the open interval ``(0, 1)`` (a decay, a ratio below one), as a ``float``."""
+    return check_interval(name, check_number(name, value), 0, 1, low_open=True, high_open=True)
 
 
 def check_patterns(name: str, value: Any, *, noun: str = "pattern") -> tuple[str, ...]:

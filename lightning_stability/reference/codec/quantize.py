@@ -151,6 +151,7 @@ class QuantizedResult:
 
 
 def _check_codebook_args(
+    *,
     dim: Any,
     codebook_size: Any,
     codebook_dim: Any,
@@ -204,18 +205,18 @@ class VectorQuantizer(nn.Module):
     ) -> None:
         super().__init__()
         _check_codebook_args(
-            dim,
-            codebook_size,
-            codebook_dim,
-            l2_normalize,
-            ema,
-            decay,
-            epsilon,
-            kmeans_init,
-            kmeans_iters,
-            threshold_ema_dead_code,
-            dead_code_usage_ratio,
-            dead_code_check_every,
+            dim=dim,
+            codebook_size=codebook_size,
+            codebook_dim=codebook_dim,
+            l2_normalize=l2_normalize,
+            ema=ema,
+            decay=decay,
+            epsilon=epsilon,
+            kmeans_init=kmeans_init,
+            kmeans_iters=kmeans_iters,
+            threshold_ema_dead_code=threshold_ema_dead_code,
+            dead_code_usage_ratio=dead_code_usage_ratio,
+            dead_code_check_every=dead_code_check_every,
         )
         self.dim = dim
         self.codebook_size = codebook_size
@@ -442,18 +443,18 @@ class ResidualVectorQuantizer(nn.Module):
         super().__init__()
         check_int("n_q", n_q, 1)
         _check_codebook_args(
-            dim,
-            codebook_size,
-            codebook_dim,
-            l2_normalize,
-            ema,
-            decay,
-            epsilon,
-            kmeans_init,
-            kmeans_iters,
-            threshold_ema_dead_code,
-            dead_code_usage_ratio,
-            dead_code_check_every,
+            dim=dim,
+            codebook_size=codebook_size,
+            codebook_dim=codebook_dim,
+            l2_normalize=l2_normalize,
+            ema=ema,
+            decay=decay,
+            epsilon=epsilon,
+            kmeans_init=kmeans_init,
+            kmeans_iters=kmeans_iters,
+            threshold_ema_dead_code=threshold_ema_dead_code,
+            dead_code_usage_ratio=dead_code_usage_ratio,
+            dead_code_check_every=dead_code_check_every,
         )
         check_interval("quantizer_dropout", quantizer_dropout, 0, 1)
         check_int("seed", seed)

@@ -194,6 +194,7 @@ class SEANetResnetBlock(nn.Module):
 
 
 def _check_common(
+    *,
     channels: Any,
     dimension: Any,
     n_filters: Any,
@@ -265,19 +266,19 @@ class SEANetEncoder(nn.Module):
     ) -> None:
         super().__init__()
         ratios = _check_common(
-            channels,
-            dimension,
-            n_filters,
-            ratios,
-            n_residual_layers,
-            lstm,
-            causal,
-            kernel_size,
-            last_kernel_size,
-            residual_kernel_size,
-            dilation_base,
-            compress,
-            pad_mode,
+            channels=channels,
+            dimension=dimension,
+            n_filters=n_filters,
+            ratios=ratios,
+            n_residual_layers=n_residual_layers,
+            lstm=lstm,
+            causal=causal,
+            kernel_size=kernel_size,
+            last_kernel_size=last_kernel_size,
+            residual_kernel_size=residual_kernel_size,
+            dilation_base=dilation_base,
+            compress=compress,
+            pad_mode=pad_mode,
         )
         self.channels, self.dimension, self.ratios = channels, dimension, ratios
         self.hop_length = math.prod(ratios)
@@ -330,19 +331,19 @@ class SEANetDecoder(nn.Module):
     ) -> None:
         super().__init__()
         ratios = _check_common(
-            channels,
-            dimension,
-            n_filters,
-            ratios,
-            n_residual_layers,
-            lstm,
-            causal,
-            kernel_size,
-            last_kernel_size,
-            residual_kernel_size,
-            dilation_base,
-            compress,
-            pad_mode,
+            channels=channels,
+            dimension=dimension,
+            n_filters=n_filters,
+            ratios=ratios,
+            n_residual_layers=n_residual_layers,
+            lstm=lstm,
+            causal=causal,
+            kernel_size=kernel_size,
+            last_kernel_size=last_kernel_size,
+            residual_kernel_size=residual_kernel_size,
+            dilation_base=dilation_base,
+            compress=compress,
+            pad_mode=pad_mode,
         )
         self.channels, self.dimension, self.ratios = channels, dimension, ratios
         self.hop_length = math.prod(ratios)
